@@ -1,0 +1,161 @@
+"""LLaMA-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional qkv bias (Qwen2),
+qk-norm (Qwen3) and tied embeddings; each block's FFN is dense or MoE (`decoder.moe_layers`).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_lvlm.config import moe_layer_indices
+from moe_lvlm.models.layers import (
+    BATCH_LENGTH_EMBED,
+    Attention,
+    DenseFeedForward,
+    RMSNorm,
+    attention_mask,
+    param_with_axes,
+)
+from moe_lvlm.models.moe import MoeFeedForward
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderBlock(nn.Module):
+    config: Any  # model config
+    use_moe: bool
+    train: bool = False
+    decode: bool = False
+    max_len: int = 0
+    packed: bool = False
+    mesh: Any = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array) -> tuple[Array, dict | None]:
+        d = self.config.decoder
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        valid = segment_ids > 0
+        mask = None
+        if self.packed and not self.decode:
+            mask = attention_mask(segment_ids, causal=True)
+        h = RMSNorm(d.norm_eps, name="attn_norm", **kw)(x)
+        h = Attention(
+            d.num_heads,
+            d.num_kv_heads,
+            d.head_dim,
+            causal=True,
+            qkv_bias=d.qkv_bias,
+            qk_norm=d.qk_norm,
+            norm_eps=d.norm_eps,
+            rope_theta=d.rope_theta,
+            implementation=self.config.attention,
+            name="attn",
+            **kw,
+        )(h, positions, mask=mask, decode=self.decode, max_len=self.max_len, kv_valid=valid)
+        x = x + h
+        h = RMSNorm(d.norm_eps, name="ffn_norm", **kw)(x)
+        metrics = None
+        if self.use_moe:
+            h, metrics = MoeFeedForward(
+                self.config.moe,
+                d.mlp_dim,
+                activation="silu",
+                gated=True,
+                mesh=self.mesh,
+                name="moe",
+                **kw,
+            )(h, valid, train=self.train)
+        else:
+            h = DenseFeedForward(d.mlp_dim, activation="silu", gated=True, name="mlp", **kw)(h)
+        x = nn.with_logical_constraint(x + h, BATCH_LENGTH_EMBED)
+        return x, metrics
+
+
+def splice_image_features(embeds: Array, ids: Array, features: Array, image_token_id: int) -> Array:
+    """Puts image features where `ids == image_token_id`: the j-th placeholder of row b takes
+    features[b, j]. embeds: [batch, seq, d]; features: [batch, n, d]."""
+    is_image = ids == image_token_id
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features.astype(embeds.dtype), index[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered, embeds)
+
+
+class Decoder(nn.Module):
+    """Token ids [batch, seq] -> logits [batch, seq, vocab] (float32), MoE metrics.
+
+    `image_features` [batch, n, embed], when given, replace the embeddings of the image
+    placeholder tokens in order.
+    """
+
+    config: Any  # model config
+    train: bool = False
+    decode: bool = False
+    max_len: int = 0
+    packed: bool = False
+    mesh: Any = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, ids: Array, positions: Array, segment_ids: Array, image_features: Array | None = None
+    ) -> tuple[Array, dict]:
+        d = self.config.decoder
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        embedding = param_with_axes(
+            self,
+            "embedding",
+            nn.initializers.normal(0.02),
+            (d.vocab_size, d.embed_dim),
+            ("vocab", "embed"),
+            self.param_dtype,
+        )
+        x = jnp.take(embedding, ids, axis=0).astype(self.dtype)
+        if image_features is not None:
+            x = splice_image_features(x, ids, image_features, self.config.image_token_id)
+        x = nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
+        block_cls = DecoderBlock
+        if self.config.remat != "none" and not self.decode:
+            block_cls = nn.remat(DecoderBlock, policy=REMAT_POLICIES[self.config.remat])
+        moe_at = set(moe_layer_indices(d.moe_layers, d.num_layers))
+        metrics = {}
+        for i in range(d.num_layers):
+            x, m = block_cls(
+                self.config,
+                i in moe_at,
+                self.train,
+                self.decode,
+                self.max_len,
+                self.packed,
+                self.mesh,
+                name=f"layers_{i}",
+                **kw,
+            )(x, positions, segment_ids)
+            if m is not None:
+                metrics[f"decoder/layers_{i}"] = m
+        x = RMSNorm(d.norm_eps, name="final_norm", **kw)(x)
+        if d.tie_embeddings:
+            logits = jnp.einsum("bsd,vd->bsv", x, embedding.astype(self.dtype))
+        else:
+            head = param_with_axes(
+                self,
+                "lm_head",
+                nn.initializers.normal(0.02),
+                (d.embed_dim, d.vocab_size),
+                ("embed", "vocab"),
+                self.param_dtype,
+            )
+            logits = jnp.einsum("bsd,dv->bsv", x, head.astype(self.dtype))
+        logits = nn.with_logical_constraint(
+            logits, ("activation_batch", "activation_length", "activation_vocab")
+        )
+        return logits.astype(jnp.float32), metrics

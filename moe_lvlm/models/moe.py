@@ -1,0 +1,323 @@
+"""Sparse Mixture-of-Experts FFN: routing, dispatch (dropless or capacity) and expert compute.
+
+The three steps are separate pure functions; `MoeFeedForward` owns the parameters and wires them:
+
+1. route:    fp32 router logits -> softmax -> top-k experts, combine weights renormalised over the
+             k chosen, load-balancing loss (E * sum_e f_e P_e) and router z-loss.
+2. dispatch: `dropless` sorts the (token, choice) pairs by expert and runs the experts as one
+             grouped matmul (`jax.lax.ragged_dot`); `capacity` gives every expert C slots per
+             routing group (one sequence) with C = ceil(k * seq / E * factor), fills them in
+             GShard/DeepSpeed order (all first choices in position order, then all second
+             choices, ...) and drops the overflow, whose output is zero so the token is carried
+             by the residual alone.
+3. experts:  SwiGLU (decoder) or GELU-family MLP with bias (ViT, projector) per expert.
+
+With a mesh whose `expert` axis is > 1 the capacity path is expert-parallel: the dispatched slots
+travel to the devices that hold their experts with `all_to_all` inside `jax.shard_map` and come
+back. The dropless path runs per device inside `shard_map` on its local tokens with the expert
+weights gathered onto every device.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from moe_lvlm.models.layers import BATCH_LENGTH_EMBED, activation_fn, param_with_axes
+from moe_lvlm.parallel.mesh import BATCH_AXES
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------- routing
+def route(logits: Array, top_k: int, noise_rng: Array | None = None) -> tuple[Array, Array, Array]:
+    """Top-k routing. logits: [..., E] float32.
+
+    Returns expert ids [..., k] (choice order), combine weights [..., k] (renormalised over the k
+    chosen) and the softmax probabilities [..., E]. With `noise_rng`, choices after the first take
+    the argmax of logits + Gumbel noise (DeepSpeed top2gating's second-expert sampling).
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    noisy = logits
+    if noise_rng is not None:
+        noisy = logits + jax.random.gumbel(noise_rng, logits.shape, logits.dtype)
+    chosen = [jnp.argmax(logits, axis=-1)]
+    for _ in range(1, top_k):
+        taken = jax.nn.one_hot(jnp.stack(chosen, -1), logits.shape[-1], dtype=bool).any(-2)
+        chosen.append(jnp.argmax(jnp.where(taken, -jnp.inf, noisy), axis=-1))
+    expert_ids = jnp.stack(chosen, axis=-1).astype(jnp.int32)
+    gates = jnp.take_along_axis(probs, expert_ids, axis=-1)
+    weights = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return expert_ids, weights, probs
+
+
+def balance_loss(probs: Array, expert_ids: Array, valid: Array, counts: str) -> Array:
+    """E * sum_e f_e * P_e over valid tokens; f_e from the top-1 choice or all k choices."""
+    num_experts = probs.shape[-1]
+    valid = valid.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(valid), 1.0)
+    mean_prob = jnp.einsum("...e,...->e", probs, valid) / n
+    ids = expert_ids[..., :1] if counts == "top1" else expert_ids
+    onehot = jax.nn.one_hot(ids, num_experts, dtype=jnp.float32).sum(-2) / ids.shape[-1]
+    fraction = jnp.einsum("...e,...->e", onehot, valid) / n
+    return num_experts * jnp.sum(mean_prob * fraction)
+
+
+def z_loss(logits: Array, valid: Array) -> Array:
+    """ST-MoE router z-loss: mean over valid tokens of logsumexp(logits)^2."""
+    valid = valid.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(jnp.square(lse) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def capacity(seq_len: int, num_experts: int, top_k: int, factor: float) -> int:
+    return max(1, math.ceil(top_k * seq_len / num_experts * factor))
+
+
+def capacity_slots(
+    expert_ids: Array, valid: Array, num_experts: int, cap: int
+) -> tuple[Array, Array]:
+    """Slot of each (token, choice) in its expert's buffer, per group. expert_ids: [G, S, k].
+
+    Slots are filled choice by choice (all first choices in position order, then the second
+    choices, ...). Returns slot ids [G, S, k] and whether each pair is kept (valid and slot < cap).
+    """
+    onehot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.int32)  # [G, S, k, E]
+    onehot = onehot * valid[..., None, None].astype(jnp.int32)
+    # Order the pairs choice-major: [G, k, S, E], then a running count per expert.
+    choice_major = jnp.swapaxes(onehot, 1, 2).reshape(onehot.shape[0], -1, num_experts)
+    position = jnp.cumsum(choice_major, axis=1) - 1
+    position = jnp.swapaxes(
+        position.reshape(onehot.shape[0], onehot.shape[2], -1, num_experts), 1, 2
+    )
+    slot = jnp.sum(position * onehot, axis=-1)
+    kept = valid[..., None] & (slot < cap)
+    return slot, kept
+
+
+# --------------------------------------------------------------------------- experts
+def experts_dense(weights: dict[str, Array], x: Array, activation: str, gated: bool) -> Array:
+    """Every expert on its own slots. x: [..., E, C, d] -> [..., E, C, d_out]."""
+    act = activation_fn(activation)
+    if gated:
+        h = act(jnp.einsum("...ecd,edf->...ecf", x, weights["gate"]))
+        h = h * jnp.einsum("...ecd,edf->...ecf", x, weights["up"])
+        return jnp.einsum("...ecf,efd->...ecd", h, weights["down"])
+    h = jnp.einsum("...ecd,edf->...ecf", x, weights["fc1"]) + weights["fc1_bias"][:, None]
+    return jnp.einsum("...ecf,efd->...ecd", act(h), weights["fc2"]) + weights["fc2_bias"][:, None]
+
+
+def experts_grouped(
+    weights: dict[str, Array],
+    x: Array,
+    group_sizes: Array,
+    group_ids: Array,
+    activation: str,
+    gated: bool,
+) -> Array:
+    """Experts as grouped matmuls over rows sorted by expert. x: [m, d] -> [m, d_out]."""
+    act = activation_fn(activation)
+    if gated:
+        h = act(jax.lax.ragged_dot(x, weights["gate"], group_sizes))
+        h = h * jax.lax.ragged_dot(x, weights["up"], group_sizes)
+        return jax.lax.ragged_dot(h, weights["down"], group_sizes)
+    h = jax.lax.ragged_dot(x, weights["fc1"], group_sizes) + weights["fc1_bias"][group_ids]
+    return jax.lax.ragged_dot(act(h), weights["fc2"], group_sizes) + weights["fc2_bias"][group_ids]
+
+
+# --------------------------------------------------------------------------- dispatch
+def dropless_moe(
+    weights: dict[str, Array],
+    x: Array,
+    expert_ids: Array,
+    combine: Array,
+    activation: str,
+    gated: bool,
+) -> Array:
+    """x: [T, d]; expert_ids, combine: [T, k]. Every (token, choice) pair is computed."""
+    num_experts, k = weights["gate" if gated else "fc1"].shape[0], expert_ids.shape[-1]
+    flat_ids = expert_ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    sorted_ids = flat_ids[order]
+    rows = x[order // k]
+    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    out_sorted = experts_grouped(weights, rows, group_sizes, sorted_ids, activation, gated)
+    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(*expert_ids.shape, -1)
+    return jnp.einsum("tkd,tk->td", out, combine.astype(out.dtype))
+
+
+def capacity_dispatch_tensors(
+    expert_ids: Array, combine: Array, valid: Array, num_experts: int, cap: int
+) -> tuple[Array, Array, Array]:
+    """One-hot dispatch and combine tensors [G, S, E, C], and the kept mask [G, S, k]."""
+    slot, kept = capacity_slots(expert_ids, valid, num_experts, cap)
+    expert_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=combine.dtype)
+    slot_hot = jax.nn.one_hot(jnp.where(kept, slot, cap), cap, dtype=combine.dtype)  # dropped: 0
+    dispatch = jnp.einsum("gske,gskc->gsec", expert_hot, slot_hot)
+    combine_t = jnp.einsum("gske,gskc,gsk->gsec", expert_hot, slot_hot, combine)
+    return dispatch, combine_t, kept
+
+
+def expert_parallel(fn, mesh: Mesh, num_weights: int):
+    """Runs `fn(x [b, E, C, d], *weights [E, ...])`, experts sharded over mesh axis 'expert'.
+
+    Slots go to the experts' devices with all_to_all and come back the same way.
+    """
+
+    def body(x, *weights):
+        x = jax.lax.all_to_all(x, "expert", split_axis=1, concat_axis=0, tiled=True)
+        y = fn(x, *weights)
+        return jax.lax.all_to_all(y, "expert", split_axis=0, concat_axis=1, tiled=True)
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(P(BATCH_AXES), *([P("expert")] * num_weights)),
+        out_specs=P(BATCH_AXES),
+        check_vma=False,
+    )
+
+
+# --------------------------------------------------------------------------- module
+class ExpertWeights(nn.Module):
+    """The stacked expert parameters [E, ...], named like the dense FFN they upcycle."""
+
+    num_experts: int
+    d_in: int
+    hidden_dim: int
+    d_out: int
+    gated: bool
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> dict[str, Array]:
+        e, f = self.num_experts, self.hidden_dim
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2)
+        up_axes, down_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+        if self.gated:
+            shapes = {
+                "gate": ((e, self.d_in, f), up_axes),
+                "up": ((e, self.d_in, f), up_axes),
+                "down": ((e, f, self.d_out), down_axes),
+            }
+        else:
+            shapes = {"fc1": ((e, self.d_in, f), up_axes), "fc2": ((e, f, self.d_out), down_axes)}
+        weights = {}
+        for name, (shape, axes) in shapes.items():
+            weights[name] = param_with_axes(self, name, init, shape, axes, self.param_dtype)
+            if not self.gated:
+                weights[f"{name}_bias"] = param_with_axes(
+                    self,
+                    f"{name}_bias",
+                    nn.initializers.zeros,
+                    (e, shape[2]),
+                    ("expert", axes[2]),
+                    self.param_dtype,
+                )
+        return weights
+
+
+class MoeFeedForward(nn.Module):
+    """The MoE FFN. x: [batch, seq, d] -> ([batch, seq, d_out], metrics).
+
+    `config` holds the routing fields of configs/models.py:moe_defaults. Expert parameters are
+    under `experts/`, named like the dense FFN they upcycle (gate/up/down or fc1/fc2, and
+    fc1_bias/fc2_bias) with a leading expert axis; the router kernel [d, E] is `router`.
+    """
+
+    config: Any
+    hidden_dim: int
+    out_dim: int | None = None
+    activation: str = "silu"
+    gated: bool = True
+    mesh: Mesh | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, valid: Array | None = None, train: bool = False):
+        cfg = self.config
+        batch, seq, d_in = x.shape
+        d_out = self.out_dim or d_in
+        num_experts, k = cfg.num_experts, cfg.top_k
+        if valid is None:
+            valid = jnp.ones((batch, seq), bool)
+        router = param_with_axes(
+            self,
+            "router",
+            nn.initializers.normal(0.02),
+            (d_in, num_experts),
+            ("embed", None),
+            self.param_dtype,
+        )
+        logits = jnp.einsum("bsd,de->bse", x.astype(jnp.float32), router.astype(jnp.float32))
+        noise_rng = self.make_rng("router") if (train and cfg.second_choice_noise) else None
+        expert_ids, combine, probs = route(logits, k, noise_rng)
+        combine = combine * valid[..., None]
+        weights = ExpertWeights(
+            num_experts, d_in, self.hidden_dim, d_out, self.gated, self.param_dtype, name="experts"
+        )()
+        weights = {name: w.astype(self.dtype) for name, w in weights.items()}
+        x = x.astype(self.dtype)
+
+        if cfg.dispatch == "dropless":
+
+            def local(x_, ids_, comb_, *w_):
+                b_, s_ = x_.shape[:2]
+                y_ = dropless_moe(
+                    dict(zip(weights, w_, strict=True)),
+                    x_.reshape(b_ * s_, -1),
+                    ids_.reshape(b_ * s_, k),
+                    comb_.reshape(b_ * s_, k),
+                    self.activation,
+                    self.gated,
+                )
+                return y_.reshape(b_, s_, -1)
+
+            if self.mesh is not None:
+                local = jax.shard_map(
+                    local,
+                    mesh=self.mesh,
+                    in_specs=(P(BATCH_AXES),) * 3 + (P(),) * len(weights),
+                    out_specs=P(BATCH_AXES),
+                    check_vma=False,
+                )
+            y = local(x, expert_ids, combine.astype(self.dtype), *weights.values())
+            kept = valid[..., None] & jnp.ones_like(expert_ids, bool)
+        else:
+            factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
+            cap = capacity(seq, num_experts, k, factor)
+            dispatch, combine_t, kept = capacity_dispatch_tensors(
+                expert_ids, combine.astype(self.dtype), valid, num_experts, cap
+            )
+            xe = jnp.einsum("bsec,bsd->becd", dispatch, x)  # [batch, E, C, d]
+            compute = lambda xe_, *w_: experts_dense(  # noqa: E731
+                dict(zip(weights, w_, strict=True)), xe_, self.activation, self.gated
+            )
+            if self.mesh is not None and self.mesh.shape["expert"] > 1:
+                compute = expert_parallel(compute, self.mesh, len(weights))
+            ye = compute(xe, *weights.values())
+            y = jnp.einsum("bsec,becd->bsd", combine_t, ye)
+        y = nn.with_logical_constraint(y, BATCH_LENGTH_EMBED)
+        metrics = self._metrics(logits, probs, expert_ids, valid, kept)
+        return y, metrics
+
+    def _metrics(self, logits, probs, expert_ids, valid, kept) -> dict[str, Array]:
+        cfg = self.config
+        validf = valid.astype(jnp.float32)
+        n_pairs = jnp.maximum(jnp.sum(validf) * cfg.top_k, 1.0)
+        per_expert = jnp.einsum(
+            "bske,bs->e", jax.nn.one_hot(expert_ids, cfg.num_experts, dtype=jnp.float32), validf
+        )
+        entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)
+        return {
+            "balance_loss": balance_loss(probs, expert_ids, valid, cfg.balance_counts),
+            "z_loss": z_loss(logits, valid),
+            "expert_fraction": per_expert / n_pairs,
+            "dropped_fraction": 1.0 - jnp.sum(kept.astype(jnp.float32)) / n_pairs,
+            "router_entropy": jnp.sum(entropy * validf) / jnp.maximum(jnp.sum(validf), 1.0),
+        }
