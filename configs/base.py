@@ -17,16 +17,43 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 
 def data_config() -> ml_collections.ConfigDict:
-    """Input pipeline defaults (moe_lvlm/data)."""
+    """Input pipeline defaults (moe_lvlm/data; docs/data.md)."""
     return ml_collections.ConfigDict(
         dict(
+            # Training sources: 'spec@weight;spec@weight' or a list of (spec, weight). Specs:
+            # 'builtin:SPLIT', 'llava:FILE.json?image_root=DIR', 'tfds:NAME?split=train'.
+            mixture="builtin:stage3",
+            # Held-out source for evaluation (read in order, once).
+            eval_source="builtin:test",
+            # TFDS data dir: where the built-in dataset is built and TFDS sources are read.
+            data_dir="~/tensorflow_datasets",
+            # Tokens per row, image tokens included.
             seq_len=128,
+            # Chat template: 'vicuna_v1' (LLaVA v1), 'chatml' (Qwen family) or 'plain' (stage I).
             template="vicuna_v1",
+            # System prompt; None = the template's default, '' = none.
+            system_prompt=ml_collections.FieldReference(None, field_type=str),
+            # SentencePiece .model path; '' = the built-in dataset's tokenizer.
             tokenizer="",
+            # Image preprocessing: 'pad' (LLaVA pad-to-square with the mean colour) or 'resize'
+            # (CLIP shortest-side resize + centre crop).
             aspect="pad",
+            # Pack several samples per row (segment_ids 1..n); else one sample per row.
             packing=False,
+            # Images per row when packing (the M of images [B, M, H, W, 3]).
+            max_images_per_row=4,
+            # Cut over-long samples to seq_len (never inside the image tokens) instead of
+            # skipping them as 'too_long'.
+            truncate=True,
+            # Bad records: 'skip' (count by reason) or 'strict' (raise naming the record).
             bad_records="skip",
+            # Shuffle training sources (each with a seed derived from `seed`).
+            shuffle=True,
+            # Worker processes for decoding/batching (0 = in the main process).
             num_workers=0,
+            # Threads reading and encoding records in each process.
+            read_threads=2,
+            # Batches buffered ahead per worker (or by a thread when num_workers=0).
             prefetch=2,
             seed=0,
         )
@@ -39,4 +66,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     cfg.mesh = mesh_config()
     cfg.data = data_config()
     cfg.seed = 0
+    # Comma-separated stage sections to run, in order (configs/stages.py).
+    cfg.stages = ""
+    cfg.log_every = 10
+    # 'skip': a non-finite loss or gradient leaves the state unchanged and training goes on;
+    # 'stop': checkpoint the state before that step and stop with its number.
+    cfg.nan_policy = "skip"
+    cfg.checkpoint = ml_collections.ConfigDict(dict(every=200, max_to_keep=2, async_save=True))
     return cfg

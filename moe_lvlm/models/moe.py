@@ -318,6 +318,8 @@ class MoeFeedForward(nn.Module):
             "balance_loss": balance_loss(probs, expert_ids, valid, cfg.balance_counts),
             "z_loss": z_loss(logits, valid),
             "expert_fraction": per_expert / n_pairs,
-            "dropped_fraction": 1.0 - jnp.sum(kept.astype(jnp.float32)) / n_pairs,
+            # Counted, not 1 - kept / pairs: exactly 0 when nothing is dropped.
+            "dropped_fraction": (jnp.sum(validf) * cfg.top_k - jnp.sum(kept.astype(jnp.float32)))
+            / n_pairs,
             "router_entropy": jnp.sum(entropy * validf) / jnp.maximum(jnp.sum(validf), 1.0),
         }

@@ -1,0 +1,33 @@
+"""The CPU demo: all three MoE-tuning stages of a ~2M-parameter model on the built-in dataset.
+
+    python -m moe_lvlm.train --config=configs/demo.py --workdir=runs/demo
+
+Arguments (`configs/demo.py:steps=0.5,experts=8`): `steps` scales every stage's step count;
+`experts`, `top_k`, `dispatch` set the MoE layers. With no pretrained towers to start from, the
+demo also trains the vision tower in stage II (MoE-LLaVA keeps a pretrained one frozen).
+"""
+
+from configs import base, models, stages
+from moe_lvlm.config import parse_arg
+
+
+def get_config(arg: str | None = None):
+    args = parse_arg(arg, steps=1.0, experts=4, top_k=2, dispatch="dropless")
+    cfg = base.get_base_config()
+    cfg.model = models.tiny()
+    cfg.model.moe.update(num_experts=args.experts, top_k=args.top_k, dispatch=args.dispatch)
+    cfg.data.mixture = "builtin:stage3"
+    cfg.data.seq_len = 96
+    steps = tuple(max(1, round(n * args.steps)) for n in (150, 600, 400))
+    cfg.update(
+        stages.moe_llava(
+            steps=steps,
+            batches=(32, 32, 32),
+            mixtures=("builtin:stage1", "builtin:stage2", "builtin:stage3"),
+        )
+    )
+    cfg.stage2.trainable = [stages.PROJECTOR, stages.DECODER, r"vision/"]
+    for name, lr in (("stage1", 2e-3), ("stage2", 1e-3), ("stage3", 5e-4)):
+        cfg[name].lr = lr
+    cfg.stages = "stage1,stage2,stage3"
+    return cfg

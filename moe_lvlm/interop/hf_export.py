@@ -1,0 +1,353 @@
+"""Export to a directory that `transformers.LlavaForConditionalGeneration.from_pretrained` loads.
+
+The text model is the HF architecture that reproduces this decoder exactly:
+
+  dense                         llama, qwen2 (qkv bias) or qwen3 (qk-norm)
+  MoE, qk-norm                  qwen3_moe (`mlp_only_layers` = the dense layers)
+  MoE in every layer, no bias   mixtral
+  other MoE (e.g. qkv bias)     qwen2_moe with a zero-size shared expert
+
+All of them route as here (fp32 softmax over every expert, top-k, weights renormalised over the k
+chosen: `norm_topk_prob=True`) and compute every routed token (dropless), so a model trained with
+capacity dispatch exports too; only its dropped tokens differ. HF has no MoE in the vision tower or
+projector: such models are refused. Vision blocks after `vision.select_layer` are not part of this
+model; they are written as all-zero blocks (each is then the identity) and the post-layernorm as
+the identity, neither of which LLaVA's `vision_feature_layer` output reads.
+"""
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import traverse_util
+from flax.linen import meta
+
+from moe_lvlm.config import moe_layer_indices, num_image_tokens
+from moe_lvlm.interop import layout
+from moe_lvlm.interop.safetensors_io import write_checkpoint
+from moe_lvlm.models.vit import num_layers_run
+
+VISION_PREFIX = "vision_tower."
+PROJECTOR_PREFIX = "multi_modal_projector."
+DECODER_PREFIX = "language_model.model."
+HEAD_KEY = "language_model.lm_head.weight"
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+
+
+class ExportError(ValueError):
+    """The model has no exact transformers equivalent; the message says which part and why."""
+
+
+# --------------------------------------------------------------------------- configs
+def vision_kind(v: ml_collections.ConfigDict) -> str:
+    if v.class_token and v.pre_norm and not v.patch_bias:
+        return "clip_vision_model"
+    if not v.class_token and not v.pre_norm and v.patch_bias:
+        return "siglip_vision_model"
+    raise ExportError(
+        f"vision tower with class_token={v.class_token}, pre_norm={v.pre_norm}, "
+        f"patch_bias={v.patch_bias} matches neither CLIP (class token, pre-norm, no patch bias) "
+        "nor SigLIP (none of them, patch bias)"
+    )
+
+
+def text_kind(d: ml_collections.ConfigDict) -> str:
+    moe_at = moe_layer_indices(d.moe_layers, d.num_layers)
+    if not moe_at:
+        return "qwen3" if d.qk_norm else ("qwen2" if d.qkv_bias else "llama")
+    if d.qk_norm:
+        return "qwen3_moe"
+    if len(moe_at) == d.num_layers and not d.qkv_bias:
+        return "mixtral"
+    return "qwen2_moe"
+
+
+def check_exportable(model_cfg: ml_collections.ConfigDict) -> None:
+    """Raises ExportError when no transformers model reproduces `model_cfg` exactly."""
+    v = model_cfg.vision
+    if moe_layer_indices(v.moe_layers, v.depth):
+        raise ExportError(
+            f"vision.moe_layers={v.moe_layers!r}: the vision tower has MoE layers (CuMo), and "
+            "transformers' CLIP/SigLIP vision models have only dense MLPs; no exact HF equivalent"
+        )
+    if model_cfg.projector.moe:
+        raise ExportError(
+            "projector.moe=True: LLaVA's multi_modal_projector is a dense MLP in transformers; "
+            "an MoE projector (CuMo) has no exact HF equivalent"
+        )
+    vision_kind(v)
+    if v.activation not in HF_ACTIVATIONS:
+        raise ExportError(f"vision.activation={v.activation!r} has no HF name")
+
+
+def text_config(model_cfg: ml_collections.ConfigDict, special: dict) -> dict:
+    d, moe = model_cfg.decoder, model_cfg.moe
+    kind = text_kind(d)
+    moe_at = moe_layer_indices(d.moe_layers, d.num_layers)
+    cfg = dict(
+        model_type=kind,
+        vocab_size=d.vocab_size,
+        hidden_size=d.embed_dim,
+        intermediate_size=d.mlp_dim,
+        num_hidden_layers=d.num_layers,
+        num_attention_heads=d.num_heads,
+        num_key_value_heads=d.num_kv_heads,
+        head_dim=d.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=d.norm_eps,
+        rope_parameters=dict(rope_type="default", rope_theta=d.rope_theta),
+        max_position_embeddings=32768,
+        tie_word_embeddings=bool(d.tie_embeddings),
+        attention_dropout=0.0,
+        **special,
+    )
+    if kind in ("llama", "qwen3", "qwen3_moe"):
+        cfg["attention_bias"] = bool(d.qkv_bias)  # also an o_proj bias, written as zeros
+    if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        cfg.update(use_sliding_window=False, sliding_window=None, max_window_layers=d.num_layers)
+    if kind in ("qwen2_moe", "qwen3_moe"):
+        cfg.update(
+            num_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            moe_intermediate_size=d.mlp_dim,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(d.num_layers) if i not in moe_at],
+            output_router_logits=False,
+        )
+    if kind == "qwen2_moe":
+        cfg.update(qkv_bias=bool(d.qkv_bias), shared_expert_intermediate_size=0)
+    if kind == "mixtral":
+        cfg.update(
+            num_local_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+            output_router_logits=False,
+        )
+    return cfg
+
+
+def vision_config(model_cfg: ml_collections.ConfigDict) -> dict:
+    v = model_cfg.vision
+    cfg = dict(
+        model_type=vision_kind(v),
+        hidden_size=v.width,
+        intermediate_size=v.mlp_dim,
+        num_hidden_layers=v.depth,
+        num_attention_heads=v.num_heads,
+        num_channels=3,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        hidden_act=HF_ACTIVATIONS[v.activation],
+        layer_norm_eps=v.layer_norm_eps,
+        attention_dropout=0.0,
+    )
+    if cfg["model_type"] == "siglip_vision_model":
+        cfg["vision_use_head"] = False
+    return cfg
+
+
+def llava_config(model_cfg: ml_collections.ConfigDict, special: dict, dtype: str) -> dict:
+    v = model_cfg.vision
+    keep_first = v.keep_class_token or not v.class_token
+    return dict(
+        architectures=["LlavaForConditionalGeneration"],
+        model_type="llava",
+        vision_config=vision_config(model_cfg),
+        text_config=text_config(model_cfg, special),
+        image_token_index=int(model_cfg.image_token_id),
+        image_seq_length=num_image_tokens(model_cfg),
+        projector_hidden_act="gelu" if model_cfg.projector.kind == "mlp2x_gelu" else "linear",
+        multimodal_projector_bias=True,
+        vision_feature_layer=int(v.select_layer),
+        vision_feature_select_strategy="full" if keep_first else "default",
+        tie_word_embeddings=bool(model_cfg.decoder.tie_embeddings),
+        dtype=dtype,
+    )
+
+
+# --------------------------------------------------------------------------- tensors
+def entries(model_cfg: ml_collections.ConfigDict) -> list[layout.Entry]:
+    """Every (HF key, our path) pair of the exported LLaVA, in the on-disk layout."""
+    v, d = model_cfg.vision, model_cfg.decoder
+    style = "mixtral" if text_kind(d) == "mixtral" else "qwen"
+    return (
+        layout.vision_entries(v, VISION_PREFIX, num_layers_run(v.depth, v.select_layer))
+        + layout.projector_entries(model_cfg.projector.kind, PROJECTOR_PREFIX)
+        + layout.decoder_entries(d, model_cfg.moe.num_experts, DECODER_PREFIX, HEAD_KEY, style)
+    )
+
+
+def _constant_tensors(model_cfg: ml_collections.ConfigDict, dtype) -> dict[str, np.ndarray]:
+    """Tensors HF needs that carry nothing of this model: identity/zero blocks and biases."""
+    v, d = model_cfg.vision, model_cfg.decoder
+    w, f, e = v.width, v.mlp_dim, d.embed_dim
+    out = {
+        f"{VISION_PREFIX}post_layernorm.weight": np.ones(w, dtype),
+        f"{VISION_PREFIX}post_layernorm.bias": np.zeros(w, dtype),
+    }
+    block = {
+        "layer_norm1.weight": (w,), "layer_norm1.bias": (w,),
+        "layer_norm2.weight": (w,), "layer_norm2.bias": (w,),
+        "mlp.fc1.weight": (f, w), "mlp.fc1.bias": (f,),
+        "mlp.fc2.weight": (w, f), "mlp.fc2.bias": (w,),
+        "self_attn.out_proj.weight": (w, w), "self_attn.out_proj.bias": (w,),
+    }
+    block.update({f"self_attn.{n}_proj.{p}": s for n in "qkv" for p, s in
+                  (("weight", (w, w)), ("bias", (w,)))})
+    for i in range(num_layers_run(v.depth, v.select_layer), v.depth):
+        for name, shape in block.items():
+            out[f"{VISION_PREFIX}encoder.layers.{i}.{name}"] = np.zeros(shape, dtype)
+    if model_cfg.projector.kind == "linear":
+        out[f"{PROJECTOR_PREFIX}linear_2.weight"] = np.eye(e, dtype=dtype)
+        out[f"{PROJECTOR_PREFIX}linear_2.bias"] = np.zeros(e, dtype)
+    kind = text_kind(d)
+    moe_at = moe_layer_indices(d.moe_layers, d.num_layers)
+    for i in range(d.num_layers):
+        layer = f"{DECODER_PREFIX}layers.{i}."
+        if kind in ("llama", "qwen3", "qwen3_moe") and d.qkv_bias:
+            out[f"{layer}self_attn.o_proj.bias"] = np.zeros(e, dtype)
+        if kind == "qwen2_moe" and i in moe_at:
+            out[f"{layer}mlp.shared_expert.gate_proj.weight"] = np.zeros((0, e), dtype)
+            out[f"{layer}mlp.shared_expert.up_proj.weight"] = np.zeros((0, e), dtype)
+            out[f"{layer}mlp.shared_expert.down_proj.weight"] = np.zeros((e, 0), dtype)
+            out[f"{layer}mlp.shared_expert_gate.weight"] = np.zeros((1, e), dtype)
+    return out
+
+
+def hf_tensors(params: Any, model_cfg: ml_collections.ConfigDict, dtype=None) -> dict:
+    """Our params (boxed or not, jax or numpy) -> {HF key: numpy array} of the LLaVA checkpoint."""
+    check_exportable(model_cfg)
+    flat = traverse_util.flatten_dict(meta.unbox(params), sep="/")
+    flat = {k: np.asarray(v) for k, v in flat.items()}
+    dtype = np.dtype(dtype) if dtype is not None else flat["decoder/embedding"].dtype
+    table = entries(model_cfg)
+    unused = sorted(set(flat) - layout.ours_paths(table))
+    if unused:
+        raise ExportError(f"parameters with no HF place: {unused[:5]}")
+    out = {}
+    for e in table:
+        if e.ours not in flat:
+            raise ExportError(f"params have no {e.ours} (needed for {e.hf}); wrong model config?")
+        out[e.hf] = layout.to_hf(e, flat[e.ours]).astype(dtype)
+    out.update(_constant_tensors(model_cfg, dtype))
+    return out
+
+
+# --------------------------------------------------------------------------- tokenizer
+def _tokenizer_files(tokenizer_path: str, out: Path) -> dict:
+    """Writes tokenizer.model (with the project's added special pieces, so ids match training),
+    a tokenizer_config.json for transformers' exact sentencepiece tokenizer (SentencePieceBackend),
+    and, when transformers is installed, the converted fast tokenizer.json that AutoTokenizer
+    loads for a llava directory. Returns the special token ids for the configs."""
+    from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_path)
+    tok.save(str(out / "tokenizer.model"))
+    piece = tok._sp.id_to_piece  # noqa: SLF001
+    config = dict(
+        tokenizer_class="SentencePieceBackend",
+        bos_token=piece(tok.bos_id),
+        eos_token=piece(tok.eos_id),
+        unk_token=piece(tok._sp.unk_id()),  # noqa: SLF001
+        pad_token=piece(tok.pad_id),
+        image_token=IMAGE_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        add_bos_token=True,
+        add_eos_token=False,
+        special_tokens_pattern="bos",
+        legacy=True,
+    )
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    _fast_tokenizer_file(out)
+    return dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+
+
+def _fast_tokenizer_file(out: Path) -> None:
+    """tokenizer.json converted from tokenizer.model. transformers' AutoTokenizer ignores the
+    tokenizer_class of llava directories and would otherwise convert the model itself, without
+    sentencepiece's whitespace normalisation. The fast tokenizer has no byte fallback: characters
+    outside the vocabulary become <unk> (SentencePieceBackend is exact)."""
+    try:
+        from tokenizers import processors
+        from transformers import SentencePieceBackend
+        from transformers.convert_slow_tokenizer import SpmConverter
+    except ImportError:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the byte-fallback warning, documented above
+        slow = SentencePieceBackend.from_pretrained(str(out))
+        fast = SpmConverter(slow).converted()
+    bos = (slow.bos_token, slow.bos_token_id)
+    fast.post_processor = processors.TemplateProcessing(
+        single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B", special_tokens=[bos]
+    )
+    fast.save(str(out / "tokenizer.json"))
+
+
+def _image_processor_file(model_cfg: ml_collections.ConfigDict, out: Path) -> None:
+    """CLIP-style image preprocessing: shortest-side bicubic resize, centre crop, normalise."""
+    v = model_cfg.vision
+    size = v.image_size
+    image = dict(
+        image_processor_type="CLIPImageProcessor",
+        do_resize=True,
+        size={"shortest_edge": size},
+        resample=3,
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(v.mean),
+        image_std=list(v.std),
+        do_convert_rgb=True,
+    )
+    (out / "preprocessor_config.json").write_text(json.dumps(image, indent=2))
+
+
+def _processor_file(model_cfg: ml_collections.ConfigDict, out: Path) -> None:
+    """LlavaProcessor settings: how many image tokens each `<image>` expands to."""
+    v = model_cfg.vision
+    processor = dict(
+        processor_class="LlavaProcessor",
+        patch_size=v.patch_size,
+        vision_feature_select_strategy="full"
+        if (v.keep_class_token or not v.class_token)
+        else "default",
+        num_additional_image_tokens=int(v.class_token),
+        image_token="<image>",
+    )
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+def export(
+    params: Any,
+    model_cfg: ml_collections.ConfigDict,
+    out_dir: str | Path,
+    tokenizer_path: str | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 2 << 30,
+) -> Path:
+    """Writes config.json, safetensors shards, tokenizer and processor files into `out_dir`.
+
+    `dtype` ('float32', 'bfloat16', ...) casts the weights; None keeps the params' dtype.
+    """
+    out = Path(out_dir)
+    tensors = hf_tensors(params, model_cfg, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    special = _tokenizer_files(tokenizer_path, out) if tokenizer_path else {}
+    dtype_name = str(next(iter(tensors.values())).dtype)
+    config = llava_config(model_cfg, special, dtype_name)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _image_processor_file(model_cfg, out)
+    if special:
+        generation = dict(special, do_sample=False)
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        _processor_file(model_cfg, out)
+    write_checkpoint(tensors, out, max_shard_bytes)
+    return out

@@ -1,0 +1,42 @@
+"""Train: python -m moe_lvlm.train --config=configs/demo.py --workdir=runs/demo
+
+Runs the stages of `config.stages` in order (`--config.stages=stage3` for one). Re-running the
+same command resumes from the last checkpoint, in the right stage.
+"""
+
+import json
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from moe_lvlm.parallel import distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py:arg).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    distributed.initialize_from_env()
+    import jax  # noqa: PLC0415  (after the distributed runtime is up)
+
+    from moe_lvlm.config import validate  # noqa: PLC0415
+    from moe_lvlm.data import pipeline  # noqa: PLC0415
+    from moe_lvlm.parallel.mesh import make_mesh  # noqa: PLC0415
+    from moe_lvlm.train import loop  # noqa: PLC0415
+
+    cfg = _CONFIG.value
+    mesh = make_mesh(validate(cfg, jax.device_count()))
+    tokenizer = pipeline.load_tokenizer(cfg.data)
+    workdir = Path(_WORKDIR.value)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    print(distributed.device_report(), f"mesh {dict(mesh.shape)}", flush=True)
+    loop.run(cfg, workdir, mesh, tokenizer)
+
+
+if __name__ == "__main__":
+    app.run(main)

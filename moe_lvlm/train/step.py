@@ -1,0 +1,160 @@
+"""The pure training step: loss, gradients of the trainable parameters, AdamW update.
+
+State is a dict {'step', 'params', 'opt_state', 'rng'}; `opt_state` covers the trainable
+parameters only. Loss = token-mean CE over answer tokens + balance_coef * sum of the layers'
+load-balancing losses + z_coef * sum of their z-losses.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moe_lvlm.models.lvlm import moe_loss_sums
+from moe_lvlm.parallel.mesh import BATCH_AXES
+from moe_lvlm.train.stages import merge, split_trainable
+
+Batch = Mapping[str, jax.Array]
+State = dict[str, Any]
+
+
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum over masked positions of -log p(target). logits: [batch, seq, vocab] float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask)
+
+
+def make_schedule(stage: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    warmup = max(1, round(stage.warmup_fraction * total_steps))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, stage.lr, warmup, max(total_steps, warmup + 1), end_value=stage.lr * stage.final_lr_fraction
+    )
+
+
+def make_optimizer(stage: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(stage.clip_norm),
+        optax.adamw(make_schedule(stage, total_steps), b1=0.9, b2=0.999, weight_decay=stage.weight_decay),
+    )
+
+
+def model_loss(
+    params, batch: Batch, rng: jax.Array, *, model, moe_cfg, total_tokens, loss_scale: float, packed: bool
+):
+    """(scaled loss, metrics) of one (micro-)batch."""
+    logits, moe_metrics = model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"],
+        batch.get("images"),
+        train=True,
+        packed=packed,
+        rngs={"router": rng},
+    )
+    ce_sum = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    balance, z = moe_loss_sums(moe_metrics)
+    aux = moe_cfg.balance_loss_coef * balance + moe_cfg.z_loss_coef * z
+    loss = ce_sum / total_tokens + loss_scale * aux
+    metrics = {"ce_sum": ce_sum, "balance_loss": balance * loss_scale, "z_loss": z * loss_scale}
+    for layer, m in moe_metrics.items():
+        metrics[f"moe/{layer}/expert_fraction"] = m["expert_fraction"] * loss_scale
+        metrics[f"moe/{layer}/dropped_fraction"] = m["dropped_fraction"] * loss_scale
+        metrics[f"moe/{layer}/router_entropy"] = m["router_entropy"] * loss_scale
+    return loss, metrics
+
+
+def microbatches(batch: Batch, accum: int, mesh) -> Batch:
+    """[batch, ...] -> [accum, batch/accum, ...]; micro-batch j takes rows j, j+accum, ..."""
+
+    def split(x):
+        y = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is None:
+            return y
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, BATCH_AXES)))
+
+    return jax.tree.map(split, dict(batch))
+
+
+def train_step(
+    state: State,
+    batch: Batch,
+    *,
+    model,
+    moe_cfg: ml_collections.ConfigDict,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    trainable: Sequence[str],
+    accum: int = 1,
+    packed: bool = False,
+    nan_policy: str = "skip",
+    mesh=None,
+) -> tuple[State, dict[str, jax.Array]]:
+    """One optimizer step over `batch` (gradient accumulation over `accum` micro-batches)."""
+    params_t, params_f = split_trainable(state["params"], trainable)
+    rng, step_rng = jax.random.split(state["rng"])
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+    def micro(params_t_, mb, r):
+        return model_loss(
+            merge(params_t_, params_f), mb, r, model=model, moe_cfg=moe_cfg,
+            total_tokens=total_tokens, loss_scale=1.0 / accum, packed=packed,
+        )
+
+    grad_fn = jax.value_and_grad(micro, has_aux=True)
+    if accum == 1:
+        (loss, metrics), grads = grad_fn(params_t, batch, step_rng)
+    else:
+        def body(carry, inp):
+            mb, r = inp
+            (l_, m_), g_ = grad_fn(params_t, mb, r)
+            acc_l, acc_m, acc_g = carry
+            return (acc_l + l_, jax.tree.map(jnp.add, acc_m, m_), jax.tree.map(jnp.add, acc_g, g_)), None
+
+        mbs = microbatches(batch, accum, mesh)
+        rngs = jax.random.split(step_rng, accum)
+        first = jax.tree.map(lambda x: x[0], mbs)
+        zeros_m = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(params_t, first, rngs[0])[1]))
+        zeros_g = jax.tree.map(jnp.zeros_like, params_t)
+        (loss, metrics, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros_m, zeros_g), (mbs, rngs))
+
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = optimizer.update(grads, state["opt_state"], params_t)
+    new_params_t = optax.apply_updates(params_t, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = {
+        "step": state["step"] + 1,
+        "params": merge(keep(new_params_t, params_t), params_f),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "rng": rng,
+    }
+    ce_sum = metrics.pop("ce_sum")
+    out = {
+        "loss": loss,
+        "ce": ce_sum / total_tokens,
+        "grad_norm": grad_norm,
+        "lr": schedule(state["step"]),
+        "loss_tokens": total_tokens,
+        "nonfinite": (~finite).astype(jnp.int32),
+        **metrics,
+    }
+    return new_state, out
+
+
+def jit_train_step(step_fn: Callable, state_shardings, mesh) -> Callable:
+    """jit with explicit in/out shardings on the mesh, donating the state."""
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )

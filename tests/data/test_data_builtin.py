@@ -1,0 +1,120 @@
+"""The built-in digit-scenes dataset: build time, splits, held-out images, tokenizer, pipeline."""
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from configs import base
+from moe_lvlm.data import builtin, pipeline, sources
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    start = time.perf_counter()
+    builtin.ensure_built(data_dir)
+    return data_dir, time.perf_counter() - start
+
+
+def _records(data_dir, split, n=None):
+    src = sources.open_source(f"builtin:{split}", data_dir)
+    return [src[i] for i in range(len(src) if n is None else n)]
+
+
+def test_builds_fast_and_once(built):
+    data_dir, seconds = built
+    assert seconds < 60
+    start = time.perf_counter()
+    builtin.ensure_built(data_dir)  # cached: no rebuild
+    assert time.perf_counter() - start < 5
+    assert os.path.exists(os.path.join(data_dir, "digit_scenes", "1.0.0", "tokenizer.model"))
+
+
+def test_split_sizes_and_fields(built):
+    data_dir, _ = built
+    for split, size in builtin.SPLIT_SIZES.items():
+        assert len(sources.open_source(f"builtin:{split}", data_dir)) == size
+    for rec in _records(data_dir, "stage1", 50):
+        assert len(rec["turns"]) == 2 and rec["turns"][0][1].startswith("<image>")
+    assert max(len(r["turns"]) for r in _records(data_dir, "stage2", 100)) >= 4
+    allowed = {"count": {"1", "2", "3"}, "color": set(builtin.COLORS),
+               "digit": {str(d) for d in range(10)}, "position": set(builtin.POSITIONS),
+               "yes_no": {"yes", "no"}}
+    test = _records(data_dir, "test")
+    for rec in test:
+        assert rec["answer"] in allowed[rec["question_type"]]
+        assert rec["turns"][-1] == ("assistant", rec["answer"])
+    types = [r["question_type"] for r in test]
+    assert set(types) == set(allowed)
+    yes = sum(r["answer"] == "yes" for r in test) / types.count("yes_no")
+    assert 0.4 < yes < 0.6  # POPE-style: balanced yes/no
+
+
+def test_count_answers_match_the_pixels(built):
+    data_dir, _ = built
+    src = sources.open_source("builtin:test", data_dir)
+    checked = 0
+    for i in range(len(src)):
+        rec = src[i]
+        if rec["question_type"] != "count":
+            continue
+        from moe_lvlm.data.image import decode
+
+        img = np.asarray(decode(rec["image"]))
+        assert img.shape == (64, 64, 3)
+        cells = [img[y:y + 32, x:x + 32].max() > 100 for y in (0, 32) for x in (0, 32)]
+        assert sum(cells) == int(rec["answer"])
+        checked += 1
+    assert checked > 50
+
+
+def test_train_and_test_share_no_digit_image(built):
+    import tensorflow_datasets as tfds
+
+    data_dir, _ = built
+    ds = tfds.data_source("digit_scenes", data_dir=data_dir,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+
+    def ids(split):
+        return {int(x) for i in range(len(ds[split]))
+                for x in ds[split][i]["digit_ids"].decode().split(",")}
+
+    train = ids("stage1") | ids("stage2") | ids("stage3")
+    test = ids("test")
+    assert test and train and not train & test
+    assert len(train | test) > 1500  # most of the 1797 sklearn digits are used
+
+
+def test_tokenizer(built):
+    data_dir, _ = built
+    tok = builtin.load_tokenizer(data_dir)
+    assert tok.pad_id == 0 and tok.vocab_size <= builtin.VOCAB_SIZE
+    assert (tok.image_token_id, tok.im_start_id, tok.im_end_id) == (4, 5, 6)
+    text = "What color is the 7? Answer with a single word or phrase."
+    assert tok.decode(tok.encode(text)) == text
+    assert 1 not in tok.encode(text)  # no unknown pieces
+
+
+def test_pipeline_on_a_mixture(built):
+    data_dir, _ = built
+    cfg = base.get_base_config()
+    cfg.data.update(data_dir=data_dir, system_prompt="", prefetch=0)
+    tok = pipeline.load_tokenizer(cfg.data)
+    it = pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=8,
+                                mixture="builtin:stage3@0.75;builtin:stage2@0.25")
+    batch = next(it)
+    assert batch["images"].shape == (8, 1, 32, 32, 3)
+    assert batch["images"].any(axis=(1, 2, 3, 4)).all()
+    assert ((batch["input_ids"] == tok.image_token_id).sum(1) == 16).all()
+    counts = pipeline.skip_counts(it)
+    assert sum(counts[r] for r in pipeline.SKIP_REASONS) == 0
+    it.close()
+    examples = list(pipeline.prompt_examples(cfg.data, cfg.model, tok, "builtin:test"))
+    assert len(examples) == builtin.SPLIT_SIZES["test"]
+    ex = examples[0]
+    assert tok.decode(ex["prompt_ids"]).endswith("ASSISTANT:") and ex["image"].shape == (32, 32, 3)
+    assert ex["answer"] and ex["question_type"] in builtin.QUESTION_TYPES
+    assert json.dumps(ex["answer"])

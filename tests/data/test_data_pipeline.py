@@ -1,0 +1,233 @@
+"""The grain pipeline: batch contract, determinism, process sharding, packing, mixtures, resume."""
+
+import json
+import re
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from configs import base
+from moe_lvlm.data import conversation, image, pipeline
+from moe_lvlm.data.tokenizer import Tokenizer
+
+N_RECORDS = 36
+
+
+def write_corpus(root, n=N_RECORDS, name="corpus.json", every_image=3, prefix="item"):
+    """n LLaVA records 'item k' -> 'ok k'; every `every_image`-th has a PNG image."""
+    (root / "img").mkdir(exist_ok=True)
+    records = []
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        rec = {"id": f"{prefix}-{k}", "conversations": [
+            {"from": "human", "value": f"{prefix} {k}"}, {"from": "gpt", "value": f"ok {k}"}]}
+        if k % every_image == 0:
+            file = f"{prefix}{k}.png"
+            Image.fromarray(rng.integers(0, 256, (20 + k % 5, 24, 3), dtype=np.uint8)).save(
+                root / "img" / file)
+            rec["image"] = file
+            rec["conversations"][0]["value"] = f"<image>\n{prefix} {k}"
+        records.append(rec)
+    path = root / name
+    path.write_text(json.dumps(records))
+    return f"llava:{path}?image_root={root / 'img'}", records
+
+
+@pytest.fixture
+def cfg(sp_model_path):
+    c = base.get_base_config()
+    c.data.update(tokenizer=sp_model_path, seq_len=48, system_prompt="", prefetch=0,
+                  read_threads=2)
+    return c
+
+
+@pytest.fixture
+def tok(sp_model_bytes):
+    return Tokenizer(sp_model_bytes)
+
+
+def items(batch, tok, prefix="item"):
+    """The record numbers in each row of a batch, in order."""
+    out = []
+    for row, seg in zip(batch["input_ids"], batch["segment_ids"], strict=True):
+        out.append([int(k) for k in re.findall(rf"{prefix} (\d+)", tok.decode(row[seg > 0]))])
+    return out
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
+
+
+def test_batch_contract(tmp_path, cfg, tok):
+    spec, records = write_corpus(tmp_path)
+    it = pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=4, mixture=spec,
+                                train=False)
+    batch = next(it)
+    n_img = 16
+    assert batch["input_ids"].shape == (4, 48) and batch["input_ids"].dtype == np.int32
+    assert batch["images"].shape == (4, 1, 32, 32, 3) and batch["images"].dtype == np.float32
+    for r, rec in enumerate(records[:4]):
+        turns = conversation.turns_from_llava(rec["conversations"])
+        enc = conversation.encode(turns, "vicuna_v1", tok, n_img, system="")
+        n = len(enc.ids)
+        np.testing.assert_array_equal(batch["input_ids"][r, :n], enc.ids)
+        np.testing.assert_array_equal(batch["input_ids"][r, n:], 0)
+        np.testing.assert_array_equal(batch["targets"][r, :n - 1], enc.ids[1:])
+        np.testing.assert_array_equal(batch["targets"][r, n - 1:], 0)
+        np.testing.assert_array_equal(batch["loss_mask"][r, :n - 1], enc.train[1:])
+        assert batch["loss_mask"][r, n - 1:].sum() == 0
+        np.testing.assert_array_equal(batch["segment_ids"][r], (np.arange(48) < n).astype(int))
+        np.testing.assert_array_equal(batch["positions"][r, :n], np.arange(n))
+        # The answer 'ok k' and </s> are the trained targets.
+        trained = batch["targets"][r][batch["loss_mask"][r] > 0]
+        assert tok.decode(trained) == f"ok {r}" and trained[-1] == tok.eos_id
+        if "image" in rec:
+            with Image.open(tmp_path / "img" / rec["image"]) as im:
+                expected = image.preprocess(im.convert("RGB"), 32, cfg.model.vision.mean,
+                                            cfg.model.vision.std, "pad")
+            np.testing.assert_allclose(batch["images"][r, 0], expected, atol=1e-6)
+            assert (batch["input_ids"][r] == tok.image_token_id).sum() == n_img
+        else:
+            assert not batch["images"][r].any()
+    it.close()
+
+
+def test_same_seed_same_batches(tmp_path, cfg, tok):
+    spec, _ = write_corpus(tmp_path)
+    def make():
+        return pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=4,
+                                              mixture=spec)
+    a, b = make(), make()
+    first, second = take(a, 12), take(b, 12)  # 48 samples: past the first epoch of 36
+    assert_batches_equal(first, second)
+    epoch = sorted(k for bt in first[:9] for row in items(bt, tok) for k in row)
+    assert epoch == list(range(N_RECORDS))  # one shuffled epoch, then the next
+    assert [items(bt, tok) for bt in first[:9]] != [[[4 * i + j] for j in range(4)]
+                                                    for i in range(9)]
+    cfg.data.seed = 1
+    other = take(make(), 3)
+    assert [items(bt, tok) for bt in other] != [items(bt, tok) for bt in first[:3]]
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch(tmp_path, cfg, tok):
+    spec, _ = write_corpus(tmp_path)
+    seen = []
+    for index in range(2):
+        it = pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=6, mixture=spec,
+                                    num_epochs=1, process_index=index, process_count=2)
+        seen.append([k for bt in it for row in items(bt, tok) for k in row])
+    assert len(seen[0]) == len(seen[1]) == N_RECORDS // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(N_RECORDS))
+
+
+def _save_restore(tmp_path, make, n_before=5, n_after=6):
+    """Saves `make()`'s iterator after n_before batches with orbax, restores it into a fresh one
+    and checks the next n_after batches; returns the uninterrupted batches."""
+    reference = make()
+    uninterrupted = take(reference, n_before + n_after)
+    it = make()
+    take(it, n_before)
+    ckpt = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
+    ckpt.save(tmp_path / "ckpt", args=grain.checkpoint.CheckpointSave(it))
+    take(it, 2)  # moves on after the save; the restore must rewind
+    fresh = make()
+    ckpt.restore(tmp_path / "ckpt", args=grain.checkpoint.CheckpointRestore(fresh))
+    assert_batches_equal(take(fresh, n_after), uninterrupted[n_before:])
+    for x in (reference, it, fresh):
+        x.close()
+    return uninterrupted
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_restore_mid_epoch_gives_the_next_batches(tmp_path, cfg, tok, packing):
+    spec, _ = write_corpus(tmp_path)
+    cfg.data.packing = packing
+    cfg.data.prefetch = 2
+    _save_restore(tmp_path, lambda: pipeline.make_iterator(
+        cfg.data, cfg.model, tok, global_batch_size=2, mixture=spec))
+
+
+def test_worker_process_matches_inline_and_restores(tmp_path, cfg, tok):
+    spec, _ = write_corpus(tmp_path)
+    def make():
+        return pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=4,
+                                              mixture=spec)
+    inline = take(make(), 6)
+    cfg.data.num_workers = 1
+    assert_batches_equal(_save_restore(tmp_path, make, n_before=3, n_after=3), inline)
+
+
+def test_packing(tmp_path, cfg, tok):
+    spec, records = write_corpus(tmp_path, every_image=2)  # 44 tokens with an image, else 28
+    cfg.data.update(packing=True, max_images_per_row=2, seq_len=128)
+    it = pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=2, mixture=spec,
+                                train=False)
+    batches = list(it)
+    order = [k for bt in batches for row in items(bt, tok) for k in row]
+    assert order == list(range(N_RECORDS))  # in order, each once
+    assert max(bt["segment_ids"].max() for bt in batches) > 1
+    for bt in batches:
+        for r in range(2):
+            seg, pos = bt["segment_ids"][r], bt["positions"][r]
+            ks = items(bt, tok)[r]
+            for j, k in enumerate(ks):
+                where = np.flatnonzero(seg == j + 1)
+                np.testing.assert_array_equal(pos[where], np.arange(len(where)))
+                assert bt["targets"][r, where[-1]] == 0 and bt["loss_mask"][r, where[-1]] == 0
+                trained = bt["targets"][r][where][bt["loss_mask"][r][where] > 0]
+                assert tok.decode(trained) == f"ok {k}"
+            with_image = [k for k in ks if "image" in records[k]]
+            assert (bt["input_ids"][r] == tok.image_token_id).sum() == 16 * len(with_image)
+            for m, k in enumerate(with_image):
+                with Image.open(tmp_path / "img" / records[k]["image"]) as im:
+                    expected = image.preprocess(im.convert("RGB"), 32, cfg.model.vision.mean,
+                                                cfg.model.vision.std, "pad")
+                np.testing.assert_allclose(bt["images"][r, m], expected, atol=1e-6)
+            assert not bt["images"][r, len(with_image):].any()
+    assert max(bt["images"].any(axis=(2, 3, 4)).sum(1).max() for bt in batches) == 2
+
+
+def test_mixture_weights(tmp_path, cfg, tok):
+    spec_a, _ = write_corpus(tmp_path, n=200, name="a.json", every_image=1000, prefix="item")
+    spec_b, _ = write_corpus(tmp_path, n=200, name="b.json", every_image=1000, prefix="ok")
+    it = pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=8,
+                                mixture=f"{spec_a}@3;{spec_b}@1")
+    from_a = [len(row) for bt in take(it, 20) for row in items(bt, tok)]
+    assert sum(from_a) == 120  # exactly 3 of every 4 samples come from the first source
+
+
+def test_eval_pads_the_last_batch(tmp_path, cfg, tok):
+    spec, _ = write_corpus(tmp_path, n=10)
+    batches = list(pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=4,
+                                          mixture=spec, train=False))
+    assert len(batches) == 3
+    assert [k for bt in batches for row in items(bt, tok) for k in row] == list(range(10))
+    assert not batches[-1]["segment_ids"][2:].any()
+
+
+def test_global_arrays_on_the_mesh(tmp_path, cfg, tok):
+    from moe_lvlm.parallel.mesh import make_mesh
+
+    spec, _ = write_corpus(tmp_path, n=8)
+    mesh = make_mesh((jax.device_count(), 1, 1, 1))
+    it = pipeline.make_iterator(cfg.data, cfg.model, tok, mesh, global_batch_size=4,
+                                mixture=spec, train=False)
+    batch = next(it)
+    assert isinstance(batch["input_ids"], jax.Array)
+    assert batch["input_ids"].sharding.spec == jax.sharding.PartitionSpec(
+        ("data", "fsdp", "expert"))
+    assert batch["images"].shape == (4, 1, 32, 32, 3)
+    it.close()

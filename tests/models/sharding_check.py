@@ -1,0 +1,163 @@
+"""Whole-model loss and gradients on 8 fake CPU devices vs one device (run by test_sharding.py).
+
+Run as `python tests/models/sharding_check.py [dispatch ...]`; it sets XLA_FLAGS itself before
+importing jax (8 host devices, and cheaper LLVM codegen: compile time dominates). For each dispatch
+mode it computes loss (masked CE + 0.01 * balance) and gradients once without a mesh, then under
+jit on the meshes below with params and batch sharded by the logical rules, and prints one line
+`RESULT {json}` with the worst tolerance ratios (<= 1 passes) and whether the compiled expert-mesh
+program holds all-to-all collectives.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""),
+    "--xla_force_host_platform_device_count=8",
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+]).strip()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import models  # noqa: E402
+from moe_lvlm.models.lvlm import build_model, moe_loss_sums  # noqa: E402
+from moe_lvlm.parallel.mesh import (  # noqa: E402
+    LOGICAL_AXIS_RULES,
+    batch_sharding,
+    logical_shardings,
+    make_mesh,
+)
+
+MESHES = {  # sizes over (data, fsdp, expert, tensor)
+    "data8": (8, 1, 1, 1),
+    "data2_expert4": (2, 1, 4, 1),
+    "fsdp2_expert2_tensor2": (1, 2, 2, 2),
+}
+IMAGE_TOKEN = 3
+BATCH, SEQ = 8, 24
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def model_config(dispatch: str):
+    cfg = models.tiny()
+    # MoE in the decoder (SwiGLU experts), and CuMo-style in the last ViT block and the projector
+    # (GELU-family experts with biases); dense FFNs in the other blocks.
+    cfg.vision.update(depth=2, select_layer=-1, moe_layers="second_half")
+    cfg.decoder.update(vocab_size=128, num_layers=2, moe_layers="every_other")
+    cfg.projector.moe = True
+    cfg.moe.update(dispatch=dispatch, capacity_factor_train=1.0)
+    cfg.image_token_id = IMAGE_TOKEN
+    return cfg
+
+
+def make_batch(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Rows with and without an image, some right-padded."""
+    ids = rng.integers(4, 128, (BATCH, SEQ)).astype(np.int32)
+    n_img = 16  # (32 / 8) ** 2 patches
+    ids[::2, 1 : 1 + n_img] = IMAGE_TOKEN
+    segment_ids = np.ones((BATCH, SEQ), np.int32)
+    for b, length in enumerate(rng.integers(SEQ - 6, SEQ + 1, BATCH)):
+        segment_ids[b, length:] = 0
+    ids[segment_ids == 0] = 0
+    return dict(
+        input_ids=ids,
+        positions=np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1)),
+        segment_ids=segment_ids,
+        images=rng.normal(size=(BATCH, 1, 32, 32, 3)).astype(np.float32),
+    )
+
+
+def random_params(abstract, rng: np.random.Generator):
+    """Random values for every parameter: norms near 1, routers large enough to skew routing."""
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            return (1 + 0.1 * rng.normal(size=leaf.shape)).astype(np.float32)
+        std = 0.5 if "router" in name else 0.05
+        return (std * rng.normal(size=leaf.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def loss_fn(params, batch, model):
+    logits, metrics = model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"],
+        batch["images"],
+        train=True,
+    )
+    targets = batch["input_ids"][:, 1:]
+    mask = (batch["segment_ids"][:, 1:] > 0) & (targets != IMAGE_TOKEN)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    ce = jnp.sum(nll * mask) / jnp.sum(mask)
+    balance, _ = moe_loss_sums(metrics)
+    dropped = jnp.stack([m["dropped_fraction"] for m in metrics.values()])
+    return ce + 0.01 * balance, dropped
+
+
+def worst_ratio(got, want) -> float:
+    """max |got - want| / (ATOL + RTOL |want|) over every leaf."""
+    ratios = jax.tree_util.tree_map(
+        lambda g, w: float(np.max(np.abs(np.asarray(g) - w) / (ATOL + RTOL * np.abs(w)))),
+        got,
+        want,
+    )
+    return max(jax.tree_util.tree_leaves(ratios))
+
+
+def check(dispatch: str) -> dict:
+    assert jax.device_count() == 8, jax.devices()
+    rng = np.random.default_rng(0)
+    cfg = model_config(dispatch)
+    batch = make_batch(rng)
+    single = build_model(cfg)
+    abstract = jax.eval_shape(
+        single.init,
+        jax.random.key(0),
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"],
+        batch["images"],
+    )["params"]
+    specs = nn.get_partition_spec(abstract)
+    params = random_params(nn.meta.unbox(abstract), rng)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    one = jax.devices()[0]
+    (ref_loss, dropped), ref_grads = jax.jit(lambda p, b: grad_fn(p, b, single))(
+        jax.device_put(params, one), jax.device_put(batch, one)
+    )
+    ref_grads = jax.tree_util.tree_map(np.asarray, ref_grads)
+    out = {"loss": float(ref_loss), "dropped_fraction": np.asarray(dropped).tolist()}
+    for name, shape in MESHES.items():
+        mesh = make_mesh(shape)
+        model = build_model(cfg, mesh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            p = jax.device_put(params, logical_shardings(specs, mesh))
+            b = jax.device_put(batch, batch_sharding(mesh))
+            compiled = jax.jit(lambda p_, b_: grad_fn(p_, b_, model)).lower(p, b).compile()
+            (loss, _), grads = compiled(p, b)
+        out[name] = {
+            "loss_ratio": worst_ratio(loss, np.asarray(ref_loss)),
+            "grad_ratio": worst_ratio(grads, ref_grads),
+            "all_to_all": "all-to-all" in compiled.as_text(),
+            "expert_kernel_sharding": str(
+                p["decoder"]["layers_0"]["moe"]["experts"]["gate"].sharding.spec
+            ),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    modes = sys.argv[1:] or ["capacity", "dropless"]
+    print("RESULT " + json.dumps({m: check(m) for m in modes}), flush=True)
