@@ -17,7 +17,8 @@ def get_config(arg: str | None = None):
     cfg.model = models.tiny()
     cfg.model.moe.update(num_experts=args.experts, top_k=args.top_k, dispatch=args.dispatch)
     cfg.data.mixture = "builtin:stage3"
-    cfg.data.seq_len = 96
+    cfg.data.seq_len = 128
+    cfg.data.system_prompt = ""
     steps = tuple(max(1, round(n * args.steps)) for n in (150, 600, 400))
     cfg.update(
         stages.moe_llava(

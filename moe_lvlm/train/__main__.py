@@ -7,7 +7,7 @@ same command resumes from the last checkpoint, in the right stage.
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from moe_lvlm.parallel import distributed
@@ -19,6 +19,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
     distributed.initialize_from_env()
     import jax  # noqa: PLC0415  (after the distributed runtime is up)
 
