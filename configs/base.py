@@ -65,12 +65,24 @@ def get_base_config() -> ml_collections.ConfigDict:
     cfg.model = models.tiny()
     cfg.mesh = mesh_config()
     cfg.data = data_config()
+    # Seeds parameter initialisation (per stage) and the training RNG (router noise).
     cfg.seed = 0
     # Comma-separated stage sections to run, in order (configs/stages.py).
     cfg.stages = ""
+    # Metrics (console, metrics.jsonl, TensorBoard) every this many steps and at a stage's end.
     cfg.log_every = 10
-    # 'skip': a non-finite loss or gradient leaves the state unchanged and training goes on;
-    # 'stop': checkpoint the state before that step and stop with its number.
+    # 'skip': a non-finite loss or gradient leaves params, optimizer state and RNG unchanged
+    # and training goes on (counted as nonfinite_steps); 'stop': checkpoint the state before
+    # that step and stop with its number.
     cfg.nan_policy = "skip"
-    cfg.checkpoint = ml_collections.ConfigDict(dict(every=200, max_to_keep=2, async_save=True))
+    cfg.checkpoint = ml_collections.ConfigDict(
+        dict(
+            # Save every this many steps and at the end of each stage.
+            every=200,
+            # Newest checkpoints kept per stage (the final one of a finished stage stays).
+            max_to_keep=2,
+            # Write in a background thread while training goes on.
+            async_save=True,
+        )
+    )
     return cfg

@@ -3,8 +3,10 @@
     python -m moe_lvlm.train --config=configs/demo.py --workdir=runs/demo
 
 Arguments (`configs/demo.py:steps=0.5,experts=8`): `steps` scales every stage's step count;
-`experts`, `top_k`, `dispatch` set the MoE layers. With no pretrained towers to start from, the
-demo also trains the vision tower in stage II (MoE-LLaVA keeps a pretrained one frozen).
+`experts`, `top_k`, `dispatch` set the MoE layers; dispatch defaults to MoE-LLaVA's `capacity`
+(einsum dispatch, capacity factors 1.5 train / 2.0 eval), about 3x faster than `dropless` on CPU.
+With no pretrained towers to start from, the demo also trains the vision tower in stage II
+(MoE-LLaVA keeps a pretrained one frozen).
 """
 
 from configs import base, models, stages
@@ -12,7 +14,7 @@ from moe_lvlm.config import parse_arg
 
 
 def get_config(arg: str | None = None):
-    args = parse_arg(arg, steps=1.0, experts=4, top_k=2, dispatch="dropless")
+    args = parse_arg(arg, steps=1.0, experts=4, top_k=2, dispatch="capacity")
     cfg = base.get_base_config()
     cfg.model = models.tiny()
     cfg.model.moe.update(num_experts=args.experts, top_k=args.top_k, dispatch=args.dispatch)

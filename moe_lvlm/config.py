@@ -33,7 +33,8 @@ def moe_layer_indices(spec, num_layers: int) -> tuple[int, ...]:
     """Which of `num_layers` blocks hold an MoE FFN.
 
     `spec`: 'every_other' (0, 2, 4, ... as MoE-LLaVA), 'all', 'none', 'first_half', 'second_half',
-    or an explicit list of layer indices.
+    or explicit layer indices: a list, or a comma-separated string such as '1,3' (the form a
+    `--config.model.decoder.moe_layers=1,3` override of the string field takes).
     """
     named = {
         "every_other": range(0, num_layers, 2),
@@ -42,12 +43,16 @@ def moe_layer_indices(spec, num_layers: int) -> tuple[int, ...]:
         "first_half": range(num_layers // 2),
         "second_half": range(num_layers // 2, num_layers),
     }
-    if isinstance(spec, str):
-        if spec not in named:
-            raise ConfigError(
-                f"moe_layers={spec!r} is not one of {sorted(named)} or a list of layer indices"
-            )
+    if isinstance(spec, str) and spec in named:
         return tuple(named[spec])
+    if isinstance(spec, str):
+        try:
+            spec = [int(i) for i in spec.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"moe_layers={spec!r} is not one of {sorted(named)} or comma-separated layer "
+                "indices such as '1,3'"
+            ) from None
     indices = tuple(sorted({int(i) for i in spec}))
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:

@@ -12,12 +12,22 @@ from moe_lvlm.evaluation.benchmarks import Record, get_benchmark
 AnswerFn = Callable[[Sequence[Record]], Sequence[str]]
 
 
-def _check_unique(records: Sequence[Record], name: str) -> None:
+def check_unique(records: Sequence[Record], name: str) -> None:
+    """Raises if two records of `name` share a question id."""
     seen: set[Any] = set()
     for record in records:
         if record["question_id"] in seen:
             raise ValueError(f"{name}: question id {record['question_id']!r} appears twice")
         seen.add(record["question_id"])
+
+
+def write_jsonl(path: str | os.PathLike, items: Sequence[dict[str, Any]]) -> None:
+    """Writes one JSON object a line, replacing `path` only once the file is complete."""
+    path = Path(path)
+    tmp = path.with_suffix(".jsonl.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+    tmp.replace(path)
 
 
 def answer_questions(
@@ -92,15 +102,11 @@ def run_benchmark(
         raise ValueError("process_count > 1 needs a barrier so scoring waits for every shard")
     benchmark = get_benchmark(name)
     records = benchmark.load(data_dir)
-    _check_unique(records, name)
+    check_unique(records, name)
     answer_questions(records, answer_fn, out_dir, batch_size, process_index, process_count)
     if barrier is not None:
         barrier()
     summary, per_item = score_answers(name, records, out_dir)
     if process_index == 0:
-        path = Path(out_dir) / "per_item.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in per_item)
-        tmp.replace(path)
+        write_jsonl(Path(out_dir) / "per_item.jsonl", per_item)
     return summary

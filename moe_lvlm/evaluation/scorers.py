@@ -274,3 +274,33 @@ def score_mme(predictions: Predictions, records: Sequence[Record]) -> ScoreResul
         num_questions=len(records),
     )
     return summary, per_item
+
+
+def score_short_answers(predictions: Predictions, records: Sequence[Record]) -> ScoreResult:
+    """Held-out short-answer questions (the built-in `test` split, or any split whose records
+    carry `answer` and `question_type`): exact match after normalising both sides with
+    `normalize_vqa_answer` ("Two." = "2", "the red" = "red"), overall and per question type;
+    over the questions whose reference is yes or no, POPE accuracy, precision, recall, F1 and
+    yes-ratio with answers read as `parse_pope_answer` reads them ("No, there is not." = no).
+    """
+    per_item = []
+    for record, raw in zip(records, _predictions_for(predictions, records), strict=True):
+        prediction, reference = normalize_vqa_answer(raw), normalize_vqa_answer(record["answer"])
+        item = {"question_id": record["question_id"], "question_type": record["question_type"],
+                "answer": record["answer"], "prediction": raw, "normalized": prediction,
+                "correct": prediction == reference}  # fmt: skip
+        if reference in ("yes", "no"):
+            item["parsed"] = parse_pope_answer(raw)
+        per_item.append(item)
+    scores = [float(i["correct"]) for i in per_item]
+    summary: dict[str, Any] = {
+        "exact_match": _percent(scores),
+        "exact_match_per_type": _grouped_percent([i["question_type"] for i in per_item], scores),
+    }
+    yes_no = [i for i in per_item if "parsed" in i]
+    if yes_no:
+        summary["pope"] = _binary_metrics([i["parsed"] == "yes" for i in yes_no],
+                                          [normalize_vqa_answer(i["answer"]) == "yes"
+                                           for i in yes_no])  # fmt: skip
+    summary["num_questions"] = len(records)
+    return summary, per_item

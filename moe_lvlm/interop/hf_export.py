@@ -16,7 +16,6 @@ the identity, neither of which LLaVA's `vision_feature_layer` output reads.
 """
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,9 @@ from flax import traverse_util
 from flax.linen import meta
 
 from moe_lvlm.config import moe_layer_indices, num_image_tokens
-from moe_lvlm.interop import layout
+from moe_lvlm.data.image import ASPECT_MODES
+from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from moe_lvlm.interop import hf_tokenizer, layout
 from moe_lvlm.interop.safetensors_io import write_checkpoint
 from moe_lvlm.models.vit import num_layers_run
 
@@ -191,14 +192,24 @@ def _constant_tensors(model_cfg: ml_collections.ConfigDict, dtype) -> dict[str, 
         f"{VISION_PREFIX}post_layernorm.bias": np.zeros(w, dtype),
     }
     block = {
-        "layer_norm1.weight": (w,), "layer_norm1.bias": (w,),
-        "layer_norm2.weight": (w,), "layer_norm2.bias": (w,),
-        "mlp.fc1.weight": (f, w), "mlp.fc1.bias": (f,),
-        "mlp.fc2.weight": (w, f), "mlp.fc2.bias": (w,),
-        "self_attn.out_proj.weight": (w, w), "self_attn.out_proj.bias": (w,),
+        "layer_norm1.weight": (w,),
+        "layer_norm1.bias": (w,),
+        "layer_norm2.weight": (w,),
+        "layer_norm2.bias": (w,),
+        "mlp.fc1.weight": (f, w),
+        "mlp.fc1.bias": (f,),
+        "mlp.fc2.weight": (w, f),
+        "mlp.fc2.bias": (w,),
+        "self_attn.out_proj.weight": (w, w),
+        "self_attn.out_proj.bias": (w,),
     }
-    block.update({f"self_attn.{n}_proj.{p}": s for n in "qkv" for p, s in
-                  (("weight", (w, w)), ("bias", (w,)))})
+    block.update(
+        {
+            f"self_attn.{n}_proj.{p}": s
+            for n in "qkv"
+            for p, s in (("weight", (w, w)), ("bias", (w,)))
+        }
+    )
     for i in range(num_layers_run(v.depth, v.select_layer), v.depth):
         for name, shape in block.items():
             out[f"{VISION_PREFIX}encoder.layers.{i}.{name}"] = np.zeros(shape, dtype)
@@ -239,62 +250,29 @@ def hf_tensors(params: Any, model_cfg: ml_collections.ConfigDict, dtype=None) ->
 
 
 # --------------------------------------------------------------------------- tokenizer
-def _tokenizer_files(tokenizer_path: str, out: Path) -> dict:
-    """Writes tokenizer.model (with the project's added special pieces, so ids match training),
-    a tokenizer_config.json for transformers' exact sentencepiece tokenizer (SentencePieceBackend),
-    and, when transformers is installed, the converted fast tokenizer.json that AutoTokenizer
-    loads for a llava directory. Returns the special token ids for the configs."""
-    from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
-
-    tok = Tokenizer.from_file(tokenizer_path)
-    tok.save(str(out / "tokenizer.model"))
-    piece = tok._sp.id_to_piece  # noqa: SLF001
-    config = dict(
-        tokenizer_class="SentencePieceBackend",
-        bos_token=piece(tok.bos_id),
-        eos_token=piece(tok.eos_id),
-        unk_token=piece(tok._sp.unk_id()),  # noqa: SLF001
-        pad_token=piece(tok.pad_id),
-        image_token=IMAGE_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        add_bos_token=True,
-        add_eos_token=False,
-        special_tokens_pattern="bos",
-        legacy=True,
-    )
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    _fast_tokenizer_file(out)
-    return dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+def check_tokenizer(tok: Tokenizer, model_cfg: ml_collections.ConfigDict) -> None:
+    """The tokenizer must be the one the model was trained with (ids within its vocabulary)."""
+    if tok.vocab_size > model_cfg.decoder.vocab_size:
+        raise ExportError(
+            f"tokenizer {tok.name} has {tok.vocab_size} pieces, more than the model's "
+            f"decoder.vocab_size={model_cfg.decoder.vocab_size}; export with the run's tokenizer"
+        )
+    if tok.image_token_id != model_cfg.image_token_id:
+        raise ExportError(
+            f"tokenizer {tok.name} has {IMAGE_TOKEN} at id {tok.image_token_id}, the model "
+            f"image_token_id={model_cfg.image_token_id}; export with the run's tokenizer"
+        )
 
 
-def _fast_tokenizer_file(out: Path) -> None:
-    """tokenizer.json converted from tokenizer.model. transformers' AutoTokenizer ignores the
-    tokenizer_class of llava directories and would otherwise convert the model itself, without
-    sentencepiece's whitespace normalisation. The fast tokenizer has no byte fallback: characters
-    outside the vocabulary become <unk> (SentencePieceBackend is exact)."""
-    try:
-        from tokenizers import processors
-        from transformers import SentencePieceBackend
-        from transformers.convert_slow_tokenizer import SpmConverter
-    except ImportError:
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the byte-fallback warning, documented above
-        slow = SentencePieceBackend.from_pretrained(str(out))
-        fast = SpmConverter(slow).converted()
-    bos = (slow.bos_token, slow.bos_token_id)
-    fast.post_processor = processors.TemplateProcessing(
-        single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B", special_tokens=[bos]
-    )
-    fast.save(str(out / "tokenizer.json"))
-
-
-def _image_processor_file(model_cfg: ml_collections.ConfigDict, out: Path) -> None:
-    """CLIP-style image preprocessing: shortest-side bicubic resize, centre crop, normalise."""
+def _image_processor_file(model_cfg: ml_collections.ConfigDict, aspect: str, out: Path) -> None:
+    """LlavaImageProcessor settings that preprocess as the data pipeline does (moe_lvlm/data/
+    image.py): optional pad-to-square with the mean colour, shortest-side bicubic resize, centre
+    crop, rescale, normalise."""
     v = model_cfg.vision
     size = v.image_size
     image = dict(
-        image_processor_type="CLIPImageProcessor",
+        image_processor_type="LlavaImageProcessor",
+        do_pad=aspect == "pad",
         do_resize=True,
         size={"shortest_edge": size},
         resample=3,
@@ -320,7 +298,7 @@ def _processor_file(model_cfg: ml_collections.ConfigDict, out: Path) -> None:
         if (v.keep_class_token or not v.class_token)
         else "default",
         num_additional_image_tokens=int(v.class_token),
-        image_token="<image>",
+        image_token=IMAGE_TOKEN,
     )
     (out / "processor_config.json").write_text(json.dumps(processor, indent=2))
 
@@ -329,22 +307,29 @@ def export(
     params: Any,
     model_cfg: ml_collections.ConfigDict,
     out_dir: str | Path,
-    tokenizer_path: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    aspect: str = "pad",
     dtype: str | None = None,
     max_shard_bytes: int = 2 << 30,
 ) -> Path:
-    """Writes config.json, safetensors shards, tokenizer and processor files into `out_dir`.
+    """Writes config.json, safetensors shards, image preprocessor settings and, with `tokenizer`
+    (whose ids the model was trained on), tokenizer, processor and generation files into `out_dir`.
 
-    `dtype` ('float32', 'bfloat16', ...) casts the weights; None keeps the params' dtype.
+    `aspect` is the run's `data.aspect` ('pad' or 'resize'); `dtype` ('float32', 'bfloat16', ...)
+    casts the weights, None keeps the params' dtype.
     """
+    if aspect not in ASPECT_MODES:
+        raise ExportError(f"aspect={aspect!r} is not one of {ASPECT_MODES} (the run's data.aspect)")
     out = Path(out_dir)
     tensors = hf_tensors(params, model_cfg, dtype)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, model_cfg)
     out.mkdir(parents=True, exist_ok=True)
-    special = _tokenizer_files(tokenizer_path, out) if tokenizer_path else {}
+    special = hf_tokenizer.write_tokenizer(tokenizer, out) if tokenizer is not None else {}
     dtype_name = str(next(iter(tensors.values())).dtype)
     config = llava_config(model_cfg, special, dtype_name)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    _image_processor_file(model_cfg, out)
+    _image_processor_file(model_cfg, aspect, out)
     if special:
         generation = dict(special, do_sample=False)
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -14,6 +14,7 @@ A missing or mis-shaped tensor, or an architecture feature this model lacks, rai
 naming the file and key.
 """
 
+import copy
 import json
 import warnings
 from collections import defaultdict
@@ -46,12 +47,24 @@ SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
 # transformers' defaults for the config fields that released config.json files often leave out.
 VISION_DEFAULTS = {
     "clip_vision_model": dict(
-        hidden_act="quick_gelu", layer_norm_eps=1e-5, image_size=224, patch_size=32,
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        image_size=224,
+        patch_size=32,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
     ),
     "siglip_vision_model": dict(
-        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, image_size=224, patch_size=16,
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        image_size=224,
+        patch_size=16,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
     ),
 }
 DECODER_DEFAULTS = dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -66,7 +79,9 @@ class CheckpointError(ValueError):
 def read_config(directory: str | Path) -> dict:
     path = Path(directory) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found; point at a HF model directory (save_pretrained)")
+        raise FileNotFoundError(
+            f"{path} not found; point at a HF model directory (save_pretrained)"
+        )
     return json.loads(path.read_text())
 
 
@@ -107,10 +122,14 @@ def decoder_config(cfg: dict, where: str) -> tuple[ml_collections.ConfigDict, di
     """HF text config -> (our decoder section, MoE routing updates; {} for a dense model)."""
     kind = cfg.get("model_type")
     if kind not in DECODER_TYPES:
-        raise CheckpointError(f"{where}: model_type {kind!r} is not an importable decoder {DECODER_TYPES}")
+        raise CheckpointError(
+            f"{where}: model_type {kind!r} is not an importable decoder {DECODER_TYPES}"
+        )
     get = lambda key: _field(cfg, key, where, DECODER_DEFAULTS)  # noqa: E731
     if get("hidden_act") != "silu":
-        raise CheckpointError(f"{where}: hidden_act={get('hidden_act')!r}; the decoder's FFN is SwiGLU")
+        raise CheckpointError(
+            f"{where}: hidden_act={get('hidden_act')!r}; the decoder's FFN is SwiGLU"
+        )
     if cfg.get("mlp_bias"):
         raise CheckpointError(f"{where}: mlp_bias=True; the decoder's FFNs have no bias")
     if kind in ("mistral", "mixtral") and cfg.get("sliding_window"):
@@ -178,7 +197,9 @@ def vision_config(
     get = lambda key: _field(cfg, key, where, VISION_DEFAULTS[kind])  # noqa: E731
     act = get("hidden_act")
     if act not in ACTIVATIONS:
-        raise CheckpointError(f"{where}: hidden_act={act!r} has no equivalent in {sorted(ACTIVATIONS)}")
+        raise CheckpointError(
+            f"{where}: hidden_act={act!r} has no equivalent in {sorted(ACTIVATIONS)}"
+        )
     clip = kind == "clip_vision_model"
     mean, std = (models.CLIP_MEAN, models.CLIP_STD) if clip else (SIGLIP_MEAN_STD, SIGLIP_MEAN_STD)
     preprocessor = directory / "preprocessor_config.json" if directory else None
@@ -240,12 +261,14 @@ def load_entries(
         if e.hf not in ckpt:
             raise CheckpointError(f"{ckpt.directory}: tensor {e.hf} is missing (it gives {e.ours})")
         if e.ours not in shapes:
-            raise CheckpointError(f"{ckpt.directory}: {e.hf} maps to {e.ours}, which the model lacks")
+            raise CheckpointError(
+                f"{ckpt.directory}: {e.hf} maps to {e.ours}, which the model lacks"
+            )
         want = layout.hf_shape(e, shapes[e.ours])
         if ckpt.shape(e.hf) != want:
             raise CheckpointError(
-                f"{ckpt.file_of(e.hf)}: tensor {e.hf} has shape {ckpt.shape(e.hf)}, expected {want} "
-                f"for {e.ours} {shapes[e.ours]} (check config.json against the weights)"
+                f"{ckpt.file_of(e.hf)}: tensor {e.hf} has shape {ckpt.shape(e.hf)}, expected "
+                f"{want} for {e.ours} {shapes[e.ours]} (check config.json against the weights)"
             )
         if e.kind == "expert":
             experts[e.ours][e.expert] = ckpt[e.hf]
@@ -265,7 +288,9 @@ def check_zero(ckpt: Checkpoint, key: str, why: str) -> None:
 def _decoder_extras(ckpt: Checkpoint, dec, prefix: str) -> None:
     for i in range(dec.num_layers):
         layer = f"{prefix}layers.{i}."
-        check_zero(ckpt, f"{layer}self_attn.o_proj.bias", "the decoder has no attention output bias")
+        check_zero(
+            ckpt, f"{layer}self_attn.o_proj.bias", "the decoder has no attention output bias"
+        )
         for name in ("gate_proj", "up_proj", "down_proj"):
             check_zero(ckpt, f"{layer}mlp.shared_expert.{name}.weight", "no shared expert here")
 
@@ -277,8 +302,10 @@ def _nest(flat: dict[str, np.ndarray]) -> dict:
 def _decoder_prefixes(ckpt: Checkpoint, llava: bool) -> tuple[str, str]:
     """(decoder key prefix, LM head key) in the layout the checkpoint uses."""
     options = (
-        [("language_model.model.", "language_model.lm_head.weight"),
-         ("model.language_model.", "lm_head.weight")]
+        [
+            ("language_model.model.", "language_model.lm_head.weight"),
+            ("model.language_model.", "lm_head.weight"),
+        ]
         if llava
         else [("model.", "lm_head.weight")]
     )
@@ -348,18 +375,23 @@ def import_llava(directory: str | Path) -> tuple[ml_collections.ConfigDict, dict
         raise CheckpointError(f"{where}: model_type {cfg.get('model_type')!r} is not 'llava'")
     layer = cfg.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
-        raise CheckpointError(f"{where}: vision_feature_layer={layer} (several layers) is not supported")
+        raise CheckpointError(
+            f"{where}: vision_feature_layer={layer} (several layers) is not supported"
+        )
     strategy = cfg.get("vision_feature_select_strategy", "default")
     vision_hf = cfg.get("vision_config") or {}
     if strategy == "default" and vision_hf.get("model_type") == "siglip_vision_model":
         raise CheckpointError(
-            f"{where}: strategy 'default' drops SigLIP's first patch token; only 'full' is supported"
+            f"{where}: vision_feature_select_strategy='default' drops SigLIP's first patch "
+            "token; only 'full' is supported"
         )
     model_cfg = models.tiny()
     model_cfg.vision = vision_config(vision_hf, where, layer, strategy == "full", directory)
     model_cfg.decoder, moe = decoder_config(cfg.get("text_config") or {}, where)
     model_cfg.moe.update(moe)
-    model_cfg.image_token_id = int(_field(cfg, "image_token_index", where, {"image_token_index": 32000}))
+    model_cfg.image_token_id = int(
+        _field(cfg, "image_token_index", where, {"image_token_index": 32000})
+    )
     act = cfg.get("projector_hidden_act", "gelu")
     ckpt = Checkpoint(directory)
     legacy = "multi_modal_projector.linear_1.weight" in ckpt
@@ -368,7 +400,9 @@ def import_llava(directory: str | Path) -> tuple[ml_collections.ConfigDict, dict
         model_cfg.projector.kind = "linear"
         _check_identity(ckpt, f"{proj_prefix}linear_2.")
     elif act != "gelu":
-        raise CheckpointError(f"{where}: projector_hidden_act={act!r}; the projector uses exact GELU")
+        raise CheckpointError(
+            f"{where}: projector_hidden_act={act!r}; the projector uses exact GELU"
+        )
     shapes = param_shapes(model_cfg)
     v, dec = model_cfg.vision, model_cfg.decoder
     prefix, head = _decoder_prefixes(ckpt, llava=True)
@@ -383,8 +417,11 @@ def import_llava(directory: str | Path) -> tuple[ml_collections.ConfigDict, dict
     flat = {}
     if not cfg.get("multimodal_projector_bias", True):  # HF has no bias: ours are zero
         entries = [e for e in entries if not (e.hf.startswith(proj_prefix) and "bias" in e.hf)]
-        flat = {k: np.zeros(s, np.float32) for k, s in shapes.items()
-                if k.startswith("projector/") and k.endswith("bias")}
+        flat = {
+            k: np.zeros(s, np.float32)
+            for k, s in shapes.items()
+            if k.startswith("projector/") and k.endswith("bias")
+        }
     flat.update(load_entries(ckpt, entries, shapes))
     missing = sorted(set(shapes) - set(flat))
     if missing:
@@ -395,8 +432,10 @@ def import_llava(directory: str | Path) -> tuple[ml_collections.ConfigDict, dict
 def _check_identity(ckpt: Checkpoint, prefix: str) -> None:
     weight, bias = ckpt[f"{prefix}weight"], ckpt.get(f"{prefix}bias")
     eye = np.eye(weight.shape[0], dtype=np.float32)
-    if weight.shape[0] != weight.shape[1] or np.any(np.asarray(weight, np.float32) != eye) or (
-        bias is not None and np.any(np.asarray(bias, np.float32) != 0)
+    if (
+        weight.shape[0] != weight.shape[1]
+        or np.any(np.asarray(weight, np.float32) != eye)
+        or (bias is not None and np.any(np.asarray(bias, np.float32) != 0))
     ):
         raise CheckpointError(
             f"{ckpt.file_of(prefix + 'weight')}: projector_hidden_act='linear' imports as a linear "
@@ -405,7 +444,7 @@ def _check_identity(ckpt: Checkpoint, prefix: str) -> None:
 
 
 def tokenizer_model(directory: str | Path) -> Path | None:
-    """The directory's sentencepiece `tokenizer.model`, if it has one (for config.data.tokenizer)."""
+    """The directory's sentencepiece `tokenizer.model`, if it has one."""
     path = Path(directory) / "tokenizer.model"
     return path if path.exists() else None
 
@@ -416,28 +455,79 @@ def with_pretrained(
 ) -> tuple[ml_collections.ConfigDict, dict]:
     """`model_cfg` with its decoder/vision architecture taken from the pretrained directories,
     and their params (nested, numpy). The run's choices stay: vision.select_layer,
-    keep_class_token, moe_layers, image_token_id, dtypes; a pretrained MoE decoder keeps its own
-    MoE layers and routing."""
+    keep_class_token, the MoE layers (upcycled later), image_token_id, dtypes."""
     cfg = ml_collections.ConfigDict(model_cfg.to_dict())
     params: dict = {}
     if llm_dir:
+        hf = read_config(llm_dir)
+        if decoder_config(hf, str(Path(llm_dir) / "config.json"))[1]:
+            raise CheckpointError(
+                f"{llm_dir}: a {hf['model_type']} MoE decoder; init.llm takes a dense LLM "
+                "(llama, mistral, qwen2, qwen3), which stage III upcycles into experts"
+            )
         imported, p = import_decoder(llm_dir)
-        keep_moe = imported.decoder.moe_layers == "none"
-        moe_layers = cfg.decoder.moe_layers
+        imported.decoder.moe_layers = cfg.decoder.moe_layers
         cfg.decoder = imported.decoder
-        if keep_moe:
-            cfg.decoder.moe_layers = moe_layers
-        else:
-            cfg.moe.update(num_experts=imported.moe.num_experts, top_k=imported.moe.top_k)
         params.update(p)
     if vision_dir:
         v = cfg.vision
         imported, p = import_vision(vision_dir, v.select_layer, v.keep_class_token)
-        moe_layers = v.moe_layers
+        imported.vision.moe_layers = v.moe_layers
         cfg.vision = imported.vision
-        cfg.vision.moe_layers = moe_layers
         params.update(p)
     return cfg, params
+
+
+def grow_vocab(params: dict, vocab_size: int) -> dict:
+    """Decoder params with `vocab_size` embedding rows (and LM head columns): the added ones are
+    the mean of the pretrained ones, as LLaVA initialises the tokens it adds."""
+    decoder = dict(params["decoder"])
+    embedding = decoder["embedding"]
+    extra = vocab_size - embedding.shape[0]
+    if extra < 0:
+        raise CheckpointError(
+            f"vocab_size={vocab_size} is smaller than the pretrained embedding's "
+            f"{embedding.shape[0]} rows"
+        )
+    mean = embedding.astype(np.float32).mean(0, keepdims=True).astype(embedding.dtype)
+    decoder["embedding"] = np.concatenate([embedding, np.repeat(mean, extra, 0)])
+    if "lm_head" in decoder:  # [embed, vocab]
+        head = decoder["lm_head"]
+        mean = head.astype(np.float32).mean(1, keepdims=True).astype(head.dtype)
+        decoder["lm_head"] = np.concatenate([head, np.repeat(mean, extra, 1)], 1)
+    return {**params, "decoder": decoder}
+
+
+def pretrained_init(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
+    """The run config with `init.llm` / `init.vision` (HF directories, '' for none) applied,
+    and the pretrained params (nested numpy; `merge_params` puts them into a fresh model).
+
+    The model takes the pretrained architectures (`with_pretrained`). With init.llm, the LLM
+    directory's sentencepiece `tokenizer.model` becomes `data.tokenizer` unless that is set; a
+    directory without one is an error (the built-in tokenizer's ids mean nothing to the LLM). The
+    tokenizer may add `<image>`, `<|im_start|>`, `<|im_end|>` to the vocabulary: the embedding
+    then grows (`grow_vocab`).
+    """
+    from moe_lvlm.data.tokenizer import Tokenizer  # noqa: PLC0415
+
+    init = cfg.get("init") or ml_collections.ConfigDict()
+    llm, vision = init.get("llm") or None, init.get("vision") or None
+    out = copy.deepcopy(cfg)
+    out.model, params = with_pretrained(cfg.model, llm, vision)
+    if llm:
+        if not out.data.tokenizer:
+            path = tokenizer_model(llm)
+            if path is None:
+                raise CheckpointError(
+                    f"init.llm={llm} has no sentencepiece tokenizer.model; set data.tokenizer to "
+                    "the sentencepiece model this LLM was trained with"
+                )
+            out.data.tokenizer = str(path)
+        vocab = Tokenizer.from_file(out.data.tokenizer).vocab_size
+        if vocab > out.model.decoder.vocab_size:
+            params = grow_vocab(params, vocab)
+            out.model.decoder.vocab_size = vocab
+    return out, params
 
 
 def merge_params(fresh: Any, pretrained: dict) -> dict:

@@ -78,7 +78,10 @@ def vision_entries(v: ml_collections.ConfigDict, prefix: str, num_layers: int) -
     for i in range(num_layers):
         hf, ours = f"{p}encoder.layers.{i}.", f"vision/layers_{i}/"
         for h, o in (("layer_norm1", "norm1"), ("layer_norm2", "norm2")):
-            out += [Entry(f"{hf}{h}.weight", f"{ours}{o}/scale"), Entry(f"{hf}{h}.bias", f"{ours}{o}/bias")]
+            out += [
+                Entry(f"{hf}{h}.weight", f"{ours}{o}/scale"),
+                Entry(f"{hf}{h}.bias", f"{ours}{o}/bias"),
+            ]
         for name in "qkv":
             out += [
                 Entry(f"{hf}self_attn.{name}_proj.weight", f"{ours}attn/{name}/kernel", "linear"),
@@ -118,10 +121,16 @@ def decoder_entries(
             Entry(f"{hf}post_attention_layernorm.weight", f"{ours}ffn_norm/scale"),
         ]
         for name in "qkv":
-            out.append(Entry(f"{hf}self_attn.{name}_proj.weight", f"{ours}attn/{name}/kernel", "linear"))
+            out.append(
+                Entry(f"{hf}self_attn.{name}_proj.weight", f"{ours}attn/{name}/kernel", "linear")
+            )
             if d.qkv_bias:
-                out.append(Entry(f"{hf}self_attn.{name}_proj.bias", f"{ours}attn/{name}/bias", "bias"))
-        out.append(Entry(f"{hf}self_attn.o_proj.weight", f"{ours}attn/o/kernel", "linear", in_dims=2))
+                out.append(
+                    Entry(f"{hf}self_attn.{name}_proj.bias", f"{ours}attn/{name}/bias", "bias")
+                )
+        out.append(
+            Entry(f"{hf}self_attn.o_proj.weight", f"{ours}attn/o/kernel", "linear", in_dims=2)
+        )
         if d.qk_norm:
             out += [
                 Entry(f"{hf}self_attn.q_norm.weight", f"{ours}attn/q_norm/scale"),
@@ -131,12 +140,16 @@ def decoder_entries(
             block = f"{hf}{MOE_BLOCK[moe_style]}."
             out.append(Entry(f"{block}gate.weight", f"{ours}moe/router", "linear"))
             for e in range(num_experts):
-                for name, hf_name in zip(("gate", "up", "down"), EXPERT_NAMES[moe_style], strict=True):
+                for name, hf_name in zip(
+                    ("gate", "up", "down"), EXPERT_NAMES[moe_style], strict=True
+                ):
                     key = f"{block}experts.{e}.{hf_name}.weight"
                     out.append(Entry(key, f"{ours}moe/experts/{name}", "expert", expert=e))
         else:
             for name in ("gate", "up", "down"):
-                out.append(Entry(f"{hf}mlp.{name}_proj.weight", f"{ours}mlp/{name}/kernel", "linear"))
+                out.append(
+                    Entry(f"{hf}mlp.{name}_proj.weight", f"{ours}mlp/{name}/kernel", "linear")
+                )
     out.append(Entry(f"{p}norm.weight", "decoder/final_norm/scale"))
     if not d.tie_embeddings:
         out.append(Entry(head_key, "decoder/lm_head", "linear"))
@@ -151,8 +164,7 @@ def projector_entries(kind: str, prefix: str) -> list[Entry]:
             Entry(f"{prefix}linear_1.bias", "projector/fc/bias"),
         ]
     return [
-        Entry(f"{prefix}linear_{i}.weight", f"projector/mlp/fc{i}/kernel", "linear")
-        for i in (1, 2)
+        Entry(f"{prefix}linear_{i}.weight", f"projector/mlp/fc{i}/kernel", "linear") for i in (1, 2)
     ] + [Entry(f"{prefix}linear_{i}.bias", f"projector/mlp/fc{i}/bias") for i in (1, 2)]
 
 

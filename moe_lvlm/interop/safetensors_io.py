@@ -34,7 +34,9 @@ def _read_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header size)")
+            raise ValueError(
+                f"{path}: not a safetensors file (shorter than its 8-byte header size)"
+            )
         (size,) = struct.unpack("<Q", raw)
         try:
             header = json.loads(f.read(size))
@@ -96,7 +98,8 @@ def write_checkpoint(
     tensors: Mapping[str, np.ndarray], directory: str | Path, max_shard_bytes: int = 2 << 30
 ) -> list[str]:
     """Writes `tensors` as HF does: one `model.safetensors`, or shards of at most
-    `max_shard_bytes` (a bigger tensor gets a shard of its own) plus the index. Returns the files."""
+    `max_shard_bytes` (a bigger tensor gets a shard of its own) plus the index.
+    Returns the file names."""
     directory = Path(directory)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0

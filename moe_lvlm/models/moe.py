@@ -18,6 +18,7 @@ back. The dropless path runs per device inside `shard_map` on its local tokens w
 weights gathered onto every device.
 """
 
+import functools
 import math
 from typing import Any
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from moe_lvlm.models.grouped_matmul import grouped_matmul
 from moe_lvlm.models.layers import BATCH_LENGTH_EMBED, activation_fn, param_with_axes
 from moe_lvlm.parallel.mesh import BATCH_AXES
 
@@ -118,15 +120,19 @@ def experts_grouped(
     group_ids: Array,
     activation: str,
     gated: bool,
+    gmm: str = "xla",
 ) -> Array:
-    """Experts as grouped matmuls over rows sorted by expert. x: [m, d] -> [m, d_out]."""
+    """Experts as grouped matmuls over rows sorted by expert. x: [m, d] -> [m, d_out].
+
+    `gmm` picks the grouped matmul (moe_lvlm/models/grouped_matmul.py)."""
     act = activation_fn(activation)
+    mm = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=gmm)
     if gated:
-        h = act(jax.lax.ragged_dot(x, weights["gate"], group_sizes))
-        h = h * jax.lax.ragged_dot(x, weights["up"], group_sizes)
-        return jax.lax.ragged_dot(h, weights["down"], group_sizes)
-    h = jax.lax.ragged_dot(x, weights["fc1"], group_sizes) + weights["fc1_bias"][group_ids]
-    return jax.lax.ragged_dot(act(h), weights["fc2"], group_sizes) + weights["fc2_bias"][group_ids]
+        h = act(mm(x, weights["gate"]))
+        h = h * mm(x, weights["up"])
+        return mm(h, weights["down"])
+    h = mm(x, weights["fc1"]) + weights["fc1_bias"][group_ids]
+    return mm(act(h), weights["fc2"]) + weights["fc2_bias"][group_ids]
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -137,6 +143,7 @@ def dropless_moe(
     combine: Array,
     activation: str,
     gated: bool,
+    gmm: str = "xla",
 ) -> Array:
     """x: [T, d]; expert_ids, combine: [T, k]. Every (token, choice) pair is computed."""
     num_experts, k = weights["gate" if gated else "fc1"].shape[0], expert_ids.shape[-1]
@@ -145,7 +152,7 @@ def dropless_moe(
     sorted_ids = flat_ids[order]
     rows = x[order // k]
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
-    out_sorted = experts_grouped(weights, rows, group_sizes, sorted_ids, activation, gated)
+    out_sorted = experts_grouped(weights, rows, group_sizes, sorted_ids, activation, gated, gmm)
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(*expert_ids.shape, -1)
     return jnp.einsum("tkd,tk->td", out, combine.astype(out.dtype))
 
@@ -275,6 +282,7 @@ class MoeFeedForward(nn.Module):
                     comb_.reshape(b_ * s_, k),
                     self.activation,
                     self.gated,
+                    cfg.get("grouped_matmul", "xla"),
                 )
                 return y_.reshape(b_, s_, -1)
 

@@ -37,7 +37,10 @@ def main(argv: list[str]) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     print(distributed.device_report(), f"mesh {dict(mesh.shape)}", flush=True)
-    loop.run(cfg, workdir, mesh, tokenizer)
+    try:
+        loop.run(cfg, workdir, mesh, tokenizer)
+    except loop.NonFiniteLoss as e:
+        raise SystemExit(f"stopped (nan_policy='stop'): {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """The training loop: runs the configured stages in order, each resumable from its checkpoints.
 
-Per stage, top to bottom: model, data, state (fresh / previous stage / upcycled / restored),
-sharding, jit step, loop with metrics and checkpoints, end-of-stage checkpoint and plot.
-A stage whose final checkpoint exists is not run again; its parameters seed the next stage.
+Per stage, top to bottom: model, data, state (fresh / from the `init_from` stage, upcycled /
+restored), sharding, jit step, loop with metrics and checkpoints, end-of-stage checkpoint and
+plot. A stage whose final checkpoint exists is not run again. Re-running the same command after
+a crash restores the newest complete checkpoint of the stage in progress (parameters, optimizer
+state, step, RNG and data iterator position), so the losses continue exactly as if uninterrupted.
 """
 
 import functools
+import math
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +20,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moe_lvlm.data import pipeline
+from moe_lvlm.data import pipeline, sources
 from moe_lvlm.models.lvlm import build_model
 from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, logical_shardings
 from moe_lvlm.train import stages as stages_lib
 from moe_lvlm.train.checkpoint import StageCheckpoints, abstract_with_shardings
 from moe_lvlm.train.reporting import MetricsWriter, plot_stage, read_metrics
 from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
+
+
+NAN_POLICIES = ("skip", "stop")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -61,17 +68,37 @@ def state_initializer(model, optimizer, patterns, model_cfg, seq: int, images: i
     return init
 
 
+def stage_num_steps(cfg: ml_collections.ConfigDict, name: str) -> int:
+    """`num_steps`, or with `num_epochs` > 0 the steps that many passes over the mixture take."""
+    stage = cfg[name]
+    if stage.get("num_epochs", 0) <= 0:
+        steps = int(stage.num_steps)
+    else:
+        mixture = stage.mixture or cfg.data.mixture
+        records = sum(
+            len(sources.open_source(spec, cfg.data.data_dir))
+            for spec, _ in sources.parse_mixture(mixture)
+        )
+        steps = math.ceil(stage.num_epochs * records / stage.batch_size)
+    if steps < 1:
+        raise ValueError(f"{name}: {steps} steps; set {name}.num_steps or num_epochs > 0")
+    if stage.batch_size % stage.grad_accum:
+        raise ValueError(f"{name}.batch_size={stage.batch_size} is not divisible by "
+                         f"{name}.grad_accum={stage.grad_accum}")
+    return steps
+
+
 class StageRunner:
     """Everything one stage needs, built once; `run` trains it to the end and returns params."""
 
-    def __init__(self, cfg, name: str, index: int, names: list[str], workdir: Path, mesh, tokenizer):
-        self.cfg, self.name, self.index, self.mesh = cfg, name, index, mesh
+    def __init__(self, cfg, name: str, names: list[str], workdir: Path, mesh, tokenizer):
+        self.cfg, self.name, self.mesh = cfg, name, mesh
         self.stage = cfg[name]
         self.dir = workdir / name
-        self.model_cfg = stages_lib.stage_model_config(cfg, names, index)
+        self.model_cfg = stages_lib.stage_model(cfg, names, name)
         self.model_cfg.image_token_id = tokenizer.image_token_id
         self.model = build_model(self.model_cfg, mesh)
-        self.total_steps = int(self.stage.num_steps)
+        self.total_steps = stage_num_steps(cfg, name)
         self.schedule = make_schedule(self.stage, self.total_steps)
         self.optimizer = make_optimizer(self.stage, self.total_steps)
         self.images_per_row = cfg.data.max_images_per_row if cfg.data.packing else 1
@@ -92,16 +119,24 @@ class StageRunner:
         return self.ckpt.latest_step() == self.total_steps
 
     def final_params(self) -> Any:
-        state = self.ckpt.restore(self.total_steps, self.abstract)
-        return state["params"]
+        if not self.finished():
+            raise FileNotFoundError(
+                f"{self.name} has no final checkpoint (step {self.total_steps}) in "
+                f"{self.ckpt.directory} (it has {self.ckpt.manager.all_steps()}); run it first, "
+                f"or change the init_from of the stage that starts from it"
+            )
+        return self.ckpt.restore(self.total_steps, self.abstract)["params"]
 
-    def fresh_state(self, previous_params: Any | None) -> dict:
-        rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), self.index)
+    def fresh_state(self, init_params: Any | None) -> dict:
+        """Initialised state; with `init_params` (a previous stage's) every parameter they hold
+        is taken from them and dense FFNs become experts (upcycling)."""
+        stage_key = zlib.crc32(self.name.encode())  # the same whichever stages are selected
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), stage_key)
         with self.mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             state = self._init(rng)
-        if previous_params is not None:
+        if init_params is not None:
             params = stages_lib.upcycle(
-                previous_params, state["params"], self.model_cfg.moe.upcycle_noise_std,
+                init_params, state["params"], self.model_cfg.moe.upcycle_noise_std,
                 jax.random.fold_in(rng, 1),
             )
             state["params"] = jax.device_put(params, self.shardings["params"])
@@ -113,10 +148,11 @@ class StageRunner:
             global_batch_size=self.stage.batch_size, mixture=self.stage.mixture or None,
         )
 
-    def run(self, previous_params: Any | None, data: pipeline.DataIterator, is_main: bool) -> Any:
+    def run(self, init_params: Any | None, data: pipeline.DataIterator, is_main: bool) -> Any:
+        """Trains from the newest checkpoint (or a fresh state from `init_params`) to the end."""
         start = self.ckpt.latest_step()
         if start is None:
-            state = self.fresh_state(previous_params)
+            state = self.fresh_state(init_params)
             start = 0
         else:
             state = self.ckpt.restore(start, self.abstract, data)
@@ -126,21 +162,19 @@ class StageRunner:
             accum=self.stage.grad_accum, packed=self.cfg.data.packing, mesh=self.mesh,
         )
         jitted = jit_train_step(step_fn, self.shardings, self.mesh)
-        writer = MetricsWriter(self.dir, self.name, self.total_steps, enabled=is_main)
+        writer = MetricsWriter(self.dir, self.name, self.total_steps, start, enabled=is_main)
         log_every, save_every = self.cfg.log_every, self.cfg.checkpoint.every
         stop = self.cfg.nan_policy == "stop"
-        tokens, t0 = 0, time.perf_counter()
+        tokens, nonfinite, since = 0, jnp.zeros((), jnp.int32), start
+        t0 = time.perf_counter()
         with self.mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             for step in range(start + 1, self.total_steps + 1):
                 batch = next(data)
                 tokens += int(np.prod(batch["input_ids"].shape))
                 new_state, metrics = jitted(state, batch)
+                nonfinite = nonfinite + metrics["nonfinite"]
                 if stop and int(metrics["nonfinite"]):
-                    # The step left params and optimizer state unchanged: save them as step - 1.
-                    if self.ckpt.latest_step() != step - 1:
-                        kept = {**new_state, "step": jnp.asarray(step - 1, jnp.int32)}
-                        self.ckpt.save(step - 1, kept, data, self.cfg)
-                    self.ckpt.wait()
+                    self._save_before_bad_step(step, new_state, data)
                     raise NonFiniteLoss(
                         f"{self.name}: non-finite loss or gradient at step {step}; the state "
                         f"before it is saved as checkpoint {step - 1} in {self.ckpt.directory}")
@@ -148,10 +182,12 @@ class StageRunner:
                 if step % log_every == 0 or step == self.total_steps:
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t0
-                    metrics.update(step_time=elapsed / log_every, tokens_per_s=tokens / elapsed,
-                                   **skipped(data))
+                    metrics.update(step_time=elapsed / (step - since),
+                                   tokens_per_s=tokens / elapsed,
+                                   nonfinite_steps=int(nonfinite), **skipped(data))
                     writer.write(step, metrics)
-                    tokens, t0 = 0, time.perf_counter()
+                    tokens, nonfinite, since = 0, jnp.zeros((), jnp.int32), step
+                    t0 = time.perf_counter()
                 if step % save_every == 0 or step == self.total_steps:
                     self.ckpt.save(step, state, data, self.cfg)
         self.ckpt.wait()
@@ -159,6 +195,18 @@ class StageRunner:
         if is_main:
             plot_stage(read_metrics(writer.path), self.dir / "training.png")
         return state["params"]
+
+    def _save_before_bad_step(self, step: int, new_state: dict, data) -> None:
+        """A non-finite step changed only the step counter: saved with it set back, the state is
+        the one before the step. The data iterator has consumed the bad batch, so a restart
+        from this checkpoint trains on the batches after it."""
+        if self.ckpt.latest_step() != step - 1:
+            kept = {**new_state, "step": jnp.asarray(step - 1, jnp.int32)}
+            self.ckpt.save(step - 1, kept, data, self.cfg)
+        self.ckpt.wait()
+
+    def close(self) -> None:
+        self.ckpt.close()
 
 
 def skipped(data: pipeline.DataIterator) -> dict[str, int]:
@@ -168,18 +216,27 @@ def skipped(data: pipeline.DataIterator) -> dict[str, int]:
     return out
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer) -> Any:
-    """Runs every configured stage in order; returns the last stage's parameters."""
+def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer) -> None:
+    """Runs every configured stage in order, each from its newest checkpoint or its start."""
+    if cfg.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy={cfg.nan_policy!r}; use one of {NAN_POLICIES}")
     workdir = Path(workdir)
     names = stage_names(cfg)
     is_main = jax.process_index() == 0
-    params = None
-    for index, name in enumerate(names):
-        runner = StageRunner(cfg, name, index, names, workdir, mesh, tokenizer)
+    held: dict[str, Any] = {}  # final parameters of the stage just trained, by name
+    for name in names:
+        runner = StageRunner(cfg, name, names, workdir, mesh, tokenizer)
         if runner.finished():
             print(f"{name}: already complete ({runner.total_steps} steps), skipping", flush=True)
-            params = runner.final_params()
+            runner.close()
             continue
-        params = runner.run(params, runner.make_data(tokenizer), is_main)
-        runner.ckpt.close()
-    return params
+        init_params = None
+        source = stages_lib.source_stage(cfg, names, name)
+        if source is not None and runner.ckpt.latest_step() is None:
+            init_params = held.pop(source, None)
+            if init_params is None:
+                source_runner = StageRunner(cfg, source, names, workdir, mesh, tokenizer)
+                init_params = source_runner.final_params()
+                source_runner.close()
+        held = {name: runner.run(init_params, runner.make_data(tokenizer), is_main)}
+        runner.close()

@@ -1,4 +1,4 @@
-"""Metrics out of the loop: console progress line, JSONL file, TensorBoard events, end-of-stage plots.
+"""Metrics out of the loop: console progress line, JSONL file, TensorBoard events, stage plots.
 
 Only the main process writes; the others get a writer that does nothing.
 """
@@ -22,7 +22,12 @@ def scalarize(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class MetricsWriter:
-    def __init__(self, directory: Path, stage: str, total_steps: int, enabled: bool = True):
+    """Writes `{directory}/metrics.jsonl` and `{directory}/tensorboard/` for steps after
+    `start_step`: records of later steps (from a run that was interrupted and is now resumed
+    from the checkpoint at `start_step`) are dropped first, so each step appears once."""
+
+    def __init__(self, directory: Path, stage: str, total_steps: int, start_step: int = 0,
+                 enabled: bool = True):
         self.enabled = enabled
         self.stage = stage
         self.total_steps = total_steps
@@ -32,7 +37,11 @@ class MetricsWriter:
             from tensorboardX import SummaryWriter
 
             Path(directory).mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(str(Path(directory) / "tensorboard"))
+            kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            # purge_step: TensorBoard discards the earlier run's events from that step on.
+            self.tb = SummaryWriter(str(Path(directory) / "tensorboard"),
+                                    purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -61,6 +70,8 @@ class MetricsWriter:
             parts.append(f"{r['tokens_per_s']:.0f} tok/s")
         if r.get("balance_loss"):
             parts.append(f"bal {r['balance_loss']:.4f}")
+        if r.get("nonfinite_steps"):
+            parts.append(f"non-finite steps {r['nonfinite_steps']}")
         if r.get("skipped_records"):
             parts.append(f"skipped {r['skipped_records']}")
         print("  ".join(parts), file=sys.stdout, flush=True)
@@ -78,7 +89,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_stage(records: list[dict[str, Any]], out_path: Path) -> None:
-    """PNG with the loss curve and, for MoE stages, each layer's expert load over training."""
+    """PNG with the loss curve and, for MoE stages, each MoE layer's expert load (the fraction
+    of routed tokens each expert received, averaged over the stage)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,12 +110,13 @@ def plot_stage(records: list[dict[str, Any]], out_path: Path) -> None:
     ax.legend()
     if load_keys:
         ax = axes[0, 1]
-        loads = np.array([records[-1][k] for k in load_keys])  # [layers, experts]
+        # [layers, experts], averaged over the stage's log steps
+        loads = np.array([np.mean([r[k] for r in records], axis=0) for k in load_keys])
         im = ax.imshow(loads, aspect="auto", cmap="viridis", vmin=0)
         ax.set_yticks(range(len(load_keys)))
         ax.set_yticklabels(["/".join(k.split("/")[1:3]) for k in load_keys])
         ax.set_xlabel("expert")
-        ax.set_title("fraction of routed tokens per expert (last log step)")
+        ax.set_title("fraction of routed tokens per expert (stage mean)")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)

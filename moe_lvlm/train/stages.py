@@ -61,13 +61,57 @@ def dense_variant(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return dense
 
 
+def source_stage(
+    cfg: ml_collections.ConfigDict, stage_names: Sequence[str], name: str
+) -> str | None:
+    """The stage whose final parameters `name` starts from (its `init_from`), or None (fresh).
+
+    '' means the stage before `name` in `stage_names` (None for the first, or for a stage that is
+    not in the list); 'none' means fresh; anything else must name a stage section of `cfg`.
+    """
+    init_from = cfg[name].get("init_from", "")
+    if init_from == "none":
+        return None
+    if init_from == "":
+        i = list(stage_names).index(name) if name in stage_names else 0
+        return stage_names[i - 1] if i > 0 else None
+    if init_from == name or not isinstance(cfg.get(init_from), ml_collections.ConfigDict) or (
+        "trainable" not in cfg[init_from]
+    ):
+        raise ValueError(
+            f"{name}.init_from={init_from!r} is not another stage section of the config; use a "
+            "stage name, '' (the previous stage in config.stages) or 'none' (fresh)"
+        )
+    return init_from
+
+
+def is_upcycled(cfg: ml_collections.ConfigDict, stage_names: Sequence[str], name: str) -> bool:
+    """Whether stage `name` trains the MoE model: it upcycles, or starts from a stage that does."""
+    seen = []
+    while name is not None:
+        if name in seen:
+            raise ValueError(f"init_from of stages {seen} forms a cycle")
+        seen.append(name)
+        if cfg[name].upcycle:
+            return True
+        name = source_stage(cfg, stage_names, name)
+    return False
+
+
+def stage_model(cfg: ml_collections.ConfigDict, stage_names: Sequence[str], name: str):
+    """The model config of stage `name`: MoE once an upcycling stage is reached along its
+    `init_from` chain, else the dense variant."""
+    return cfg.model if is_upcycled(cfg, stage_names, name) else dense_variant(cfg.model)
+
+
 def stage_model_config(cfg: ml_collections.ConfigDict, stage_names: Sequence[str], index: int):
-    """The model trained by stage `index`: MoE once an upcycling stage has been reached."""
-    upcycled = any(cfg[name].upcycle for name in stage_names[: index + 1])
-    return cfg.model if upcycled else dense_variant(cfg.model)
+    """`stage_model` of `stage_names[index]`."""
+    return stage_model(cfg, stage_names, stage_names[index])
 
 
-_EXPERT_PATH = re.compile(r"^(?P<prefix>.*)/moe/experts/(?P<name>gate|up|down|fc1|fc2)(?P<bias>_bias)?$")
+_EXPERT_PATH = re.compile(
+    r"^(?P<prefix>.*)/moe/experts/(?P<name>gate|up|down|fc1|fc2)(?P<bias>_bias)?$"
+)
 
 
 def dense_source_path(moe_path: str) -> str | None:
@@ -79,7 +123,9 @@ def dense_source_path(moe_path: str) -> str | None:
     return f"{m['prefix']}/mlp/{m['name']}/{leaf}"
 
 
-def upcycle(dense_params: Params, fresh_moe_params: Params, noise_std: float, rng: jax.Array) -> dict:
+def upcycle(
+    dense_params: Params, fresh_moe_params: Params, noise_std: float, rng: jax.Array
+) -> dict:
     """MoE parameters from a dense model: every expert a copy of the dense FFN it replaces.
 
     `fresh_moe_params` is an initialised MoE model: its routers (and anything the dense model

@@ -2,9 +2,16 @@
 
 State is a dict {'step', 'params', 'opt_state', 'rng'}; `opt_state` covers the trainable
 parameters only. Loss = token-mean CE over answer tokens + balance_coef * sum of the layers'
-load-balancing losses + z_coef * sum of their z-losses.
+load-balancing losses + z_coef * sum of their z-losses. With gradient accumulation the CE is
+still the mean over the whole batch's answer tokens; the router losses (and MoE metrics) are
+means over the micro-batches.
+
+A step whose loss or gradient norm is not finite changes nothing but the step counter: params,
+optimizer state and RNG stay as they were, and the metric 'nonfinite' is 1. What happens next is
+the loop's choice (`config.nan_policy`).
 """
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -33,19 +40,25 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) 
 def make_schedule(stage: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     warmup = max(1, round(stage.warmup_fraction * total_steps))
     return optax.warmup_cosine_decay_schedule(
-        0.0, stage.lr, warmup, max(total_steps, warmup + 1), end_value=stage.lr * stage.final_lr_fraction
+        0.0, stage.lr, warmup, max(total_steps, warmup + 1),
+        end_value=stage.lr * stage.final_lr_fraction,
     )
 
 
-def make_optimizer(stage: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    stage: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the stage's schedule."""
     return optax.chain(
         optax.clip_by_global_norm(stage.clip_norm),
-        optax.adamw(make_schedule(stage, total_steps), b1=0.9, b2=0.999, weight_decay=stage.weight_decay),
+        optax.adamw(make_schedule(stage, total_steps), b1=0.9, b2=0.999,
+                    weight_decay=stage.weight_decay),
     )
 
 
 def model_loss(
-    params, batch: Batch, rng: jax.Array, *, model, moe_cfg, total_tokens, loss_scale: float, packed: bool
+    params, batch: Batch, rng: jax.Array, *, model, moe_cfg, total_tokens, loss_scale: float,
+    packed: bool,
 ):
     """(scaled loss, metrics) of one (micro-)batch."""
     logits, moe_metrics = model.apply(
@@ -93,7 +106,6 @@ def train_step(
     trainable: Sequence[str],
     accum: int = 1,
     packed: bool = False,
-    nan_policy: str = "skip",
     mesh=None,
 ) -> tuple[State, dict[str, jax.Array]]:
     """One optimizer step over `batch` (gradient accumulation over `accum` micro-batches)."""
@@ -115,14 +127,16 @@ def train_step(
             mb, r = inp
             (l_, m_), g_ = grad_fn(params_t, mb, r)
             acc_l, acc_m, acc_g = carry
-            return (acc_l + l_, jax.tree.map(jnp.add, acc_m, m_), jax.tree.map(jnp.add, acc_g, g_)), None
+            add = functools.partial(jax.tree.map, jnp.add)
+            return (acc_l + l_, add(acc_m, m_), add(acc_g, g_)), None
 
         mbs = microbatches(batch, accum, mesh)
         rngs = jax.random.split(step_rng, accum)
         first = jax.tree.map(lambda x: x[0], mbs)
-        zeros_m = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro(params_t, first, rngs[0])[1]))
-        zeros_g = jax.tree.map(jnp.zeros_like, params_t)
-        (loss, metrics, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros_m, zeros_g), (mbs, rngs))
+        metric_shapes = jax.eval_shape(lambda: micro(params_t, first, rngs[0])[1])
+        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, metric_shapes),
+                 jax.tree.map(jnp.zeros_like, params_t))
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (mbs, rngs))
 
     grad_norm = optax.global_norm(grads)
     updates, new_opt = optimizer.update(grads, state["opt_state"], params_t)
@@ -133,7 +147,7 @@ def train_step(
         "step": state["step"] + 1,
         "params": merge(keep(new_params_t, params_t), params_f),
         "opt_state": keep(new_opt, state["opt_state"]),
-        "rng": rng,
+        "rng": keep(rng, state["rng"]),
     }
     ce_sum = metrics.pop("ce_sum")
     out = {

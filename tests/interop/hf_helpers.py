@@ -20,8 +20,14 @@ def tiny_model_config(**decoder) -> ml_collections.ConfigDict:
     cfg = models.tiny()
     cfg.vision.update(image_size=16, patch_size=8, width=32, depth=3, num_heads=4, mlp_dim=64)
     cfg.decoder.update(
-        vocab_size=64, embed_dim=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
-        mlp_dim=48, moe_layers="none",
+        vocab_size=64,
+        embed_dim=32,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        mlp_dim=48,
+        moe_layers="none",
     )
     cfg.decoder.update(decoder)
     cfg.image_token_id = 7

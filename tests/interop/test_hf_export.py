@@ -6,17 +6,23 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers  # noqa: E402  (after the importorskip in hf_helpers)
 from flax import traverse_util
 
 from moe_lvlm.interop import hf_export, hf_import
 from moe_lvlm.models.lvlm import build_model
-from tests.interop.hf_helpers import TOL, jit_apply, max_err, random_params, tiny_model_config, torch
-
-import transformers  # noqa: E402  (after the importorskip in hf_helpers)
+from tests.interop.hf_helpers import (
+    TOL,
+    jit_apply,
+    max_err,
+    random_params,
+    tiny_model_config,
+    torch,
+)
 
 CASES = {
     # name: (decoder overrides, other model overrides, HF text model_type)
-    "qwen2_moe": (dict(moe_layers="every_other", qkv_bias=True), {}, "qwen2_moe"),
+    "qwen2_moe": (dict(moe_layers="every_other", qkv_bias=True, head_dim=16), {}, "qwen2_moe"),
     "qwen3_moe": (dict(moe_layers="every_other", qk_norm=True, qkv_bias=True), {}, "qwen3_moe"),
     "mixtral": (dict(moe_layers="all"), {}, "mixtral"),
     "llama_tied": (dict(tie_embeddings=True), {}, "llama"),
@@ -30,8 +36,12 @@ def make_config(name):
     cfg = tiny_model_config(**decoder)
     if other.get("siglip"):
         cfg.vision.update(
-            class_token=False, pre_norm=False, patch_bias=True, activation="gelu_tanh",
-            layer_norm_eps=1e-6, select_layer=-1,
+            class_token=False,
+            pre_norm=False,
+            patch_bias=True,
+            activation="gelu_tanh",
+            layer_norm_eps=1e-6,
+            select_layer=-1,
         )
     if other.get("linear"):
         cfg.projector.kind = "linear"
@@ -77,7 +87,10 @@ def test_export_logits_match_and_reimport_is_exact(tmp_path, name):
     for section in ("vision", "decoder", "projector"):
         assert cfg2[section].to_dict() == cfg[section].to_dict(), section
     assert (cfg2.moe.num_experts, cfg2.moe.top_k, cfg2.image_token_id) == (
-        cfg.moe.num_experts, cfg.moe.top_k, cfg.image_token_id)
+        cfg.moe.num_experts,
+        cfg.moe.top_k,
+        cfg.image_token_id,
+    )
     flat, flat2 = (traverse_util.flatten_dict(p, sep="/") for p in (params, params2))
     assert sorted(flat) == sorted(flat2)
     for path, value in flat.items():
@@ -98,3 +111,17 @@ def test_export_refuses_models_without_exact_hf_equivalent(tmp_path, change, mes
     with pytest.raises(hf_export.ExportError, match=message):
         hf_export.export(random_params(cfg), cfg, tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_bfloat16_export_reimports_as_the_cast_params(tmp_path):
+    cfg = tiny_model_config(moe_layers="every_other", qk_norm=True)
+    params = random_params(cfg)
+    hf_export.export(params, cfg, tmp_path, dtype="bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    _, params2 = hf_import.import_llava(tmp_path)
+    flat2 = traverse_util.flatten_dict(params2, sep="/")
+    for path, value in traverse_util.flatten_dict(params, sep="/").items():
+        assert str(flat2[path].dtype) == "bfloat16", path
+        np.testing.assert_array_equal(
+            flat2[path].astype(np.float32), value.astype(jnp.bfloat16).astype(np.float32), path
+        )

@@ -1,11 +1,16 @@
 """Import of tiny random HF models: the JAX outputs must match PyTorch's (fp32, max abs <= 1e-4)."""
 
+import io
 import json
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import sentencepiece as spm
+import transformers  # noqa: E402  (after the importorskip in hf_helpers)
 from safetensors.numpy import load_file, save_file
 
 from moe_lvlm.interop import hf_import
@@ -14,15 +19,21 @@ from moe_lvlm.models.lvlm import build_model
 from moe_lvlm.models.vit import VisionEncoder
 from tests.interop.hf_helpers import TOL, jit_apply, max_err, randomize_torch, torch
 
-import transformers  # noqa: E402  (after the importorskip in hf_helpers)
-
 SIZES = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
 )
 VISION = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-    image_size=16, patch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=16,
+    patch_size=8,
 )
 
 
@@ -84,10 +95,14 @@ def vision_features(model_cfg, params, pixels):
 
 
 @pytest.mark.parametrize(
-    "kind, select, keep_cls",
-    [("clip_vision", -2, True), ("clip", -1, False), ("siglip_vision", 1, False)],
+    "kind, select, keep_cls, shard",
+    [
+        ("clip_vision", -2, True, None),
+        ("clip", -1, False, "8KB"),
+        ("siglip_vision", 1, False, "8KB"),
+    ],
 )
-def test_vision_hidden_states_match(tmp_path, kind, select, keep_cls):
+def test_vision_hidden_states_match(tmp_path, kind, select, keep_cls, shard):
     torch.manual_seed(0)
     if kind == "clip_vision":
         hf = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION))
@@ -98,7 +113,8 @@ def test_vision_hidden_states_match(tmp_path, kind, select, keep_cls):
         hf = transformers.CLIPModel(config)
     else:
         hf = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION))
-    save(hf, tmp_path)
+    save(hf, tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard)
     model_cfg, params = hf_import.import_vision(tmp_path, select, keep_cls)
     v = model_cfg.vision
     assert v.class_token == (kind != "siglip_vision")
@@ -138,6 +154,12 @@ def test_unsupported_model_type_names_it(tmp_path, llama_dir):
         hf_import.import_decoder(tmp_path)
 
 
+def test_unsupported_vision_tower_names_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov2", **VISION}))
+    with pytest.raises(hf_import.CheckpointError, match="model_type 'dinov2' is not an importable"):
+        hf_import.import_vision(tmp_path)
+
+
 def test_missing_and_misshaped_tensors_name_file_and_key(tmp_path, llama_dir):
     (tmp_path / "config.json").write_bytes((llama_dir / "config.json").read_bytes())
     tensors = load_file(llama_dir / "model.safetensors")
@@ -147,7 +169,9 @@ def test_missing_and_misshaped_tensors_name_file_and_key(tmp_path, llama_dir):
         hf_import.import_decoder(tmp_path)
     tensors[key] = tensors[key][:8]
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(hf_import.CheckpointError, match=r"model.safetensors: tensor .*k_proj.* shape"):
+    with pytest.raises(
+        hf_import.CheckpointError, match=r"model.safetensors: tensor .*k_proj.* shape"
+    ):
         hf_import.import_decoder(tmp_path)
 
 
@@ -171,3 +195,85 @@ def test_with_pretrained_keeps_run_choices(tmp_path, llama_dir):
     assert cfg.decoder.moe_layers == run.decoder.moe_layers  # upcycled later, at stage III
     assert cfg.decoder.embed_dim == SIZES["hidden_size"] and "vision" not in params
     assert params["decoder"]["embedding"].shape == (64, 32)
+
+
+def sentencepiece_bytes(vocab_size: int) -> bytes:
+    """A LLaMA-style BPE tokenizer (no <image>: the project adds it) with pad-free ids."""
+    out = io.BytesIO()
+    text = "what is in the image a red cat on the left two digits 42 " * 3
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([text] * 10),
+        model_writer=out,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        character_coverage=1.0,
+        minloglevel=2,
+        num_threads=1,
+    )
+    return out.getvalue()
+
+
+def test_pretrained_init_takes_the_llm_tokenizer_and_grows_the_vocabulary(tmp_path):
+    from configs import demo
+    from moe_lvlm.data import pipeline
+    from moe_lvlm.train.stages import dense_variant
+
+    sp_bytes = sentencepiece_bytes(40)
+    sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
+    vocab = sp.get_piece_size()
+    torch.manual_seed(0)
+    hf = save(
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**SIZES, "vocab_size": vocab})),
+        tmp_path,
+    )
+    (tmp_path / "tokenizer.model").write_bytes(sp_bytes)
+
+    run = demo.get_config()
+    run.init = ml_collections.ConfigDict(dict(llm=str(tmp_path), vision=""))
+    cfg, params = hf_import.pretrained_init(run)
+    assert cfg.data.tokenizer == str(tmp_path / "tokenizer.model") and not run.data.tokenizer
+    tok = pipeline.load_tokenizer(cfg.data)
+    text = "what is in the image? a red cat"
+    assert tok.encode(text) == sp.encode(text)
+    # <image>, <|im_start|>, <|im_end|> appended: 3 rows, each the mean of the pretrained ones.
+    assert cfg.model.decoder.vocab_size == vocab + 3 == tok.vocab_size
+    embed = hf.model.embed_tokens.weight.detach().numpy()
+    head = hf.lm_head.weight.detach().numpy()
+    np.testing.assert_array_equal(params["decoder"]["embedding"][:vocab], embed)
+    np.testing.assert_allclose(
+        params["decoder"]["embedding"][vocab:], [embed.mean(0)] * 3, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        params["decoder"]["lm_head"][:, vocab:].T, [head.mean(0)] * 3, atol=1e-6
+    )
+
+    # Put into a freshly initialised stage I model, the LLM computes what it did in PyTorch.
+    model_cfg = dense_variant(cfg.model)
+    model_cfg.image_token_id = tok.image_token_id
+    ids = np.random.RandomState(0).randint(3, vocab, (1, 9))
+    pos = jnp.arange(9)[None]
+    model = build_model(model_cfg)
+    fresh = model.init(jax.random.PRNGKey(0), ids, pos, jnp.ones_like(ids))["params"]
+    merged = hf_import.merge_params(nn.meta.unbox(fresh), params)
+    logits, _ = jit_apply(model, merged, ids, pos, jnp.ones_like(ids))
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    assert max_err(logits[..., :vocab], want) <= TOL
+
+
+def test_pretrained_init_refuses_mismatched_inputs(tmp_path, llama_dir):
+    from configs import demo
+
+    run = demo.get_config()
+    run.init = ml_collections.ConfigDict(dict(llm=str(llama_dir), vision=""))
+    with pytest.raises(hf_import.CheckpointError, match="has no sentencepiece tokenizer.model"):
+        hf_import.pretrained_init(run)
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((llama_dir / f).read_bytes())
+    edit_config(tmp_path, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+    with pytest.raises(hf_import.CheckpointError, match="a mixtral MoE decoder; init.llm takes"):
+        hf_import.with_pretrained(run.model, llm_dir=str(tmp_path))

@@ -1,7 +1,8 @@
 """MoE routing, dispatch and losses against a plain numpy implementation written here.
 
-The reference follows the text of DESIGN.md section 3 (MoE-LLaVA / DeepSpeed top2gating, GShard
-capacity order), loops over tokens in float64, and never calls the code under test.
+The reference (np_reference.py) follows the text of DESIGN.md section 3 (MoE-LLaVA / DeepSpeed
+top2gating, GShard capacity order), loops over tokens in float64, and never calls the code under
+test. Gradients are checked against a hand-derived numpy backward pass.
 """
 
 import math
@@ -13,108 +14,7 @@ import pytest
 
 from configs.models import moe_defaults
 from moe_lvlm.models import moe
-
-ERF = np.vectorize(math.erf)
-ACTIVATIONS = {
-    "silu": lambda x: x / (1 + np.exp(-x)),
-    "gelu": lambda x: 0.5 * x * (1 + ERF(x / math.sqrt(2))),
-    "gelu_tanh": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
-    "quick_gelu": lambda x: x / (1 + np.exp(-1.702 * x)),
-}
-
-
-# --------------------------------------------------------------------------- numpy reference
-def np_softmax(logits):
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
-
-
-def np_route(logits, k, noise=None):
-    """Per token: first expert = argmax of logits, later ones = argmax of (logits + noise) over
-    the experts not yet taken; weights = their softmax probabilities divided by their sum."""
-    probs = np_softmax(logits)
-    noisy = logits if noise is None else logits + noise
-    ids = np.zeros(logits.shape[:-1] + (k,), np.int64)
-    for idx in np.ndindex(*logits.shape[:-1]):
-        taken = [int(np.argmax(logits[idx]))]
-        for _ in range(1, k):
-            scores = noisy[idx].copy()
-            scores[taken] = -np.inf
-            taken.append(int(np.argmax(scores)))
-        ids[idx] = taken
-    gates = np.take_along_axis(probs, ids, -1)
-    return ids, gates / gates.sum(-1, keepdims=True), probs
-
-
-def np_slots(ids, valid, num_experts, cap):
-    """GShard order per sequence: every first choice in position order, then every second one.
-    A pair takes the next free slot of its expert; pairs past `cap` are dropped; padding takes none.
-    """
-    batch, seq, k = ids.shape
-    slot = np.full(ids.shape, -1)
-    kept = np.zeros(ids.shape, bool)
-    for b in range(batch):
-        used = np.zeros(num_experts, int)
-        for j in range(k):
-            for s in range(seq):
-                if not valid[b, s]:
-                    continue
-                e = ids[b, s, j]
-                slot[b, s, j] = used[e]
-                kept[b, s, j] = used[e] < cap
-                used[e] += 1
-    return slot, kept
-
-
-def np_balance(probs, ids, valid, counts):
-    num_experts = probs.shape[-1]
-    p = probs[valid].mean(0)
-    chosen = ids[valid][:, :1] if counts == "top1" else ids[valid]
-    f = np.array([(chosen == e).sum() for e in range(num_experts)]) / chosen.size
-    return num_experts * np.sum(f * p)
-
-
-def np_z_loss(logits, valid):
-    m = logits.max(-1)
-    lse = m + np.log(np.exp(logits - m[..., None]).sum(-1))
-    return np.mean(lse[valid] ** 2)
-
-
-def np_expert(w, e, x, activation, gated):
-    act = ACTIVATIONS[activation]
-    if gated:
-        return (act(x @ w["gate"][e]) * (x @ w["up"][e])) @ w["down"][e]
-    return act(x @ w["fc1"][e] + w["fc1_bias"][e]) @ w["fc2"][e] + w["fc2_bias"][e]
-
-
-def np_moe(params, x, valid, cfg, activation, gated, factor):
-    """Returns (y [B, S, d_out], metrics) of the MoE FFN, factor=None meaning dropless."""
-    w = {n: np.asarray(a, np.float64) for n, a in params["experts"].items()}
-    x = np.asarray(x, np.float64)
-    logits = x @ np.asarray(params["router"], np.float64)
-    ids, weights, probs = np_route(logits, cfg.top_k)
-    batch, seq, _ = x.shape
-    num_experts, k = cfg.num_experts, cfg.top_k
-    if factor is None:
-        kept = np.broadcast_to(valid[..., None], ids.shape)
-    else:
-        cap = max(1, math.ceil(k * seq / num_experts * factor))
-        kept = np_slots(ids, valid, num_experts, cap)[1]
-    d_out = (w["down"] if gated else w["fc2"]).shape[-1]
-    y = np.zeros((batch, seq, d_out))
-    for b, s, j in np.ndindex(batch, seq, k):
-        if kept[b, s, j]:
-            y[b, s] += weights[b, s, j] * np_expert(w, ids[b, s, j], x[b, s], activation, gated)
-    pairs = valid.sum() * k
-    entropy = -(probs * np.log(probs)).sum(-1)
-    metrics = {
-        "balance_loss": np_balance(probs, ids, valid, cfg.balance_counts),
-        "z_loss": np_z_loss(logits, valid),
-        "expert_fraction": np.array([(ids[valid] == e).sum() for e in range(num_experts)]) / pairs,
-        "dropped_fraction": 1 - kept.sum() / pairs,
-        "router_entropy": entropy[valid].mean(),
-    }
-    return y, metrics
+from tests.models import np_reference as ref
 
 
 # --------------------------------------------------------------------------- helpers
@@ -155,7 +55,7 @@ def test_route_matches_reference(seed, k, num_experts):
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(3, 7, num_experts)).astype(np.float32)
     ids, weights, probs = jax.jit(moe.route, static_argnums=1)(logits, k)
-    want_ids, want_weights, want_probs = np_route(logits.astype(np.float64), k)
+    want_ids, want_weights, want_probs = ref.route(logits.astype(np.float64), k)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(probs, want_probs, rtol=1e-5, atol=1e-7)
@@ -167,12 +67,12 @@ def test_route_second_choice_noise_matches_reference():
     logits = rng.normal(size=(4, 16, 4)).astype(np.float32)
     key = jax.random.key(7)
     noise = np.asarray(jax.random.gumbel(key, logits.shape, jnp.float32), np.float64)
-    ids, weights, _ = moe.route(logits, 2, key)
-    want_ids, want_weights, _ = np_route(logits.astype(np.float64), 2, noise)
+    ids, weights, _ = jax.jit(moe.route, static_argnums=1)(logits, 2, key)
+    want_ids, want_weights, _ = ref.route(logits.astype(np.float64), 2, noise)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=1e-6)
     # The noise changes some second choices but never the first.
-    clean_ids = np_route(logits.astype(np.float64), 2)[0]
+    clean_ids = ref.route(logits.astype(np.float64), 2)[0]
     np.testing.assert_array_equal(np.asarray(ids)[..., 0], clean_ids[..., 0])
     assert (np.asarray(ids)[..., 1] != clean_ids[..., 1]).any()
 
@@ -195,7 +95,7 @@ def test_capacity_slots_match_reference(seed, k, num_experts, cap):
     valid = padding_mask(rng, batch, seq)
     valid[2, 3] = False  # a hole in the middle takes no slot either
     slot, kept = jax.jit(moe.capacity_slots, static_argnums=(2, 3))(ids, valid, num_experts, cap)
-    want_slot, want_kept = np_slots(ids, valid, num_experts, cap)
+    want_slot, want_kept = ref.slots(ids, valid, num_experts, cap)
     np.testing.assert_array_equal(kept, want_kept)
     pairs = np.broadcast_to(valid[..., None], ids.shape)
     np.testing.assert_array_equal(np.asarray(slot)[pairs], want_slot[pairs])
@@ -219,11 +119,13 @@ def test_balance_and_z_loss_match_reference(counts, seed):
     rng = np.random.default_rng(seed)
     logits = (2 * rng.normal(size=(2, 9, 4))).astype(np.float32)
     valid = padding_mask(rng, 2, 9)
-    ids, _, probs = np_route(logits.astype(np.float64), 2)
-    got = moe.balance_loss(jnp.asarray(probs, jnp.float32), jnp.asarray(ids), valid, counts)
-    np.testing.assert_allclose(got, np_balance(probs, ids, valid, counts), rtol=1e-5)
+    ids, _, probs = ref.route(logits.astype(np.float64), 2)
+    got = jax.jit(moe.balance_loss, static_argnums=3)(
+        jnp.asarray(probs, jnp.float32), jnp.asarray(ids), valid, counts
+    )
+    np.testing.assert_allclose(got, ref.balance_loss(probs, ids, valid, counts), rtol=1e-5)
     np.testing.assert_allclose(
-        moe.z_loss(logits, valid), np_z_loss(logits.astype(np.float64), valid), rtol=1e-5
+        jax.jit(moe.z_loss)(logits, valid), ref.z_loss(logits.astype(np.float64), valid), rtol=1e-5
     )
 
 
@@ -276,10 +178,7 @@ def test_moe_layer_matches_reference(case):
         params, x, valid
     )
 
-    factor = None
-    if dispatch == "capacity":
-        factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
-    want_y, want_metrics = np_moe(params, x, valid, cfg, activation, gated, factor)
+    want_y, want_metrics = ref.moe(params, x, valid, cfg, activation, gated, train)
     np.testing.assert_allclose(y, want_y, rtol=2e-5, atol=2e-5)
     assert not np.asarray(y)[~valid].any()  # padding gets exactly zero
     for name, want in want_metrics.items():
@@ -299,8 +198,144 @@ def test_fully_dropped_token_has_zero_output():
     params = random_moe_params(rng, 8, 16, 8, 4, gated=True)
     x = rng.normal(size=(1, 6, 8)).astype(np.float32)
     layer = moe.MoeFeedForward(cfg, 16)
-    y, metrics = layer.apply({"params": params}, x)
+    y, metrics = jax.jit(layer.apply)({"params": params}, x)
     first = np.argmax(x[0] @ params["router"], -1)
     keeps = [first[s] not in first[:s] for s in range(6)]
     np.testing.assert_array_equal(np.abs(np.asarray(y)[0]).sum(-1) > 0, keeps)
     np.testing.assert_allclose(metrics["dropped_fraction"], 1 - np.mean(keeps), rtol=1e-6)
+
+
+def test_train_and_eval_use_their_own_capacity_factor():
+    """seq 8, E 4, k 2: C = ceil(4 * factor); train factor 0.5 -> C 2 drops, eval 2.0 -> C 8 not."""
+    cfg = moe_config(dispatch="capacity", capacity_factor_train=0.5, capacity_factor_eval=2.0)
+    rng = np.random.default_rng(11)
+    params = random_moe_params(rng, 8, 16, 8, 4, gated=True)
+    x = (rng.normal(size=(2, 8, 8)) + 1.0).astype(np.float32)
+    layer = moe.MoeFeedForward(cfg, 16)
+    ids = ref.route(x.astype(np.float64) @ params["router"], 2)[0]
+    valid = np.ones((2, 8), bool)
+    apply = jax.jit(layer.apply, static_argnames="train")
+    for train, cap in ((True, 2), (False, 8)):
+        y, metrics = apply({"params": params}, x, train=train)
+        kept = ref.slots(ids, valid, 4, cap)[1]
+        np.testing.assert_allclose(metrics["dropped_fraction"], 1 - kept.mean(), rtol=1e-6)
+        np.testing.assert_allclose(
+            y, ref.moe(params, x, valid, cfg, "silu", True, train)[0], rtol=2e-5, atol=2e-5
+        )
+    assert 1 - ref.slots(ids, valid, 4, 2)[1].mean() > 0.2
+
+
+# --------------------------------------------------------------------------- gradients
+def sigmoid(a):
+    return 1 / (1 + np.exp(-a))
+
+
+ACTIVATION_GRADS = {
+    "silu": lambda a: sigmoid(a) * (1 + a * (1 - sigmoid(a))),
+    "gelu": lambda a: 0.5 * (1 + ref.ERF(a / math.sqrt(2))) + a * np.exp(-a * a / 2) / math.sqrt(
+        2 * math.pi
+    ),
+}
+
+
+def np_moe_grads(params, x, valid, cotangent, cfg, activation, gated, train):
+    """Hand-derived backward pass of sum(moe(x) * cotangent): grads of router, experts and x."""
+    w = ref.f64(params["experts"])
+    router = np.asarray(params["router"], np.float64)
+    x = np.asarray(x, np.float64)
+    logits = x @ router
+    num_experts, k = cfg.num_experts, cfg.top_k
+    ids, weights, probs = ref.route(logits, k)
+    if cfg.dispatch == "dropless":
+        kept = np.broadcast_to(valid[..., None], ids.shape)
+    else:
+        factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
+        kept = ref.slots(ids, valid, num_experts, ref.capacity(x.shape[1], num_experts, k, factor))[1]
+    act, act_grad = ref.ACTIVATIONS[activation], ACTIVATION_GRADS[activation]
+    grads = {name: np.zeros_like(a) for name, a in w.items()}
+    d_router, dx = np.zeros_like(router), np.zeros_like(x)
+    for b, s in np.ndindex(*x.shape[:2]):
+        if not valid[b, s]:
+            continue
+        xt, g = x[b, s], np.asarray(cotangent[b, s], np.float64)
+        d_weight = np.zeros(k)
+        for j in range(k):
+            if not kept[b, s, j]:
+                continue
+            e = ids[b, s, j]
+            if gated:
+                a, u = xt @ w["gate"][e], xt @ w["up"][e]
+                h = act(a) * u
+                out = h @ w["down"][e]
+                d_out = weights[b, s, j] * g
+                grads["down"][e] += np.outer(h, d_out)
+                dh = w["down"][e] @ d_out
+                da, du = dh * u * act_grad(a), dh * act(a)
+                grads["gate"][e] += np.outer(xt, da)
+                grads["up"][e] += np.outer(xt, du)
+                dx[b, s] += w["gate"][e] @ da + w["up"][e] @ du
+            else:
+                a = xt @ w["fc1"][e] + w["fc1_bias"][e]
+                h = act(a)
+                out = h @ w["fc2"][e] + w["fc2_bias"][e]
+                d_out = weights[b, s, j] * g
+                grads["fc2"][e] += np.outer(h, d_out)
+                grads["fc2_bias"][e] += d_out
+                da = (w["fc2"][e] @ d_out) * act_grad(a)
+                grads["fc1"][e] += np.outer(xt, da)
+                grads["fc1_bias"][e] += da
+                dx[b, s] += w["fc1"][e] @ da
+            d_weight[j] = g @ out
+        # weights = gates / sum(gates), gates = probs[chosen], probs = softmax(logits).
+        gates = probs[b, s, ids[b, s]]
+        d_gates = (d_weight - np.sum(d_weight * weights[b, s])) / gates.sum()
+        d_probs = np.zeros(num_experts)
+        d_probs[ids[b, s]] += d_gates
+        d_logits = probs[b, s] * (d_probs - np.sum(probs[b, s] * d_probs))
+        d_router += np.outer(xt, d_logits)
+        dx[b, s] += router @ d_logits
+    return {"router": d_router, "experts": grads}, dx, ids
+
+
+GRAD_CASES = {
+    # name: (gated, activation, dispatch, train, moe overrides, x mean shift, seed)
+    "swiglu_dropless_unused_experts": (True, "silu", "dropless", True, dict(num_experts=8), 1.5, 0),
+    "swiglu_capacity_no_drops": (True, "silu", "capacity", False, {}, 0.0, 1),
+    "swiglu_capacity_drops": (
+        True, "silu", "capacity", True, dict(capacity_factor_train=0.75), 1.0, 2
+    ),
+    "mlp_dropless": (False, "gelu", "dropless", False, dict(top_k=3), 0.0, 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+def test_moe_gradients_match_hand_derived_backward(case):
+    """Grads of sum(y * cotangent) w.r.t. router, experts and x: ragged_dot (dropless) and the
+    einsum capacity path, with unused experts (empty ragged groups), padding and drops."""
+    gated, activation, dispatch, train, overrides, shift, seed = GRAD_CASES[case]
+    batch, seq, d, hidden = 2, 6, 8, 12
+    cfg = moe_config(dispatch=dispatch, **overrides)
+    rng = np.random.default_rng(seed)
+    params = random_moe_params(rng, d, hidden, d, cfg.num_experts, gated)
+    x = (rng.normal(size=(batch, seq, d)) + shift).astype(np.float32)
+    valid = padding_mask(rng, batch, seq)
+    cotangent = rng.normal(size=(batch, seq, d)).astype(np.float32)
+    layer = moe.MoeFeedForward(cfg, hidden, activation=activation, gated=gated)
+
+    def loss(p, x_):
+        return jnp.sum(layer.apply({"params": p}, x_, valid, train=train)[0] * cotangent)
+
+    got_params, got_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    want_params, want_x, ids = np_moe_grads(
+        params, x, valid, cotangent, cfg, activation, gated, train
+    )
+    np.testing.assert_allclose(got_x, want_x, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_params["router"], want_params["router"], rtol=1e-4, atol=1e-5)
+    for name, want in want_params["experts"].items():
+        np.testing.assert_allclose(
+            got_params["experts"][name], want, rtol=1e-4, atol=1e-5, err_msg=name
+        )
+    if case.endswith("unused_experts"):
+        unused = set(range(cfg.num_experts)) - set(ids[valid].ravel().tolist())
+        assert unused  # empty groups in the ragged matmul
+        assert not np.asarray(got_params["experts"]["gate"])[sorted(unused)].any()

@@ -1,5 +1,6 @@
 """Whole model on 8 fake CPU devices: loss and gradients on data, expert and fsdp+expert+tensor
-meshes equal one device's, and the expert-parallel capacity path really uses all-to-all.
+meshes equal one device's in both dispatch modes; the expert-parallel capacity path really uses
+all-to-all and the expert kernels are split over the 'expert' axis.
 
 The check runs in a subprocess (sharding_check.py) because the device count must be fixed before
 jax is imported.
@@ -11,7 +12,12 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MESHES = ("data8", "data2_expert4", "fsdp2_expert2_tensor2")
+# Local shard of the decoder's expert kernel gate [E=4, d=128, f=256] on each mesh.
+SHARD_SHAPES = {
+    "data8": [4, 128, 256],
+    "data2_expert4": [1, 128, 256],
+    "fsdp2_expert2_tensor2": [2, 64, 128],
+}
 
 
 def test_sharded_loss_and_gradients_equal_single_device():
@@ -27,15 +33,20 @@ def test_sharded_loss_and_gradients_equal_single_device():
     result = json.loads(line[len("RESULT "):])
     for dispatch in ("capacity", "dropless"):
         r = result[dispatch]
-        for mesh in MESHES:
+        for mesh, shard_shape in SHARD_SHAPES.items():
             # Ratios are max |sharded - single| / (1e-5 + 1e-4 |single|) over every leaf.
             assert r[mesh]["loss_ratio"] <= 1, (dispatch, mesh, r[mesh])
             assert r[mesh]["grad_ratio"] <= 1, (dispatch, mesh, r[mesh])
             assert r[mesh]["expert_kernel_sharding"] == "P('expert', 'fsdp', 'tensor')"
+            assert r[mesh]["expert_kernel_shard_shape"] == shard_shape, (dispatch, mesh)
     # Capacity mode drops tokens here (factor 1.0, skewed routers): sharding must not change which.
     assert max(result["capacity"]["dropped_fraction"]) > 0
-    assert result["dropless"]["dropped_fraction"] == [0.0] * 3
-    # Expert parallelism moves the dispatched slots with all-to-all; pure data parallel does not.
+    assert result["dropless"]["dropped_fraction"] == [0.0] * 2
+    # Capacity: expert parallelism moves the dispatched slots with all-to-all; data parallel does
+    # not. Dropless: tokens stay on their device and the expert weights are all-gathered to it.
     assert result["capacity"]["data2_expert4"]["all_to_all"]
     assert result["capacity"]["fsdp2_expert2_tensor2"]["all_to_all"]
     assert not result["capacity"]["data8"]["all_to_all"]
+    for mesh in SHARD_SHAPES:
+        assert not result["dropless"][mesh]["all_to_all"], mesh
+    assert result["dropless"]["data2_expert4"]["all_gather"]

@@ -1,0 +1,149 @@
+"""Helpers shared by the benchmark scripts: model configs, timing, the matmul ceiling, workers
+in subprocesses, per-op GPU profiles and tables.
+
+Each measurement runs in its own Python process (`run_worker`), so that XLA flags, the JAX
+config and device memory of one variant cannot leak into the next and a crash costs one row.
+"""
+
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from configs import models
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT_PREFIX = "BENCH_RESULT "
+
+
+def model_config(preset: str, layers: int = 0) -> ml_collections.ConfigDict:
+    """The benchmark model: a preset with qk-norm (so that its exact HF twin is qwen3_moe, the
+    peer of the GPU issue), bf16 compute over fp32 parameters, `layers` decoder layers if > 0."""
+    cfg = models.get(preset)
+    cfg.decoder.qk_norm = True
+    if layers:
+        cfg.decoder.num_layers = layers
+    cfg.image_token_id = cfg.decoder.vocab_size - 1
+    cfg.dtype = "bfloat16"
+    cfg.param_dtype = "float32"
+    return cfg
+
+
+def median_seconds(fn: Callable[[], Any], steps: int, sync: Callable[[Any], Any]) -> list[float]:
+    """Wall time of `steps` calls of fn, each synchronised with `sync(result)`."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: Sequence[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+
+
+def jax_matmul_ceiling(size: int, steps: int = 10) -> float:
+    """TFLOP/s of a bf16 [size, size] x [size, size] matmul on the default JAX device."""
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (size, size), jnp.bfloat16)
+    b = jax.random.normal(kb, (size, size), jnp.bfloat16)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    times = median_seconds(lambda: mm(a, b), steps, lambda r: r.block_until_ready())
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def jax_peak_memory_gb() -> float | None:
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats()
+    return stats["peak_bytes_in_use"] / 1e9 if stats and "peak_bytes_in_use" in stats else None
+
+
+def gpu_op_profile(fn: Callable[[], Any], top: int = 25) -> list[dict[str, Any]]:
+    """Per-op device time of one call of fn (traced with jax.profiler): the `top` XLA ops by
+    total time, with count and share. Empty on a platform without a device op timeline."""
+    from jax.profiler import ProfileData, trace
+
+    directory = tempfile.mkdtemp(prefix="bench_profile_")
+    with trace(directory):
+        fn()
+    paths = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    if not paths:
+        return []
+    totals: dict[str, list[float]] = {}
+    for plane in ProfileData.from_file(paths[0]).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        lines = list(plane.lines)
+        ops = [line for line in lines if line.name == "XLA Ops"] or [
+            line for line in lines if line.name.startswith("Stream")
+        ]
+        for line in ops:
+            for event in line.events:
+                entry = totals.setdefault(event.name, [0.0, 0])
+                entry[0] += event.duration_ns / 1e6
+                entry[1] += 1
+    grand = sum(ms for ms, _ in totals.values()) or 1.0
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [
+        {"op": name, "ms": round(ms, 3), "count": n, "share": round(ms / grand, 4)}
+        for name, (ms, n) in ranked
+    ] + [{"op": "TOTAL", "ms": round(grand, 3), "count": 0, "share": 1.0}]
+
+
+def run_worker(
+    script: str, argv: Sequence[str], spec: dict, extra_env: dict[str, str], timeout: float
+) -> dict:
+    """Runs `python script ARGV --worker SPEC_JSON`; returns its result dict (or the error)."""
+    env = {**os.environ, **extra_env, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, script, *argv, "--worker", json.dumps(spec)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return {**spec, "error": f"timed out after {timeout:.0f} s", "log": _tail(e.stderr)}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX) :])
+            result["worker_s"] = round(time.perf_counter() - start, 1)
+            return result
+    return {**spec, "error": f"worker exited with {proc.returncode}",
+            "log": _tail(proc.stderr) + _tail(proc.stdout)}
+
+
+def _tail(text: str | bytes | None, lines: int = 15) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return "\n".join((text or "").splitlines()[-lines:])
+
+
+def emit_result(result: dict) -> None:
+    """What a worker prints last: one line its parent parses."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A markdown table; columns are (header, key, format), missing values shown as '-'."""
+    out = ["| " + " | ".join(h for h, _, _ in columns) + " |",
+           "|" + "|".join(" --- " for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for _, key, fmt in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else format(value, fmt))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)

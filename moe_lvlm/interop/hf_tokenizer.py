@@ -1,0 +1,130 @@
+"""The run's sentencepiece tokenizer as transformers files, encoding and decoding as it does.
+
+  tokenizer.model         the sentencepiece model with the project's added pieces (`<image>`, ...),
+                          so ids match training; transformers' SentencePieceBackend reads it
+  tokenizer_config.json   special tokens, BOS added (as the chat templates do), no EOS
+  tokenizer.json          a `tokenizers` model built from tokenizer.model: what AutoTokenizer and
+                          AutoProcessor load for a llava directory
+
+The fast tokenizer follows the model's normalizer_spec (precompiled character map, whitespace
+collapsing, dummy prefix) and keeps byte fallback; unigram and BPE models convert (BPE merges
+are derived from the piece scores).
+"""
+
+import json
+from pathlib import Path
+
+from sentencepiece import sentencepiece_model_pb2
+
+from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
+
+_Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+UNIGRAM, BPE = 1, 2
+SPACE = "\u2581"  # sentencepiece's visible space
+
+
+def write_tokenizer(tok: Tokenizer, out: Path) -> dict:
+    """Writes the three tokenizer files into `out`; returns the special ids for the configs."""
+    path = out / "tokenizer.model"
+    tok.save(str(path))
+    proto = sentencepiece_model_pb2.ModelProto.FromString(path.read_bytes())
+    piece = lambda i: proto.pieces[i].piece  # noqa: E731
+    config = dict(
+        tokenizer_class="SentencePieceBackend",
+        bos_token=piece(tok.bos_id),
+        eos_token=piece(tok.eos_id),
+        unk_token=proto.trainer_spec.unk_piece,
+        pad_token=piece(tok.pad_id),
+        image_token=IMAGE_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        add_bos_token=True,
+        add_eos_token=False,
+        special_tokens_pattern="bos",  # SentencePieceBackend: prepend BOS only
+        legacy=True,
+    )
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    fast_tokenizer(proto, tok.bos_id).save(str(out / "tokenizer.json"))
+    return dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+
+
+def bpe_merges(pieces: list[tuple[str, float]], skip: set[str]) -> list[tuple[str, str]]:
+    """Sentencepiece BPE as merges: every split of a piece into two vocabulary pieces, the
+    merges of higher-scored pieces first (sentencepiece merges the best-scored pair first)."""
+    vocab = {p for p, _ in pieces if p not in skip}
+    ranked = []
+    for piece, score in pieces:
+        if piece in skip:
+            continue
+        for i in range(1, len(piece)):
+            left, right = piece[:i], piece[i:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, len(left), len(right), left, right))
+    return [(left, right) for *_, left, right in sorted(ranked)]
+
+
+def fast_tokenizer(proto: sentencepiece_model_pb2.ModelProto, bos_id: int):
+    """A `tokenizers.Tokenizer` equivalent to the sentencepiece model `proto`, adding BOS."""
+    try:
+        from tokenizers import (
+            AddedToken,
+            Regex,
+            decoders,
+            models,
+            normalizers,
+            pre_tokenizers,
+            processors,
+        )
+        from tokenizers import Tokenizer as Fast
+    except ImportError as e:
+        raise ImportError(
+            "export writes tokenizer.json with the `tokenizers` package: pip install tokenizers "
+            "(it comes with transformers)"
+        ) from e
+    spec, trainer = proto.normalizer_spec, proto.trainer_spec
+    pieces = [(p.piece, p.score) for p in proto.pieces]
+    special = {p.piece for p in proto.pieces if p.type in (_Piece.CONTROL, _Piece.USER_DEFINED)}
+    if trainer.model_type == UNIGRAM:
+        model = models.Unigram(pieces, unk_id=trainer.unk_id, byte_fallback=trainer.byte_fallback)
+    elif trainer.model_type == BPE:
+        skip = special | {p.piece for p in proto.pieces if p.type in (_Piece.BYTE, _Piece.UNKNOWN)}
+        model = models.BPE(
+            {p: i for i, (p, _) in enumerate(pieces)},
+            bpe_merges(pieces, skip),
+            unk_token=trainer.unk_piece,
+            fuse_unk=True,
+            byte_fallback=trainer.byte_fallback,
+        )
+    else:
+        raise ValueError(
+            f"sentencepiece model_type {trainer.model_type} (not unigram or BPE) has no "
+            "tokenizers equivalent"
+        )
+    fast = Fast(model)
+    # Control pieces (<s>, </s>) are special; user-defined ones (<image>) are matched verbatim.
+    fast.add_tokens(
+        [
+            AddedToken(p.piece, normalized=False, special=p.type == _Piece.CONTROL)
+            for p in proto.pieces
+            if p.type in (_Piece.CONTROL, _Piece.USER_DEFINED)
+        ]
+    )
+    steps = [normalizers.Precompiled(charsmap)] if (charsmap := spec.precompiled_charsmap) else []
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:  # every text (every segment between added tokens) gets one
+        steps.append(normalizers.Prepend(SPACE))
+    fast.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
+    split = trainer.split_by_whitespace  # each SPACE starts a word
+    fast.pre_tokenizer = pre_tokenizers.Metaspace(SPACE, prepend_scheme="never", split=split)
+    prepend = "always" if spec.add_dummy_prefix else "never"  # decoding drops the dummy prefix
+    metaspace = decoders.Metaspace(SPACE, prepend_scheme=prepend, split=split)
+    fast.decoder = (
+        decoders.Sequence([decoders.ByteFallback(), metaspace])
+        if trainer.byte_fallback
+        else metaspace
+    )
+    bos = proto.pieces[bos_id].piece
+    fast.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    return fast
