@@ -8,6 +8,7 @@ config and device memory of one variant cannot leak into the next and a crash co
 import glob
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,17 +26,51 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "BENCH_RESULT "
 
 
-def model_config(preset: str, layers: int = 0) -> ml_collections.ConfigDict:
+def model_config(preset: str, layers: int = 0, dtype: str = "bfloat16"
+                 ) -> ml_collections.ConfigDict:
     """The benchmark model: a preset with qk-norm (so that its exact HF twin is qwen3_moe, the
-    peer of the GPU issue), bf16 compute over fp32 parameters, `layers` decoder layers if > 0."""
+    peer of the GPU issue), `dtype` compute over fp32 parameters, `layers` decoder layers if
+    > 0."""
     cfg = models.get(preset)
     cfg.decoder.qk_norm = True
     if layers:
         cfg.decoder.num_layers = layers
     cfg.image_token_id = cfg.decoder.vocab_size - 1
-    cfg.dtype = "bfloat16"
+    cfg.dtype = dtype
     cfg.param_dtype = "float32"
     return cfg
+
+
+# Grouped-matmul choices of the dropless MoE: (implementation in
+# moe_lvlm/models/grouped_matmul.py, XLA options, whether to turn on JAX's Pallas-Triton
+# lowering of jax.lax.ragged_dot). XLA's default GPU lowering of ragged_dot is a masked dense
+# expansion (every row against every expert); 'xla-cudnn' asks XLA for cuDNN's grouped matmul.
+GMM_CHOICES = {
+    "xla": ("xla", {}, False),
+    "xla-cudnn": ("xla", {"xla_gpu_experimental_use_ragged_dot_fusion": True}, False),
+    "triton": ("xla", {}, True),
+    "mosaic": ("mosaic", {}, False),
+}
+
+
+def gmm_choice(name: str) -> tuple[str, dict, bool]:
+    if name not in GMM_CHOICES:
+        raise ValueError(f"unknown grouped matmul {name!r}; choose one of {sorted(GMM_CHOICES)}")
+    implementation, options, triton = GMM_CHOICES[name]
+    if triton:
+        import jax
+
+        jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
+    return implementation, options, triton
+
+
+def custom_calls(hlo_text: str) -> str:
+    """'target x count' of the custom calls in compiled HLO: which kernels (cuDNN attention,
+    cuBLAS, Triton, Mosaic) a variant really uses."""
+    counts: dict[str, int] = {}
+    for target in re.findall(r'custom_call_target="([^"]+)"', hlo_text):
+        counts[target] = counts.get(target, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def median_seconds(fn: Callable[[], Any], steps: int, sync: Callable[[Any], Any]) -> list[float]:
@@ -97,7 +132,9 @@ def gpu_op_profile(fn: Callable[[], Any], top: int = 25) -> list[dict[str, Any]]
                 entry = totals.setdefault(event.name, [0.0, 0])
                 entry[0] += event.duration_ns / 1e6
                 entry[1] += 1
-    grand = sum(ms for ms, _ in totals.values()) or 1.0
+    if not totals:
+        return []
+    grand = sum(ms for ms, _ in totals.values())
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
     return [
         {"op": name, "ms": round(ms, 3), "count": n, "share": round(ms / grand, 4)}

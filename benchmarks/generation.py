@@ -13,6 +13,7 @@ Models: the random full-size model (`--preset`, bf16 weights, as for serving; de
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--short", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json_out", default="", help="also write the rows here")
     args = parser.parse_args(argv)
     if not 0 < args.short < args.new:
         raise SystemExit(f"need 0 < --short ({args.short}) < --new ({args.new})")
@@ -117,6 +119,8 @@ def main(argv=None) -> None:
         ("call s", "total_s", ".3f"), (f"call s ({args.short} new)", "short_s", ".3f"),
         ("decode ms/step", "ms_per_step", ".2f"), ("decode tokens/s", "decode_tokens_s", ",.0f"),
         ("end-to-end tokens/s", "e2e_tokens_s", ",.0f")]))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

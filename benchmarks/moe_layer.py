@@ -9,11 +9,14 @@ per grouped-matmul implementation, checked against the fp32 jax.lax reference.
 
   PYTHONPATH=. python benchmarks/moe_layer.py [--modes dropless/xla,dropless/mosaic,capacity]
 
-Modes: 'capacity', or 'dropless/IMPL' with IMPL one of moe_lvlm/models/grouped_matmul.py's
-(xla, mosaic) or 'triton' (jax.lax.ragged_dot with jax_ragged_dot_use_gpu_pallas_triton_lowering).
+Modes: 'capacity', or 'dropless/GMM' with GMM one of benchmarks/common.py's GMM_CHOICES: xla
+(jax.lax.ragged_dot at XLA's defaults), xla-cudnn (XLA's cuDNN grouped-matmul fusion), triton
+(JAX's Pallas-Triton lowering of ragged_dot), mosaic (moe_lvlm/models/grouped_matmul.py's Hopper
+kernels). `--kernels` takes the same names.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,10 +26,10 @@ if __package__ in (None, ""):
 from benchmarks import common  # noqa: E402
 
 
-def triton_lowering(on: bool) -> None:
+def reset_triton() -> None:
     import jax
 
-    jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", on)
+    jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", False)
 
 
 def layer_fns(args, dispatch: str, gmm: str):
@@ -63,10 +66,10 @@ def layer_fns(args, dispatch: str, gmm: str):
     return moe_loss, dense_loss, moe_params, dense_params, x
 
 
-def time_grad(loss, params, x, steps: int) -> float:
+def time_grad(loss, params, x, steps: int, options: dict | None = None) -> float:
     import jax
 
-    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), compiler_options=options or None)
     jax.block_until_ready(fn(params, x))
     jax.block_until_ready(fn(params, x))
     times = common.median_seconds(lambda: fn(params, x), steps, jax.block_until_ready)
@@ -78,21 +81,18 @@ def layer_rows(args) -> list[dict]:
     for mode in filter(None, args.modes.split(",")):
         dispatch, _, gmm = mode.partition("/")
         try:
-            if gmm == "triton":
-                triton_lowering(True)
-            moe_loss, dense_loss, mp, dp, x = layer_fns(args, dispatch, gmm if gmm != "triton"
-                                                        else "xla")
+            impl, options, _ = common.gmm_choice(gmm or "xla")
+            moe_loss, dense_loss, mp, dp, x = layer_fns(args, dispatch, impl)
             if dense_s is None:
                 dense_s = time_grad(dense_loss, dp, x, args.steps)
-            moe_s = time_grad(moe_loss, mp, x, args.steps)
+            moe_s = time_grad(moe_loss, mp, x, args.steps, options)
             rows.append({"mode": mode, "moe_ms": moe_s * 1e3, "dense_ms": dense_s * 1e3,
                          "ratio": moe_s / dense_s,
                          "tflops": useful_flops(args) / moe_s / 1e12})
         except Exception as e:  # a mode the platform cannot run gets a row saying why
             rows.append({"mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         finally:
-            if gmm == "triton":
-                triton_lowering(False)
+            reset_triton()
     if dense_s is not None:
         rows.append({"mode": "2 dense FFNs", "dense_ms": dense_s * 1e3, "ratio": 1.0,
                      "tflops": useful_flops(args) / dense_s / 1e12})
@@ -104,11 +104,13 @@ def useful_flops(args) -> float:
     return 6.0 * 3 * args.d * args.f * args.tokens * args.top_k
 
 
-def kernel_fns(impl: str, sizes):
+def kernel_fns(impl: str, options: dict, sizes):
     """Jitted forward, input gradient and weight gradient of one grouped matmul."""
     import jax
 
     from moe_lvlm.models.grouped_matmul import grouped_matmul
+
+    jit = lambda f: jax.jit(f, compiler_options=options or None)  # noqa: E731
 
     def fwd(a, b):
         return grouped_matmul(a, b, sizes, impl)
@@ -116,8 +118,8 @@ def kernel_fns(impl: str, sizes):
     def grads(a, b, g):
         return jax.vjp(fwd, a, b)[1](g)
 
-    return (jax.jit(fwd), jax.jit(lambda a, b, g: grads(a, b, g)[0]),
-            jax.jit(lambda a, b, g: grads(a, b, g)[1]))
+    return (jit(fwd), jit(lambda a, b, g: grads(a, b, g)[0]),
+            jit(lambda a, b, g: grads(a, b, g)[1]))
 
 
 def kernel_rows(args) -> list[dict]:
@@ -148,9 +150,7 @@ def kernel_rows(args) -> list[dict]:
     rows = []
     for impl in filter(None, args.kernels.split(",")):
         try:
-            if impl == "triton":
-                triton_lowering(True)
-            fwd, dx, dw = kernel_fns("xla" if impl == "triton" else impl, sizes)
+            fwd, dx, dw = kernel_fns(*common.gmm_choice(impl)[:2], sizes)
             fns = {"forward": (fwd, (x, w)), "input grad": (dx, (x, w, dy)),
                    "weight grad": (dw, (x, w, dy))}
             for name, (fn, inputs) in fns.items():
@@ -165,8 +165,7 @@ def kernel_rows(args) -> list[dict]:
         except Exception as e:
             rows.append({"impl": impl, "op": "-", "error": f"{type(e).__name__}: {str(e)[:300]}"})
         finally:
-            if impl == "triton":
-                triton_lowering(False)
+            reset_triton()
     return rows
 
 
@@ -182,6 +181,7 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", default="dropless/xla,capacity")
     parser.add_argument("--kernels", default="xla", help="grouped matmuls to time alone ('' none)")
     parser.add_argument("--profile", default="", help="a mode to break down per op")
+    parser.add_argument("--json_out", default="", help="also write the rows here")
     args = parser.parse_args(argv)
 
     import jax
@@ -201,12 +201,13 @@ def main(argv=None) -> None:
     print(common.table(rows, [("mode", "mode", "s"), ("MoE ms", "moe_ms", ".2f"),
                               ("2 dense ms", "dense_ms", ".2f"), ("ratio", "ratio", ".3f"),
                               ("useful TFLOP/s", "tflops", ".0f"), ("error", "error", "s")]))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"kernels": kernels, "layer": rows}, indent=1))
     if args.profile:
         dispatch, _, gmm = args.profile.partition("/")
-        if gmm == "triton":
-            triton_lowering(True)
-        moe_loss, _, mp, _, x = layer_fns(args, dispatch, "xla" if gmm == "triton" else gmm)
-        fn = jax.jit(jax.value_and_grad(moe_loss, argnums=(0, 1)))
+        impl, options, _ = common.gmm_choice(gmm or "xla")
+        moe_loss, _, mp, _, x = layer_fns(args, dispatch, impl)
+        fn = jax.jit(jax.value_and_grad(moe_loss, argnums=(0, 1)), compiler_options=options or None)
         jax.block_until_ready(fn(mp, x))
         prof = common.gpu_op_profile(lambda: jax.block_until_ready(fn(mp, x)))
         print(f"\nper-op device time, {args.profile}:")

@@ -15,9 +15,9 @@ measured by every worker of the run (the table uses the largest).
   PYTHONPATH=. python benchmarks/train_step.py --preset tiny --seq 64 --batch 2 --steps 3
 
 Variant keys (ours): attention (xla|cudnn), remat (none|full|dots|dots_no_batch), dispatch
-(dropless|capacity), gmm (xla|mosaic|triton: the grouped matmul of dropless MoE; triton turns on
-jax_ragged_dot_use_gpu_pallas_triton_lowering), param_dtype (float32|bfloat16), xla_flags (extra
-XLA_FLAGS; ';' separates flags), profile (1: per-op device-time breakdown of one step).
+(dropless|capacity), gmm (the grouped matmul of dropless MoE: xla|xla-cudnn|triton|mosaic, see
+benchmarks/common.py GMM_CHOICES), param_dtype (float32|bfloat16), xla_flags (extra XLA_FLAGS;
+';' separates flags), profile (1: per-op device-time breakdown of one step).
 Torch modes: eager, eager_ckpt, compile, compile_ckpt (ckpt = gradient checkpointing).
 """
 
@@ -118,8 +118,7 @@ def init_params(model, cfg, rng):
 def run_jax(args: argparse.Namespace, spec: dict) -> dict:
     import jax
 
-    if spec.get("gmm") == "triton":
-        jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
+    gmm, options, _ = common.gmm_choice(spec.get("gmm", "xla"))
     from configs import stages
     from moe_lvlm.models.lvlm import build_model
     from moe_lvlm.train import stages as stages_lib
@@ -127,12 +126,12 @@ def run_jax(args: argparse.Namespace, spec: dict) -> dict:
 
     platform = jax.default_backend()
     spec = gpu_defaults(spec, platform)
-    cfg = common.model_config(args.preset, args.layers)
+    cfg = common.model_config(args.preset, args.layers, args.dtype)
     cfg.attention = spec.get("attention", cfg.attention)
     cfg.remat = spec.get("remat", cfg.remat)
     cfg.param_dtype = spec.get("param_dtype", cfg.param_dtype)
     cfg.moe.dispatch = spec.get("dispatch", cfg.moe.dispatch)
-    cfg.moe.grouped_matmul = "mosaic" if spec.get("gmm") == "mosaic" else "xla"
+    cfg.moe.grouped_matmul = gmm
     model = build_model(cfg)
     trainable = (stages.PROJECTOR, stages.DECODER)
     stage = stages.stage(trainable, LR, args.batch, 1000, "")
@@ -150,7 +149,8 @@ def run_jax(args: argparse.Namespace, spec: dict) -> dict:
     step_fn = functools.partial(train_step, model=model, moe_cfg=cfg.moe, optimizer=optimizer,
                                 schedule=schedule, trainable=trainable)
     t0 = common.time.perf_counter()
-    compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch).compile()
+    compiled = jax.jit(step_fn, donate_argnums=(0,), compiler_options=options or None).lower(
+        state, batch).compile()
     compile_s = common.time.perf_counter() - t0
     mem = compiled.memory_analysis()
     step_gb = None if mem is None else (
@@ -160,21 +160,21 @@ def run_jax(args: argparse.Namespace, spec: dict) -> dict:
     holder = {"state": state}
 
     def one_step():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        return holder["state"], metrics
+        holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+        return holder["state"], holder["metrics"]
 
     sync = jax.block_until_ready
     for _ in range(args.warmup):
         sync(one_step())
     times = common.median_seconds(one_step, args.steps, sync)
-    _, metrics = one_step()
-    metrics = jax.device_get(metrics)
+    metrics = jax.device_get(holder["metrics"])
     result = {
         **spec, "system": "jax", "platform": platform, "device": str(jax.devices()[0].device_kind),
         "compile_s": round(compile_s, 1), **common.summarize(times),
         "loss": float(metrics["loss"]), "nonfinite": int(metrics["nonfinite"]),
         "params": counts, "peak_gb": common.jax_peak_memory_gb(), "step_gb": step_gb,
-        "ceiling_tflops": common.jax_matmul_ceiling(8192 if platform == "gpu" else 512),
+        "custom_calls": common.custom_calls(compiled.as_text()),
+        "ceiling_tflops": common.jax_matmul_ceiling(8192 if platform == "gpu" else 256),
     }
     if spec.get("profile") == "1":
         result["profile"] = common.gpu_op_profile(lambda: sync(one_step()))
@@ -194,12 +194,13 @@ def run_torch(args: argparse.Namespace, spec: dict) -> dict:
     mode = spec["name"]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    cfg = common.model_config(args.preset, args.layers)
-    config = transformers.LlavaConfig.from_dict(hf_export.llava_config(cfg, {}, "bfloat16"))
+    cfg = common.model_config(args.preset, args.layers, args.dtype)
+    config = transformers.LlavaConfig.from_dict(hf_export.llava_config(cfg, {}, args.dtype))
     torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
     with device:
         model = transformers.LlavaForConditionalGeneration._from_config(
-            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+            config, dtype=dtype, attn_implementation="sdpa"
         )
     model.train()
     for name, p in model.named_parameters():
@@ -217,10 +218,11 @@ def run_torch(args: argparse.Namespace, spec: dict) -> dict:
     labels = ids.clone()
     labels[torch.from_numpy(arrays["loss_mask"]).to(device) == 0] = -100
     pixels = torch.from_numpy(np.ascontiguousarray(arrays["images"][:, 0].transpose(0, 3, 1, 2)))
-    pixels = pixels.to(device=device, dtype=torch.bfloat16)
+    pixels = pixels.to(device=device, dtype=dtype)
+    last = {}
 
     def one_step():
-        loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        last["loss"] = loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -238,7 +240,7 @@ def run_torch(args: argparse.Namespace, spec: dict) -> dict:
     for _ in range(max(args.warmup - 1, 0)):
         sync(one_step())
     times = common.median_seconds(one_step, args.steps, sync)
-    loss = float(one_step().detach().float().cpu())
+    loss = float(last["loss"].detach().float().cpu())
     if cuda:
         a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
         b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -248,9 +250,9 @@ def run_torch(args: argparse.Namespace, spec: dict) -> dict:
         mm = common.median_seconds(lambda: a @ b, 10, lambda r: torch.cuda.synchronize())
         ceiling = 2 * 8192**3 / common.statistics.median(mm) / 1e12
     else:
-        a = torch.randn(512, 512, dtype=torch.bfloat16)
+        a = torch.randn(256, 256, dtype=torch.bfloat16)
         mm = common.median_seconds(lambda: a @ a, 10, lambda r: r)
-        ceiling = 2 * 512**3 / common.statistics.median(mm) / 1e12
+        ceiling = 2 * 256**3 / common.statistics.median(mm) / 1e12
     return {
         **spec, "system": "torch", "platform": device.type,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -265,7 +267,7 @@ def run_torch(args: argparse.Namespace, spec: dict) -> dict:
 # --------------------------------------------------------------------------- table
 def finish_rows(rows: list[dict], args: argparse.Namespace) -> float:
     """Adds tokens/s, model TFLOP/s and MFU to every row; returns the ceiling used."""
-    cfg = common.model_config(args.preset, args.layers)
+    cfg = common.model_config(args.preset, args.layers, args.dtype)
     counts = next((r["params"] for r in rows if "params" in r), None)
     ceilings = [r["ceiling_tflops"] for r in rows if r.get("ceiling_tflops")]
     ceiling = max(ceilings) if ceilings else None
@@ -282,11 +284,11 @@ def finish_rows(rows: list[dict], args: argparse.Namespace) -> float:
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     ceiling = finish_rows(rows, args)
-    cfg = common.model_config(args.preset, args.layers)
+    cfg = common.model_config(args.preset, args.layers, args.dtype)
     counts = next((r["params"] for r in rows if "params" in r), None)
     lines = [f"preset {args.preset} (qk-norm), decoder layers {cfg.decoder.num_layers}, "
-             f"seq {args.seq}, batch {args.batch}, steps {args.steps} (median), "
-             f"warm-up {args.warmup}"]
+             f"seq {args.seq}, batch {args.batch}, {args.dtype} compute, steps {args.steps} "
+             f"(median), warm-up {args.warmup}"]
     if counts:
         terms = flops.train_flops_per_step(counts, cfg, args.batch, args.seq)
         lines.append(
@@ -316,6 +318,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"best ours ({best['name']}) / torch compile: "
                      f"{best['tokens_s'] / compiled[0]['tokens_s']:.2f}x tokens/s")
     for r in rows:
+        if r.get("custom_calls"):
+            lines.append(f"custom calls in {r['label']}: {r['custom_calls']}")
+    for r in rows:
         if "error" in r:
             lines.append(f"\n{r['system']}/{r['name']} FAILED: {r['error']}\n{r.get('log', '')}")
         if r.get("profile"):
@@ -334,6 +339,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16", help="compute dtype of both systems")
     parser.add_argument("--variant", action="append", default=None,
                         help="ours: name[:key=value,...]; repeatable (default: one 'default')")
     parser.add_argument("--torch", default=",".join(TORCH_MODES),
@@ -352,7 +358,7 @@ def main(argv=None) -> None:
     script = str(Path(__file__).resolve())
     passthrough = ["--preset", args.preset, "--layers", str(args.layers), "--seq", str(args.seq),
                    "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
+                   "--warmup", str(args.warmup), "--dtype", args.dtype]
     rows = []
     for text in args.variant or ["default"]:
         spec = {**parse_variant(text), "system": "jax"}

@@ -39,13 +39,19 @@ RESULT_COLUMNS = ("total_params", "active_params", "loss", "ce", "balance_loss",
                   "tokens_per_s")
 
 
-def load_sweep(path: str | Path) -> tuple[str, tuple]:
-    """(AXIS, VALUES) of an ablation config file."""
+def load_sweep_module(path: str | Path):
+    """The config module at `path` (a `configs/ablations/*.py` file)."""
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     if spec is None or not Path(path).is_file():
         raise FileNotFoundError(f"sweep config {path} not found")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_sweep(path: str | Path) -> tuple[str, tuple]:
+    """(AXIS, VALUES) of an ablation config file."""
+    module = load_sweep_module(path)
     if not hasattr(module, "AXIS") or not hasattr(module, "VALUES"):
         raise ValueError(f"{path} defines no AXIS and VALUES: it is not a sweep config")
     return module.AXIS, tuple(module.VALUES)
@@ -119,21 +125,22 @@ def last_stage(config: dict) -> str:
 def param_counts(config: dict) -> dict[str, float]:
     """Total and activated (experts scaled by top_k / num_experts) parameters of the model
     trained by the last stage, from shapes only."""
+    import flax.linen as nn
     import jax
     import ml_collections
     from flax import traverse_util
 
     from moe_lvlm.models.lvlm import build_model
     from moe_lvlm.train import loop
-    from moe_lvlm.train.stages import stage_model_config
+    from moe_lvlm.train.stages import stage_model
 
     cfg = ml_collections.ConfigDict(config)
     names = loop.stage_names(cfg)
-    model_cfg = stage_model_config(cfg, names, len(names) - 1)
+    model_cfg = stage_model(cfg, names, names[-1])
     model_cfg.image_token_id = 0
     inputs = loop.example_inputs(model_cfg, 1, 8, 1)
-    shapes = jax.eval_shape(lambda r: build_model(model_cfg).init(r, *inputs),
-                            jax.random.PRNGKey(0))
+    shapes = nn.meta.unbox(jax.eval_shape(lambda r: build_model(model_cfg).init(r, *inputs),
+                                          jax.random.PRNGKey(0)))
     moe = model_cfg.moe
     total = active = 0.0
     for path, leaf in traverse_util.flatten_dict(shapes["params"], sep="/").items():
@@ -144,14 +151,13 @@ def param_counts(config: dict) -> dict[str, float]:
 
 
 def flat_numbers(summary: dict, prefix: str = "eval/") -> dict[str, float]:
-    """Numeric fields of an evaluate summary, nested ones as `eval/a.b` (bookkeeping left out)."""
+    """The scores of an evaluate summary (its float fields; nested ones as `eval/a.b`), without
+    counts and bookkeeping."""
     out = {}
     for key, value in summary.items():
-        if key in ("step", "seconds") or isinstance(value, bool):
-            continue
-        if isinstance(value, int | float):
+        if isinstance(value, float) and key != "seconds":
             out[prefix + key] = value
-        elif isinstance(value, dict) and key != "skipped":
+        elif isinstance(value, dict):
             out.update(flat_numbers(value, f"{prefix}{key}."))
     return out
 
@@ -256,9 +262,9 @@ def parse_values(text: str | None, values: tuple) -> tuple:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     usage="%(prog)s CONFIG --workdir=DIR [options] [-- TRAIN_ARGS]",
-                                     epilog="TRAIN_ARGS go to moe_lvlm.train unchanged.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="TRAIN_ARGS go to moe_lvlm.train unchanged.",
+        usage="%(prog)s CONFIG --workdir=DIR [options] [-- TRAIN_ARGS]")
     parser.add_argument("config", help="a sweep config file, e.g. configs/ablations/experts.py")
     parser.add_argument("--workdir", required=True, help="one subfolder per point goes here")
     parser.add_argument("--values", default=None, help="comma-separated subset of VALUES")

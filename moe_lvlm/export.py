@@ -11,7 +11,7 @@ mixtral.
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from moe_lvlm.interop import hf_export
 from moe_lvlm.workdir import load_trained
@@ -49,6 +49,8 @@ def export_workdir(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
     out, stage, step = export_workdir(
         _WORKDIR.value, _OUT.value, _STAGE.value, _STEP.value, _DTYPE.value
     )

@@ -73,8 +73,7 @@ def sample_token(logits: Array, rng: Array, temperature: float, top_p: float) ->
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "max_new_tokens", "stop_ids", "pad_id", "vocab_size", "temperature",
-                     "top_p"),
+    static_argnames=("model", "max_new_tokens", "pad_id", "vocab_size", "temperature", "top_p"),
 )
 def generate(
     model,
@@ -84,22 +83,21 @@ def generate(
     segment_ids: Array,
     images: Array | None,
     rng: Array,
+    stop_ids: Array,
     *,
     max_new_tokens: int,
-    stop_ids: tuple[int, ...],
     pad_id: int = 0,
     vocab_size: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
 ) -> Array:
-    """New tokens [batch, max_new_tokens]: each row up to and including its first stop token,
-    then `pad_id`. With `vocab_size`, ids past the tokenizer's vocabulary (rows of a larger
-    embedding table) are never produced."""
+    """New tokens [batch, max_new_tokens]: each row up to and including its first token in
+    `stop_ids` [n], then `pad_id`. With `vocab_size`, ids past the tokenizer's vocabulary (rows
+    of a larger embedding table) are never produced."""
     batch, prompt_len = input_ids.shape
     apply = functools.partial(
         model.apply, decode=True, max_len=prompt_len + max_new_tokens, mutable=["cache"]
     )
-    stops = jnp.asarray(stop_ids, jnp.int32)
 
     def emit(i, logits, rng, out, done):
         """Samples token i of every row from logits [batch, vocab]; stopped rows get pad_id."""
@@ -107,7 +105,7 @@ def generate(
             logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
         token = sample_token(logits, jax.random.fold_in(rng, i), temperature, top_p)
         token = jnp.where(done, pad_id, token)
-        return token, out.at[:, i].set(token), done | jnp.isin(token, stops)
+        return token, out.at[:, i].set(token), done | jnp.isin(token, stop_ids)
 
     (logits, _), variables = apply({"params": params}, input_ids, positions, segment_ids, images)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
@@ -172,9 +170,8 @@ class BatchGenerator:
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         self.stops = stop_ids(template, tokenizer)
         self.image_shape = (image_size, image_size, 3)
-        self.options = dict(max_new_tokens=max_new_tokens, stop_ids=self.stops,
-                            pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
-                            temperature=temperature, top_p=top_p)
+        self.options = dict(max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
+                            vocab_size=tokenizer.vocab_size, temperature=temperature, top_p=top_p)
         self.rng = jax.random.PRNGKey(seed)
         self.length_multiple = length_multiple
         self.prompt_len = 0
@@ -201,7 +198,8 @@ class BatchGenerator:
         batch = jax.device_put(batch, NamedSharding(self.mesh, P("data")))
         self.rng, rng = jax.random.split(self.rng)
         out = generate(self.model, self.params, batch["input_ids"], batch["positions"],
-                       batch["segment_ids"], batch["images"], rng, **self.options)
+                       batch["segment_ids"], batch["images"], rng, np.asarray(self.stops),
+                       **self.options)
         out = np.asarray(out)
         return [answer_tokens(out[r], self.stops) for r in range(n)]
 

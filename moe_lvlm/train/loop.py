@@ -28,7 +28,6 @@ from moe_lvlm.train.checkpoint import StageCheckpoints, abstract_with_shardings
 from moe_lvlm.train.reporting import MetricsWriter, plot_stage, read_metrics
 from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
 
-
 NAN_POLICIES = ("skip", "stop")
 
 
@@ -156,6 +155,7 @@ class StageRunner:
             start = 0
         else:
             state = self.ckpt.restore(start, self.abstract, data)
+            print(f"{self.name}: resuming from checkpoint {start}", flush=True)
         step_fn = functools.partial(
             train_step, model=self.model, moe_cfg=self.model_cfg.moe, optimizer=self.optimizer,
             schedule=self.schedule, trainable=tuple(self.stage.trainable),

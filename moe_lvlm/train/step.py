@@ -7,8 +7,9 @@ still the mean over the whole batch's answer tokens; the router losses (and MoE 
 means over the micro-batches.
 
 A step whose loss or gradient norm is not finite changes nothing but the step counter: params,
-optimizer state and RNG stay as they were, and the metric 'nonfinite' is 1. What happens next is
-the loop's choice (`config.nan_policy`).
+optimizer state (so also the schedule's position, as DeepSpeed skips an overflowed step) and RNG
+stay as they were, and the metric 'nonfinite' is 1. What happens next is the loop's choice
+(`config.nan_policy`).
 """
 
 import functools
@@ -42,6 +43,13 @@ def make_schedule(stage: ml_collections.ConfigDict, total_steps: int) -> optax.S
     return optax.warmup_cosine_decay_schedule(
         0.0, stage.lr, warmup, max(total_steps, warmup + 1),
         end_value=stage.lr * stage.final_lr_fraction,
+    )
+
+
+def applied_updates(opt_state: optax.OptState) -> jax.Array:
+    """How many updates the optimizer has applied: the schedule's position."""
+    return optax.tree_utils.tree_get(
+        opt_state, "count", filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState"
     )
 
 
@@ -154,7 +162,7 @@ def train_step(
         "loss": loss,
         "ce": ce_sum / total_tokens,
         "grad_norm": grad_norm,
-        "lr": schedule(state["step"]),
+        "lr": schedule(applied_updates(state["opt_state"])),
         "loss_tokens": total_tokens,
         "nonfinite": (~finite).astype(jnp.int32),
         **metrics,

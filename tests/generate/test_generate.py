@@ -1,18 +1,20 @@
 """KV-cache decoding against full recomputation, and sampling against numpy references."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moe_lvlm.generate import BatchGenerator, answer_tokens, generate, left_pad, sample_token
-from tests.generate.tiny_workdir import init_params, tiny_model_config, tiny_tokenizer
+from tests.generate.tiny_workdir import (
+    init_params,
+    reference_greedy,
+    tiny_model_config,
+    tiny_tokenizer,
+)
 
 IMAGE_ID = 4
 NUM_IMAGE_TOKENS = 16
-REFERENCE_LENGTH = 48
 
 
 @pytest.fixture(scope="module", params=["dropless", "capacity"])
@@ -33,35 +35,6 @@ def _images(rng, n, size=32):
     return rng.normal(size=(n, 1, size, size, 3)).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames="model")
-def _last_logits(model, params, ids, n, image):
-    """The full forward of one row holding n tokens (padded on the right): logits at n - 1."""
-    length = ids.shape[1]
-    segment_ids = (jnp.arange(length) < n).astype(jnp.int32)[None]
-    positions = jnp.arange(length, dtype=jnp.int32)[None]
-    logits, _ = model.apply({"params": params}, ids, positions, segment_ids, image)
-    return logits[0, n - 1]
-
-
-def _reference_greedy(model, params, prompt, image, steps, stop_ids, vocab_size=None):
-    """Greedy decoding by recomputing the full forward over prompt + generated tokens at every
-    step (no cache, no left padding: one row, padded on the right to REFERENCE_LENGTH)."""
-    tokens = list(prompt)
-    out = []
-    for _ in range(steps):
-        ids = np.zeros((1, REFERENCE_LENGTH), np.int32)
-        ids[0, : len(tokens)] = tokens
-        logits = np.asarray(_last_logits(model, params, ids, len(tokens), image))
-        if vocab_size is not None:
-            logits = logits[:vocab_size]
-        token = int(np.argmax(logits))
-        out.append(token)
-        tokens.append(token)
-        if token in stop_ids:
-            break
-    return out
-
-
 @pytest.mark.parametrize("with_image", [True, False], ids=["image", "text"])
 def test_kv_cache_matches_full_recompute(tiny, with_image):
     model, params = tiny
@@ -72,50 +45,52 @@ def test_kv_cache_matches_full_recompute(tiny, with_image):
     prompts = _prompts(rng, [3, 11, 6], with_image)
     images = _images(rng, 3) if with_image else None
     free = [
-        _reference_greedy(model, params, p, None if images is None else images[i : i + 1],
+        reference_greedy(model, params, p, None if images is None else images[i : i + 1],
                           steps, ())
         for i, p in enumerate(prompts)
     ]
     # Stop row 0 after its third token (it may stop other rows too, as the reference says).
     stop = free[0][2]
     expected = [
-        _reference_greedy(model, params, p, None if images is None else images[i : i + 1],
+        reference_greedy(model, params, p, None if images is None else images[i : i + 1],
                           steps, (stop,))
         for i, p in enumerate(prompts)
     ]
     assert len(expected[0]) == 3
     batch = left_pad(prompts)
     out = generate(model, params, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                   images, jax.random.PRNGKey(0), max_new_tokens=steps, stop_ids=(stop,))
+                   images, jax.random.PRNGKey(0), np.array([stop]), max_new_tokens=steps)
     out = np.asarray(out)
     for row, want in zip(out, expected, strict=True):
         np.testing.assert_array_equal(row, want + [0] * (steps - len(want)))
     # Without a stop every row runs to max_new_tokens and matches the free-running reference.
     out = generate(model, params, batch["input_ids"], batch["positions"], batch["segment_ids"],
-                   images, jax.random.PRNGKey(0), max_new_tokens=steps, stop_ids=(-1,))
+                   images, jax.random.PRNGKey(0), np.array([-1]), max_new_tokens=steps)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(free))
 
 
 def test_batch_generator_pads_rows_and_lengths(tiny):
-    """5 prompts through batches of 2 (the last one padded), prompts left-padded to a growing
-    multiple of 8, ids limited to the tokenizer's vocabulary: each row as greedy alone."""
+    """5 prompts through batches of 2 (the last one padded with a copy), prompts left-padded to
+    a multiple of 8 that only grows, ids limited to the tokenizer's vocabulary: each row as
+    greedy decoding of it alone."""
     model, params = tiny
     if model.config.moe.dispatch == "capacity":
         pytest.skip("runs once, with dropless dispatch")
     tokenizer = tiny_tokenizer()
     assert tokenizer.vocab_size < model.config.decoder.vocab_size
     rng = np.random.default_rng(1)
-    prompts = [np.asarray(p, np.int32) for p in _prompts(rng, [2, 9, 4, 20, 5], True)]
+    prompts = [np.asarray(p, np.int32) for p in _prompts(rng, [2, 20, 4, 9, 5], True)]
     images = list(_images(rng, 5)[:, 0])
     steps = 5
     generator = BatchGenerator(model, params, tokenizer, "vicuna_v1", 32, batch_size=2,
                                max_new_tokens=steps, length_multiple=8)
     got = generator.tokens(prompts[:2], images[:2])
-    got += generator.tokens(prompts[2:4], images[2:4])
     assert generator.prompt_len == 40  # 1 + 16 + 20 = 37 tokens, rounded up to a multiple of 8
+    got += generator.tokens(prompts[2:4], images[2:4])
     got += generator.tokens(prompts[4:], images[4:])
+    assert generator.prompt_len == 40  # one shape: compiled once
     for i, prompt in enumerate(prompts):
-        want = _reference_greedy(model, params, prompt.tolist(), images[i][None, None], steps,
+        want = reference_greedy(model, params, prompt.tolist(), images[i][None, None], steps,
                                  (tokenizer.eos_id,), vocab_size=tokenizer.vocab_size)
         assert got[i] == [t for t in want if t != tokenizer.eos_id]
 
@@ -139,6 +114,12 @@ def test_left_pad():
 # ----------------------------------------------------------------------------- sampling
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.0, -1.0, 3.0, 0.5], np.float32)
+_sample = jax.jit(sample_token, static_argnums=(2, 3))
+
+
+def _key(seed):
+    """An 'rbg' key: sample_token takes any key type, and rbg compiles 3x faster on CPU."""
+    return jax.random.key(seed, impl="rbg")
 
 
 def _filtered_distribution(logits, temperature, top_p):
@@ -155,9 +136,7 @@ def _filtered_distribution(logits, temperature, top_p):
 
 def _empirical(temperature, top_p, n=40_000, seed=0):
     logits = jnp.broadcast_to(jnp.asarray(LOGITS), (n, LOGITS.size))
-    tokens = jax.jit(sample_token, static_argnums=(2, 3))(
-        logits, jax.random.PRNGKey(seed), temperature, top_p
-    )
+    tokens = _sample(logits, _key(seed), temperature, top_p)
     return np.bincount(np.asarray(tokens), minlength=LOGITS.size) / n
 
 
@@ -185,8 +164,6 @@ def test_greedy_and_tiny_top_p_are_argmax():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(64, 50)).astype(np.float32) * 3)
     best = np.argmax(np.asarray(logits), axis=-1)
-    np.testing.assert_array_equal(sample_token(logits, jax.random.PRNGKey(0), 0.0, 1.0), best)
+    np.testing.assert_array_equal(_sample(logits, _key(0), 0.0, 1.0), best)
     for seed in range(3):
-        np.testing.assert_array_equal(
-            sample_token(logits, jax.random.PRNGKey(seed), 1.0, 1e-6), best
-        )
+        np.testing.assert_array_equal(_sample(logits, _key(seed), 1.0, 1e-6), best)

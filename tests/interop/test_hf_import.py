@@ -3,10 +3,9 @@
 import io
 import json
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -251,18 +250,27 @@ def test_pretrained_init_takes_the_llm_tokenizer_and_grows_the_vocabulary(tmp_pa
         params["decoder"]["lm_head"][:, vocab:].T, [head.mean(0)] * 3, atol=1e-6
     )
 
-    # Put into a freshly initialised stage I model, the LLM computes what it did in PyTorch.
+    # The stage I model computes with them what the LLM computes in PyTorch.
     model_cfg = dense_variant(cfg.model)
     model_cfg.image_token_id = tok.image_token_id
     ids = np.random.RandomState(0).randint(3, vocab, (1, 9))
-    pos = jnp.arange(9)[None]
-    model = build_model(model_cfg)
-    fresh = model.init(jax.random.PRNGKey(0), ids, pos, jnp.ones_like(ids))["params"]
-    merged = hf_import.merge_params(nn.meta.unbox(fresh), params)
-    logits, _ = jit_apply(model, merged, ids, pos, jnp.ones_like(ids))
+    logits = decoder_logits(model_cfg, params, ids)
     with torch.no_grad():
         want = hf(torch.tensor(ids)).logits.numpy()
     assert max_err(logits[..., :vocab], want) <= TOL
+
+
+def test_merge_params_casts_and_checks_paths_and_shapes():
+    fresh = {"decoder": {"embedding": np.zeros((4, 2), np.float32)}, "projector": {"b": np.ones(2)}}
+    pretrained = {"decoder": {"embedding": np.arange(8).reshape(4, 2).astype(ml_dtypes.bfloat16)}}
+    merged = hf_import.merge_params(fresh, pretrained)
+    assert merged["decoder"]["embedding"].dtype == jnp.float32
+    np.testing.assert_array_equal(merged["decoder"]["embedding"], np.arange(8).reshape(4, 2))
+    np.testing.assert_array_equal(merged["projector"]["b"], np.ones(2))
+    with pytest.raises(hf_import.CheckpointError, match="decoder/lm_head does not exist"):
+        hf_import.merge_params(fresh, {"decoder": {"lm_head": np.zeros((2, 4))}})
+    with pytest.raises(hf_import.CheckpointError, match=r"decoder/embedding has shape \(5, 2\)"):
+        hf_import.merge_params(fresh, {"decoder": {"embedding": np.zeros((5, 2))}})
 
 
 def test_pretrained_init_refuses_mismatched_inputs(tmp_path, llama_dir):

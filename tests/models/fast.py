@@ -3,7 +3,11 @@
 import jax
 
 # Cheaper CPU code generation; results stay within the tests' fp32 tolerances.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_use_fusion_emitters": False,  # the largest saving: ~3x less compile time
+}
 
 
 def fast_jit(fn, *example_args):

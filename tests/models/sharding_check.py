@@ -1,13 +1,15 @@
 """Whole-model loss and gradients on 8 fake CPU devices vs one device (run by test_sharding.py).
 
 Run as `python tests/models/sharding_check.py [dispatch ...]`; it sets XLA_FLAGS itself before
-importing jax (8 host devices, and cheaper LLVM codegen: compile time dominates). For each dispatch
-mode it computes loss (masked CE + 0.01 * balance + 0.001 * z-loss) and gradients once without a mesh, then under
-jit on the meshes below with params and batch sharded by the logical rules, and prints one line
+importing jax (8 host devices, and cheaper CPU codegen: compile time dominates). For each dispatch
+mode it computes loss (masked CE + 0.01 * balance + 0.001 * z-loss) and gradients once without a
+mesh, then under jit on the meshes below with params and batch sharded by the logical rules, and
+prints one line
 `RESULT {json}` with the worst tolerance ratios (<= 1 passes), whether each compiled program holds
 all-to-all / all-gather collectives, and how the expert kernels are sharded.
 """
 
+import functools
 import json
 import os
 import sys
@@ -17,6 +19,7 @@ os.environ["XLA_FLAGS"] = " ".join([
     "--xla_force_host_platform_device_count=8",
     "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
 ]).strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -134,7 +137,7 @@ def check(dispatch: str) -> dict:
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     one = jax.devices()[0]
-    (ref_loss, dropped), ref_grads = jax.jit(lambda p, b: grad_fn(p, b, single))(
+    (ref_loss, dropped), ref_grads = jax.jit(functools.partial(grad_fn, model=single))(
         jax.device_put(params, one), jax.device_put(batch, one)
     )
     ref_grads = jax.tree_util.tree_map(np.asarray, ref_grads)
@@ -145,7 +148,8 @@ def check(dispatch: str) -> dict:
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             p = jax.device_put(params, logical_shardings(specs, mesh))
             b = jax.device_put(batch, batch_sharding(mesh))
-            compiled = jax.jit(lambda p_, b_: grad_fn(p_, b_, model)).lower(p, b).compile()
+            step = functools.partial(grad_fn, model=model)
+            compiled = jax.jit(step).lower(p, b).compile()
             (loss, _), grads = compiled(p, b)
         hlo = compiled.as_text()
         gate = p["decoder"]["layers_0"]["moe"]["experts"]["gate"]  # [E, d, f]

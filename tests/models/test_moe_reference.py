@@ -15,6 +15,7 @@ import pytest
 from configs.models import moe_defaults
 from moe_lvlm.models import moe
 from tests.models import np_reference as ref
+from tests.models.fast import fast_jit
 
 
 # --------------------------------------------------------------------------- helpers
@@ -79,7 +80,10 @@ def test_route_second_choice_noise_matches_reference():
 
 @pytest.mark.parametrize(
     "seq, num_experts, k, factor, want",
-    [(8, 4, 2, 1.5, 6), (5, 4, 2, 1.0, 3), (1, 4, 2, 2.0, 1), (3, 8, 1, 1.0, 1), (24, 4, 2, 2.0, 24)],
+    [
+        (8, 4, 2, 1.5, 6), (5, 4, 2, 1.0, 3), (1, 4, 2, 2.0, 1), (3, 8, 1, 1.0, 1),
+        (24, 4, 2, 2.0, 24),
+    ],
 )
 def test_capacity_formula(seq, num_experts, k, factor, want):
     assert moe.capacity(seq, num_experts, k, factor) == want
@@ -174,9 +178,10 @@ def test_moe_layer_matches_reference(case):
     x = (rng.normal(size=(batch, seq, d_in)) + shift).astype(np.float32)
     valid = padding_mask(rng, batch, seq)
     layer = moe.MoeFeedForward(cfg, hidden, out_dim=d_out, activation=activation, gated=gated)
-    y, metrics = jax.jit(lambda p, x_, v: layer.apply({"params": p}, x_, v, train=train))(
-        params, x, valid
+    apply = fast_jit(
+        lambda p, x_, v: layer.apply({"params": p}, x_, v, train=train), params, x, valid
     )
+    y, metrics = apply(params, x, valid)
 
     want_y, want_metrics = ref.moe(params, x, valid, cfg, activation, gated, train)
     np.testing.assert_allclose(y, want_y, rtol=2e-5, atol=2e-5)
@@ -198,7 +203,7 @@ def test_fully_dropped_token_has_zero_output():
     params = random_moe_params(rng, 8, 16, 8, 4, gated=True)
     x = rng.normal(size=(1, 6, 8)).astype(np.float32)
     layer = moe.MoeFeedForward(cfg, 16)
-    y, metrics = jax.jit(layer.apply)({"params": params}, x)
+    y, metrics = fast_jit(layer.apply, {"params": params}, x)({"params": params}, x)
     first = np.argmax(x[0] @ params["router"], -1)
     keeps = [first[s] not in first[:s] for s in range(6)]
     np.testing.assert_array_equal(np.abs(np.asarray(y)[0]).sum(-1) > 0, keeps)
@@ -214,9 +219,9 @@ def test_train_and_eval_use_their_own_capacity_factor():
     layer = moe.MoeFeedForward(cfg, 16)
     ids = ref.route(x.astype(np.float64) @ params["router"], 2)[0]
     valid = np.ones((2, 8), bool)
-    apply = jax.jit(layer.apply, static_argnames="train")
     for train, cap in ((True, 2), (False, 8)):
-        y, metrics = apply({"params": params}, x, train=train)
+        apply = fast_jit(lambda p, x_, t=train: layer.apply({"params": p}, x_, train=t), params, x)
+        y, metrics = apply(params, x)
         kept = ref.slots(ids, valid, 4, cap)[1]
         np.testing.assert_allclose(metrics["dropped_fraction"], 1 - kept.mean(), rtol=1e-6)
         np.testing.assert_allclose(
@@ -250,7 +255,8 @@ def np_moe_grads(params, x, valid, cotangent, cfg, activation, gated, train):
         kept = np.broadcast_to(valid[..., None], ids.shape)
     else:
         factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
-        kept = ref.slots(ids, valid, num_experts, ref.capacity(x.shape[1], num_experts, k, factor))[1]
+        cap = ref.capacity(x.shape[1], num_experts, k, factor)
+        kept = ref.slots(ids, valid, num_experts, cap)[1]
     act, act_grad = ref.ACTIVATIONS[activation], ACTIVATION_GRADS[activation]
     grads = {name: np.zeros_like(a) for name, a in w.items()}
     d_router, dx = np.zeros_like(router), np.zeros_like(x)
@@ -325,7 +331,7 @@ def test_moe_gradients_match_hand_derived_backward(case):
     def loss(p, x_):
         return jnp.sum(layer.apply({"params": p}, x_, valid, train=train)[0] * cotangent)
 
-    got_params, got_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    got_params, got_x = fast_jit(jax.grad(loss, argnums=(0, 1)), params, x)(params, x)
     want_params, want_x, ids = np_moe_grads(
         params, x, valid, cotangent, cfg, activation, gated, train
     )

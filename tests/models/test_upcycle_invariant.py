@@ -15,6 +15,8 @@ import pytest
 from configs.models import moe_defaults
 from moe_lvlm.models.layers import DenseFeedForward
 from moe_lvlm.models.moe import MoeFeedForward
+from tests.models import np_reference as ref
+from tests.models.fast import fast_jit
 
 BATCH, SEQ, D, HIDDEN, E = 2, 12, 16, 32, 4
 
@@ -69,11 +71,13 @@ def test_experts_copied_from_dense_ffn_give_the_dense_output(gated, dispatch):
     dense_params = random_dense_params(rng, gated)
     router = (2.0 * rng.normal(size=(D, E))).astype(np.float32)  # confident, varied routing
     x, valid = inputs(rng)
-    want = dense.apply({"params": dense_params}, x)
+    want = ref.dense_ffn(ref.f64(dense_params), x.astype(np.float64), dense.activation, gated)
     for train in (False, True):
-        y, metrics = jax.jit(lambda p, x_, v, t=train: layer.apply({"params": p}, x_, v, train=t))(
-            upcycled(dense_params, router), x, valid
+        params = upcycled(dense_params, router)
+        apply = fast_jit(
+            lambda p, x_, v, t=train: layer.apply({"params": p}, x_, v, train=t), params, x, valid
         )
+        y, metrics = apply(params, x, valid)
         np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(want)[valid],
                                    rtol=1e-5, atol=1e-6)
         assert not np.asarray(y)[~valid].any()
@@ -100,9 +104,8 @@ def test_dropless_and_capacity_without_drops_agree_with_gradients(gated):
             y, m = layer.apply({"params": p}, x_, valid, train=True)
             return jnp.sum(y * cotangent) + m["balance_loss"] + m["z_loss"], (y, m)
 
-        (value, (y, metrics)), grads = jax.jit(
-            jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
-        )(params, x)
+        value_and_grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+        (value, (y, metrics)), grads = fast_jit(value_and_grad, params, x)(params, x)
         results[dispatch] = (value, y, metrics, grads)
 
     (v0, y0, m0, g0), (v1, y1, m1, g1) = results["dropless"], results["capacity"]

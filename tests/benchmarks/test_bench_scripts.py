@@ -1,0 +1,71 @@
+"""Each benchmark script runs end to end on CPU at a tiny shape (so that it cannot rot)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def run(script: str, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_step_both_systems(tmp_path):
+    out = tmp_path / "rows.json"
+    text = run("train_step.py", "--preset", "tiny", "--layers", "2", "--seq", "24", "--batch", "1",
+               "--steps", "1", "--warmup", "1", "--dtype", "float32", "--torch", "eager",
+               "--variant", "a:remat=none",
+               "--json_out", str(out))
+    rows = {r["system"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"jax", "torch"}, text
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["tokens_s"] == pytest.approx(24 / r["median_s"])
+        assert r["mfu"] == pytest.approx(r["tflops"] / max(x["ceiling_tflops"]
+                                                          for x in rows.values()))
+        # Both twins start from small random weights: cross-entropy near ln(vocab) (+ the small
+        # balance loss of one MoE layer in ours).
+        assert abs(r["loss"] - math.log(1024)) < 0.2, r
+    assert rows["jax"]["nonfinite"] == 0
+    assert "| jax/a (remat=none) |" in text and "| torch/eager |" in text
+
+
+def test_moe_layer(tmp_path):
+    out = tmp_path / "rows.json"
+    text = run("moe_layer.py", "--tokens", "64", "--batch", "2", "--d", "32", "--f", "64",
+               "--steps", "1", "--modes", "dropless/xla,capacity", "--kernels", "xla",
+               "--json_out", str(out))
+    result = json.loads(out.read_text())
+    assert [r["op"] for r in result["kernels"]] == ["forward", "input grad", "weight grad"]
+    assert all(r["rel_err"] < 1e-2 for r in result["kernels"]), result["kernels"]
+    modes = [r["mode"] for r in result["layer"]]
+    assert modes == ["dropless/xla", "capacity", "2 dense FFNs"], text
+    for r in result["layer"]:
+        assert "error" not in r and r["ratio"] > 0, r
+
+
+def test_generation_random_and_workdir(tmp_path):
+    from tests.generate.tiny_workdir import make_workdir
+
+    common = ["--batches", "1,2", "--text", "4", "--new", "4", "--short", "2", "--repeats", "1"]
+    for name, extra in (("random", ["--preset", "tiny", "--layers", "2"]),
+                        ("workdir", ["--workdir", str(make_workdir(tmp_path / "w"))])):
+        out = tmp_path / f"{name}.json"
+        run("generation.py", *extra, *common, "--json_out", str(out))
+        rows = json.loads(out.read_text())
+        assert [r["batch"] for r in rows] == [1, 2]
+        for r in rows:
+            assert r["e2e_tokens_s"] == pytest.approx(r["batch"] * 4 / r["total_s"])
+            assert r["prompt"] == 16 + 4
