@@ -8,36 +8,41 @@ on a named accelerator; and a check against the collectives of the compiled trai
         --check          # + the compiled train step on 8 fake CPU devices, side by side
 
 The model follows what XLA's SPMD partitioner makes of this code (moe_lvlm/parallel/mesh.py
-rules). Mesh axes D (data), F (fsdp), X (expert), T (tensor); each device holds b = B/(D F X)
-rows of S tokens. Bytes a device sends, ring algorithms over a group of n devices: all-gather
-(n-1)/n of its result, all-reduce 2(n-1)/n of its buffer, reduce-scatter (n-1)/n of its input,
-all-to-all (n-1)/n of its buffer. Causes:
+rules), term by term. Mesh axes D (data), F (fsdp), X (expert), T (tensor); each device holds
+b = B/(D F X) rows of S tokens. Bytes a device sends with ring algorithms over a group of n:
+all-gather (n-1)/n of its result, reduce-scatter (n-1)/n of its input, all-reduce 2(n-1)/n of
+its buffer, all-to-all (n-1)/n of its buffer. Causes:
   fsdp_gather       every parameter with a dimension on fsdp is all-gathered over F once a step
-                    (its tensor and expert shards stay); expert weights as the MoE layer needs them
+                    (its tensor and expert shards stay); with T > 1 XLA gathers the LM head and
+                    the projector's fc2 again for the backward pass
   moe_weights       expert weights entering the MoE shard_map: capacity gathers them over T and F
-                    (experts stay on their X devices), dropless over T, F and X (all experts on
-                    every device)
+                    (each expert stays on its X devices), dropless over T, F and X (every device
+                    holds all experts: dropless has no expert parallelism)
   expert_all_to_all capacity dispatch with X > 1: the [b, E, C, d] slots go to the experts'
                     devices and back, forward and backward: 4 all_to_all over X per MoE layer
-  tensor_forward    all-reduce over T of [rows, tokens, d] after each row-parallel matmul
-                    (attention out, MLP down / fc2), plus the LM head's log-softmax sums
+  tensor_forward    all-reduce over T after each row-parallel matmul (attention out, MLP down,
+                    fc2; capacity experts when X = 1), and the LM head's log-softmax sums
   tensor_backward   all-reduce over T of the input gradient of each column-parallel matmul (q, k,
-                    v, gate, up / fc1, LM head) on layers the gradient passes through, and of the
+                    v, gate, up, fc1, LM head) on blocks the gradient passes through, and of the
                     MoE shard_map inputs, which are replicated over T
-  grad_reduce       gradients of trainable parameters summed over the batch axes that do not
-                    shard them: over F on the F-gathered gradient, then over D X on the shard
-                    (all-reduce + slice on CPU, a reduce-scatter on TPU/GPU: `--backend`); MoE
-                    shard_map weights over D F T (capacity) or all devices (dropless)
-  embed_lookup      the token embedding lookup from the [vocab/T, embed/F] table: all-gather of
-                    the table over T, and of the looked-up [B, S, d/F] rows over F to rebuild
-                    batch-sharded [b, S, d] embeddings
-Not counted: scalar metrics and the loss (a few hundred bytes), `collective-permute`s XLA uses
-to re-lay tiny tensors (routers, ids), recomputation of gathers under remat.
+  grad_reduce       gradients of trainable parameters, summed over the batch axes that do not
+                    shard them: over F on the F-gathered gradient, then over D X on the shard;
+                    MoE shard_map weights over D F T (capacity) or all devices (dropless).
+                    `--backend=cpu` keeps XLA CPU's all-reduce + slice, tpu/gpu count the
+                    reduce-scatter those backends make of it
+  embed_lookup      the all-gather over T of the [vocab, embed/F] token-embedding table
+Not counted: scalar metrics and the loss (a few hundred bytes), `collective-permute`s of tiny
+tensors (routers, ids), gathers recomputed under remat, and the rest of the token-embedding
+lookup: XLA partitions it with an "involuntary full rematerialization" (its own warning) that
+moves [B, S, d/F]-sized rows of the global batch in mesh-dependent ways; `--check` lists those
+collectives apart. Parameters are gathered in their stored dtype (float32 in the presets).
 """
 
 import argparse
 import collections
 import dataclasses
+import functools
+import json
 import math
 import os
 import re
@@ -120,15 +125,21 @@ class Setup:
 
 def parameters(model_cfg) -> list[tuple[str, tuple[int, ...], tuple]]:
     """(path, shape, mesh axes of each dimension) of every parameter, from shapes only."""
+    return _parameters(model_cfg.to_json())
+
+
+@functools.lru_cache(maxsize=8)
+def _parameters(model_json: str) -> list[tuple[str, tuple[int, ...], tuple]]:
     import flax.linen as nn
     import jax
+    import ml_collections
     from flax import traverse_util
 
     from moe_lvlm.models.lvlm import build_model
     from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES
     from moe_lvlm.train.loop import example_inputs
 
-    model_cfg = model_cfg.copy_and_resolve_references()
+    model_cfg = ml_collections.ConfigDict(json.loads(model_json))
     model_cfg.image_token_id = max(model_cfg.image_token_id, 0)
     boxed = jax.eval_shape(
         lambda r: build_model(model_cfg).init(r, *example_inputs(model_cfg, 1, 8, 1)),
@@ -408,7 +419,6 @@ def hlo_collectives(hlo: str, num_devices: int) -> list[HloCollective]:
 def compiled_train_step_hlo(setup: Setup, stage) -> str:
     """HLO text of the real train step (moe_lvlm.train.step) compiled for `setup.mesh` on this
     process's devices (e.g. fake CPU devices)."""
-    import functools
 
     import flax.linen as nn
     import jax
@@ -429,7 +439,7 @@ def compiled_train_step_hlo(setup: Setup, stage) -> str:
     # Shapes and logical axes from a model without the mesh (its shard_maps need whole shards).
     init = loop.state_initializer(build_model(model_cfg), optimizer, setup.trainable, model_cfg,
                                   setup.seq, setup.images_per_row)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # as moe_lvlm.train.loop does
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
         state = abstract_with_shardings(nn.meta.unbox(boxed), shardings)
@@ -610,9 +620,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(model_table(terms))
     acc = ACCELERATORS[args.accelerator]
     times = step_time(setup, terms, acc)
-    print(f"\n{acc.name}: compute {times['compute_s'] * 1e3:.2f} ms at peak, communication "
-          f"{times['comm_s'] * 1e3:.2f} ms; step {times['overlapped_s'] * 1e3:.2f} ms "
-          f"(overlapped) to {times['serial_s'] * 1e3:.2f} ms (serial)")
+    ms = {k: f"{v * 1e3:.3g} ms" for k, v in times.items()}
+    print(f"\n{acc.name}: compute {ms['compute_s']} at peak, communication {ms['comm_s']}; "
+          f"step {ms['overlapped_s']} (overlapped) to {ms['serial_s']} (serial)")
     if args.check:
         print(f"\ncompiled train step on {devices} CPU devices, MiB sent per device "
               "(cpu lowering):")

@@ -99,6 +99,31 @@ def layer_rows(args) -> list[dict]:
     return rows
 
 
+def lowered_flops(loss, params, x) -> float:
+    import jax
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return fn.lower(params, x).cost_analysis()["flops"]
+
+
+def count_rows(args) -> list[dict]:
+    """XLA's FLOP count of the lowered (unoptimised) forward + backward per mode: no device time,
+    so it also runs where the timings cannot be taken."""
+
+    rows, dense_flops = [], None
+    for mode in filter(None, args.modes.split(",")):
+        dispatch, _, gmm = mode.partition("/")
+        impl, _, _ = common.gmm_choice(gmm or "xla")
+        reset_triton()
+        moe_loss, dense_loss, mp, dp, x = layer_fns(args, dispatch, impl)
+        if dense_flops is None:
+            dense_flops = lowered_flops(dense_loss, dp, x)
+            rows.append({"mode": "2 dense FFNs", "xla_tflop": dense_flops / 1e12, "ratio": 1.0})
+        moe_flops = lowered_flops(moe_loss, mp, x)
+        rows.append({"mode": mode, "xla_tflop": moe_flops / 1e12, "ratio": moe_flops / dense_flops})
+    return rows
+
+
 def useful_flops(args) -> float:
     """Forward + backward FLOPs of top_k SwiGLU FFNs per token (3 matmuls, x6)."""
     return 6.0 * 3 * args.d * args.f * args.tokens * args.top_k
@@ -182,9 +207,20 @@ def main(argv=None) -> None:
     parser.add_argument("--kernels", default="xla", help="grouped matmuls to time alone ('' none)")
     parser.add_argument("--profile", default="", help="a mode to break down per op")
     parser.add_argument("--json_out", default="", help="also write the rows here")
+    parser.add_argument("--count", action="store_true",
+                        help="only XLA's FLOP count of each mode's lowered HLO (no timing)")
     args = parser.parse_args(argv)
 
     import jax
+
+    if args.count:
+        rows = count_rows(args)
+        print(f"XLA cost analysis (unoptimised HLO, {jax.default_backend()} lowering), forward + "
+              f"backward, E={args.experts} top-{args.top_k}, tokens {args.tokens}, d {args.d}, "
+              f"f {args.f}; useful {useful_flops(args) / 1e12:.3f} TFLOP:")
+        print(common.table(rows, [("mode", "mode", "s"), ("XLA TFLOP", "xla_tflop", ".3f"),
+                                  ("ratio to 2 dense", "ratio", ".3f")]))
+        return
 
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}; E={args.experts} "
           f"top-{args.top_k}, tokens {args.tokens}, d {args.d}, f {args.f}, bf16 compute, "

@@ -101,7 +101,7 @@ def generate(
 
     def emit(i, logits, rng, out, done):
         """Samples token i of every row from logits [batch, vocab]; stopped rows get pad_id."""
-        if vocab_size is not None:
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
         token = sample_token(logits, jax.random.fold_in(rng, i), temperature, top_p)
         token = jnp.where(done, pad_id, token)
@@ -235,7 +235,7 @@ def encode_question(
     except conversation.BadRecord as e:
         raise ValueError(f"{image_path}: {e}") from None
     pixels = image.preprocess(picture, encoder.image_size, encoder.mean, encoder.std,
-                                       encoder.aspect)
+                              encoder.aspect)
     return ids, pixels
 
 

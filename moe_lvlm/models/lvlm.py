@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from moe_lvlm.config import num_image_tokens
 from moe_lvlm.models.decoder import Decoder
 from moe_lvlm.models.projector import Projector
 from moe_lvlm.models.vit import VisionEncoder
@@ -19,7 +20,8 @@ class LVLM(nn.Module):
     -> (logits [batch, seq, vocab] float32, {moe layer path: metrics}).
 
     The j-th `image_token_id` position of row b receives the j-th image feature of row b (image 0's
-    tokens first). Rows without placeholders ignore their (zero) images.
+    tokens first). Rows without placeholders ignore their (zero) images, and images that no
+    placeholder uses are left out of the vision and projector MoE losses and metrics.
     """
 
     config: Any  # FrozenConfigDict of the model section
@@ -45,10 +47,14 @@ class LVLM(nn.Module):
         metrics, features = {}, None
         if images is not None:
             b, m = images.shape[:2]
+            placeholders = jnp.sum(input_ids == cfg.image_token_id, axis=1)  # [b]
+            used = placeholders[:, None] > jnp.arange(m) * num_image_tokens(cfg)  # [b, m]
             vision, vision_metrics = VisionEncoder(cfg, train, name="vision", **kw)(
-                images.reshape(b * m, *images.shape[2:])
+                images.reshape(b * m, *images.shape[2:]), used.reshape(b * m)
             )
-            features, projector_metrics = Projector(cfg, train, name="projector", **kw)(vision)
+            features, projector_metrics = Projector(cfg, train, name="projector", **kw)(
+                vision, jnp.broadcast_to(used.reshape(b * m, 1), vision.shape[:2])
+            )
             features = features.reshape(b, -1, features.shape[-1])
             metrics.update(vision_metrics, **projector_metrics)
         logits, decoder_metrics = Decoder(

@@ -16,7 +16,10 @@ Array = jax.Array
 
 
 class Projector(nn.Module):
-    """[batch, tokens, vision_width] -> ([batch, tokens, embed], MoE metrics)."""
+    """[batch, tokens, vision_width] -> ([batch, tokens, embed], MoE metrics).
+
+    `valid` [batch, tokens] marks the tokens of real images for the MoE's losses and metrics.
+    """
 
     config: Any  # model config
     train: bool = False
@@ -25,7 +28,7 @@ class Projector(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> tuple[Array, dict[str, dict]]:
+    def __call__(self, x: Array, valid: Array | None = None) -> tuple[Array, dict[str, dict]]:
         p, d = self.config.projector, self.config.decoder.embed_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if p.kind == "linear":
@@ -40,7 +43,7 @@ class Projector(nn.Module):
                 mesh=self.mesh,
                 name="moe",
                 **kw,
-            )(x, train=self.train)
+            )(x, valid, train=self.train)
             return y, {"projector": m}
         return DenseFeedForward(
             d, out_dim=d, activation="gelu", gated=False, use_bias=True, name="mlp", **kw

@@ -47,7 +47,7 @@ class VisionBlock(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> tuple[Array, dict | None]:
+    def __call__(self, x: Array, valid: Array | None = None) -> tuple[Array, dict | None]:
         v = self.config.vision
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = LayerNorm(v.layer_norm_eps, name="norm1", **kw)(x)
@@ -74,7 +74,7 @@ class VisionBlock(nn.Module):
                 mesh=self.mesh,
                 name="moe",
                 **kw,
-            )(h, train=self.train)
+            )(h, valid, train=self.train)
         else:
             h = DenseFeedForward(
                 v.mlp_dim, activation=v.activation, gated=False, use_bias=True, name="mlp", **kw
@@ -84,7 +84,11 @@ class VisionBlock(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """images [batch, H, W, 3] (normalised) -> features [batch, tokens, width], MoE metrics."""
+    """images [batch, H, W, 3] (normalised) -> features [batch, tokens, width], MoE metrics.
+
+    `image_valid` [batch] marks real images; the others (fillers for rows without an image) take
+    no part in the MoE blocks' routing losses and metrics.
+    """
 
     config: Any  # model config
     train: bool = False
@@ -93,7 +97,9 @@ class VisionEncoder(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, images: Array) -> tuple[Array, dict[str, dict]]:
+    def __call__(
+        self, images: Array, image_valid: Array | None = None
+    ) -> tuple[Array, dict[str, dict]]:
         v = self.config.vision
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         patches = patchify(images.astype(self.dtype), v.patch_size)
@@ -124,11 +130,12 @@ class VisionEncoder(nn.Module):
         if v.pre_norm:
             x = LayerNorm(v.layer_norm_eps, name="pre_norm", **kw)(x)
         moe_at = set(moe_layer_indices(v.moe_layers, v.depth))
+        valid = None if image_valid is None else jnp.broadcast_to(image_valid[:, None], x.shape[:2])
         metrics = {}
         for i in range(num_layers_run(v.depth, v.select_layer)):
             x, m = VisionBlock(
                 self.config, i in moe_at, self.train, self.mesh, name=f"layers_{i}", **kw
-            )(x)
+            )(x, valid)
             if m is not None:
                 metrics[f"vision/layers_{i}"] = m
         if v.class_token and not v.keep_class_token:

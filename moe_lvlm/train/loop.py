@@ -238,5 +238,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer) ->
                 source_runner = StageRunner(cfg, source, names, workdir, mesh, tokenizer)
                 init_params = source_runner.final_params()
                 source_runner.close()
-        held = {name: runner.run(init_params, runner.make_data(tokenizer), is_main)}
-        runner.close()
+        try:
+            held = {name: runner.run(init_params, runner.make_data(tokenizer), is_main)}
+        finally:
+            runner.close()

@@ -17,7 +17,7 @@ def run(script: str, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=1500, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

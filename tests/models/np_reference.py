@@ -199,8 +199,11 @@ def layer_indices(spec, num_layers):
 
 
 # --------------------------------------------------------------------------- model parts
-def vit(params, images, model_cfg, train=False):
-    """images [n, H, W, 3] -> (hidden state `select_layer` [n, tokens, width], MoE metrics)."""
+def vit(params, images, model_cfg, train=False, image_valid=None):
+    """images [n, H, W, 3] -> (hidden state `select_layer` [n, tokens, width], MoE metrics).
+
+    MoE losses and metrics count only the tokens of images marked in `image_valid` [n].
+    """
     v, p = model_cfg.vision, f64(params)
     n, size = images.shape[0], v.image_size
     grid, ps = size // v.patch_size, v.patch_size
@@ -228,9 +231,11 @@ def vit(params, images, model_cfg, train=False):
                           heads, everything)
         h = layer_norm(x, blk["norm2"], v.layer_norm_eps)
         if i in moe_at:
+            valid = np.ones(h.shape[:2], bool)
+            if image_valid is not None:
+                valid &= np.asarray(image_valid, bool)[:, None]
             y, metrics[f"vision/layers_{i}"] = moe(
-                blk["moe"], h, np.ones(h.shape[:2], bool), model_cfg.moe, v.activation, False,
-                train,
+                blk["moe"], h, valid, model_cfg.moe, v.activation, False, train
             )
         else:
             y = dense_ffn(blk["mlp"], h, v.activation, gated=False)
@@ -241,12 +246,14 @@ def vit(params, images, model_cfg, train=False):
     return out, metrics
 
 
-def projector(params, x, model_cfg, train=False):
+def projector(params, x, model_cfg, train=False, image_valid=None):
     p = f64(params)
     if model_cfg.projector.kind == "linear":
         return linear(x, p["fc"]), {}
     if model_cfg.projector.moe:
         valid = np.ones(x.shape[:2], bool)
+        if image_valid is not None:
+            valid &= np.asarray(image_valid, bool)[:, None]
         y, m = moe(p["moe"], x, valid, model_cfg.moe, "gelu", False, train)
         return y, {"projector": m}
     return dense_ffn(p["mlp"], x, "gelu", gated=False), {}
@@ -295,13 +302,24 @@ def decoder(params, ids, positions, segment_ids, features, model_cfg, packed=Fal
 
 
 def lvlm(params, input_ids, positions, segment_ids, images, model_cfg, packed=False, train=False):
-    """The whole model: images [batch, M, H, W, 3] or None. Returns (logits, metrics)."""
+    """The whole model: images [batch, M, H, W, 3] or None. Returns (logits, metrics).
+
+    Image j of row b is used when the row has more than j * (tokens per image) placeholders; the
+    others count in no MoE loss or metric.
+    """
     features, metrics = None, {}
     if images is not None:
         b, m = images.shape[:2]
         flat = np.asarray(images, np.float64).reshape(b * m, *images.shape[2:])
-        vision, metrics = vit(params["vision"], flat, model_cfg, train)
-        features, proj_metrics = projector(params["projector"], vision, model_cfg, train)
+        v = model_cfg.vision
+        per_image = (v.image_size // v.patch_size) ** 2 + int(v.class_token and v.keep_class_token)
+        used = np.zeros((b, m), bool)
+        for row in range(b):
+            count = int((input_ids[row] == model_cfg.image_token_id).sum())
+            used[row, : -(-count // per_image)] = True
+        used = used.reshape(b * m)
+        vision, metrics = vit(params["vision"], flat, model_cfg, train, used)
+        features, proj_metrics = projector(params["projector"], vision, model_cfg, train, used)
         features = features.reshape(b, -1, features.shape[-1])
         metrics.update(proj_metrics)
     logits, dec_metrics = decoder(

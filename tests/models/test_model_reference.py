@@ -230,6 +230,11 @@ def test_lvlm_matches_reference_on_a_mixed_batch(dispatch):
     assert sorted(metrics) == ["decoder/layers_0", "decoder/layers_2", "projector",
                                "vision/layers_1"]
     assert_metrics_close(metrics, want_metrics)
+    # Only the 3 used images (row 0's two, row 2's first) count in the vision MoE: with all 6
+    # (the zero fillers too) its statistics would differ.
+    _, all_images = ref.vit(params["vision"], images.reshape(6, 16, 16, 3), cfg, train=True)
+    got_entropy = metrics["vision/layers_1"]["router_entropy"]
+    assert abs(all_images["vision/layers_1"]["router_entropy"] - got_entropy) > 1e-3
     balance, z = moe_loss_sums(metrics)
     np.testing.assert_allclose(
         balance, sum(m["balance_loss"] for m in want_metrics.values()), **TOL

@@ -90,10 +90,10 @@ def test_dropless_and_capacity_without_drops_agree_with_gradients(gated):
     rng = np.random.default_rng(10 + int(gated))
     x, valid = inputs(rng)
     cotangent = rng.normal(size=(BATCH, SEQ, D)).astype(np.float32)
-    variables = dense_and_moe(gated, "dropless")[1].init(jax.random.key(0), x, valid)
-    params = jax.tree_util.tree_map(
-        lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32),  # non-zero biases
-        jax.tree_util.tree_map(np.asarray, nn.meta.unbox(variables["params"])),
+    layer = dense_and_moe(gated, "dropless")[1]
+    shapes = nn.meta.unbox(jax.eval_shape(layer.init, jax.random.key(0), x, valid)["params"])
+    params = jax.tree_util.tree_map(  # non-zero biases too
+        lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), shapes
     )
 
     results = {}

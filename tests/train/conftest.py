@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
@@ -113,3 +115,14 @@ def reference_run(tmp_path_factory, data_dir, compile_cache) -> Path:
     command = train_command(workdir, data_dir, REFERENCE_ARG, REFERENCE_OVERRIDES)
     (workdir.parent / "stdout.txt").write_text(run_train(command, compile_cache))
     return workdir
+
+
+def restore_state(directory: Path, step: int) -> dict:
+    """A checkpoint's train state as numpy arrays, read without any target shapes."""
+    with ocp.CheckpointManager(Path(directory).absolute()) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    return jax.tree.map(np.asarray, restored["state"])
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    return sorted(ocp.utils.checkpoint_steps(Path(directory).absolute()))

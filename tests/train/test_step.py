@@ -31,6 +31,8 @@ from moe_lvlm.train.stages import dense_variant, flatten, unflatten
 from moe_lvlm.train.step import make_optimizer, make_schedule, train_step
 
 B, S, IMAGE_TOKENS, IMAGE_ID, LR = 4, 40, 16, 3, 1e-2
+# Cheaper CPU code generation (as tests/models/fast.py): compiling dominates these tests.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 STAGE1 = [stages.PROJECTOR]
 STAGE3 = [stages.PROJECTOR, stages.DECODER_FFNS]
 # What stage III trains in the 2-block decoder (block 0 MoE, block 1 dense), spelled out.
@@ -67,8 +69,13 @@ def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
     return batch
 
 
+def fast_jit(fn, *example_args):
+    return jax.jit(fn).lower(*example_args).compile(compiler_options=FAST_COMPILE)
+
+
 def setup(model_cfg, trainable, accum=1, clip_norm=1.0):
-    """(initial state, jitted step) for a stage training `trainable`."""
+    """(initial state, compiled step) for a stage training `trainable`, on batches like
+    `make_batch()`."""
     stage = stages.stage(trainable, LR, B, 10, "")
     stage.update(clip_norm=clip_norm, grad_accum=accum)
     model = build_model(model_cfg)
@@ -79,7 +86,7 @@ def setup(model_cfg, trainable, accum=1, clip_norm=1.0):
         train_step, model=model, moe_cfg=model_cfg.moe, optimizer=optimizer,
         schedule=make_schedule(stage, 10), trainable=tuple(trainable), accum=accum,
     )
-    return state, jax.jit(step)
+    return state, fast_jit(step, state, make_batch())
 
 
 def host(tree):
@@ -159,7 +166,8 @@ def reference_loss_and_grads(cfg, params, batch, trainable_prefixes):
         mask = batch["loss_mask"]
         return -jnp.sum(picked * mask) / jnp.sum(mask)
 
-    value, grads = jax.jit(jax.value_and_grad(loss))([flat[k] for k in names])
+    train = [flat[k] for k in names]
+    value, grads = fast_jit(jax.value_and_grad(loss), train)(train)
     return float(value), dict(zip(names, map(np.asarray, grads), strict=True))
 
 
