@@ -14,6 +14,7 @@ Models: the random full-size model (`--preset`, bf16 weights, as for serving; de
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json_out", default="", help="also write the rows here")
     args = parser.parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")  # before jax starts
     if not 0 < args.short < args.new:
         raise SystemExit(f"need 0 < --short ({args.short}) < --new ({args.new})")
 

@@ -17,6 +17,7 @@ kernels). `--kernels` takes the same names.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -210,6 +211,7 @@ def main(argv=None) -> None:
     parser.add_argument("--count", action="store_true",
                         help="only XLA's FLOP count of each mode's lowered HLO (no timing)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")  # before jax starts
 
     import jax
 

@@ -83,7 +83,7 @@ def generate(
     segment_ids: Array,
     images: Array | None,
     rng: Array,
-    stop_ids: Array,
+    stop_ids: Array | Sequence[int],
     *,
     max_new_tokens: int,
     pad_id: int = 0,
@@ -92,9 +92,10 @@ def generate(
     top_p: float = 1.0,
 ) -> Array:
     """New tokens [batch, max_new_tokens]: each row up to and including its first token in
-    `stop_ids` [n], then `pad_id`. With `vocab_size`, ids past the tokenizer's vocabulary (rows
-    of a larger embedding table) are never produced."""
+    `stop_ids` (traced: other stop ids do not recompile), then `pad_id`. With `vocab_size`, ids
+    past the tokenizer's vocabulary (rows of a larger embedding table) are never produced."""
     batch, prompt_len = input_ids.shape
+    stop_ids = jnp.asarray(stop_ids, jnp.int32).reshape(-1)
     apply = functools.partial(
         model.apply, decode=True, max_len=prompt_len + max_new_tokens, mutable=["cache"]
     )

@@ -7,6 +7,7 @@ Used by evaluation, generation and export. Layout written by `python -m moe_lvlm
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 
 def latest_checkpoint(workdir: str | Path, stage: str | None = None) -> tuple[str, int]:
-    """(stage, step) of the newest complete checkpoint: in `stage`, or in the last stage that has one."""
+    """(stage, step) of the newest checkpoint: in `stage`, else in the last stage with one."""
     workdir = Path(workdir)
     names = stage_names(read_config(workdir))
     candidates = [stage] if stage else list(reversed(names))
@@ -74,10 +75,11 @@ def load_trained(
     tokenizer = pipeline.load_tokenizer(cfg.data)
     model_cfg = stages_lib.stage_model_config(cfg, names, names.index(stage))
     model_cfg.image_token_id = tokenizer.image_token_id
-    with ocp.CheckpointManager(directory) as manager:
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())
-        )
+    with ocp.CheckpointManager(directory) as manager, warnings.catch_warnings():
+        # Restoring onto the default device is what we want; orbax warns that no target sharding
+        # was given.
+        warnings.filterwarnings("ignore", message="Sharding info not provided")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
     params = jax.tree.map(jax.numpy.asarray, restored["state"]["params"])
     return TrainedModel(
         config=cfg, model_config=model_cfg, model=build_model(model_cfg), params=params,
