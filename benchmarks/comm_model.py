@@ -30,12 +30,15 @@ its buffer, all-to-all (n-1)/n of its buffer. Causes:
                     MoE shard_map weights over D F T (capacity) or all devices (dropless).
                     `--backend=cpu` keeps XLA CPU's all-reduce + slice, tpu/gpu count the
                     reduce-scatter those backends make of it
-  embed_lookup      the all-gather over T of the [vocab, embed/F] token-embedding table
+  embed_lookup      token embeddings from the [vocab/T, embed/F] table: with T > 1, a
+                    vocab-parallel lookup (all-reduce over T of the [b, S, d] rows) when F = 1,
+                    else an all-gather of the table over T; the table's gradient reduction
 Not counted: scalar metrics and the loss (a few hundred bytes), `collective-permute`s of tiny
 tensors (routers, ids), gathers recomputed under remat, and the rest of the token-embedding
 lookup: XLA partitions it with an "involuntary full rematerialization" (its own warning) that
 moves [B, S, d/F]-sized rows of the global batch in mesh-dependent ways; `--check` lists those
-collectives apart. Parameters are gathered in their stored dtype (float32 in the presets).
+collectives apart. Parameters are gathered in their stored dtype (float32 in the presets); MoE
+layers in the vision tower or projector (CuMo) are not modelled.
 """
 
 import argparse
@@ -156,12 +159,11 @@ def _parameters(model_json: str) -> list[tuple[str, tuple[int, ...], tuple]]:
     return out
 
 
-def _local(shape, dims, mesh, skip=()) -> int:
-    """Elements of one device's shard (ceil per dimension, as XLA pads), axes in `skip` whole."""
+def _local(shape, dims, mesh) -> int:
+    """Elements of one device's shard (ceil per dimension, as XLA pads)."""
     total = 1
     for n, axes in zip(shape, dims, strict=True):
-        split = math.prod(mesh[a] for a in axes if a not in skip)
-        total *= -(-n // split)
+        total *= -(-n // math.prod(mesh[a] for a in axes))
     return total
 
 
@@ -218,13 +220,15 @@ def parameter_terms(setup: Setup, params, param_bytes: int, backend: str) -> lis
             terms.append(Term("fsdp_gather", "all-gather", local * f, f, ("fsdp",),
                               2 if again else 1, path))
         if trains:
+            # The embedding's gradient leaves the lookup's transpose (a scatter-add): counted
+            # with the lookup.
+            cause = "embed_lookup" if path == "decoder/embedding" else "grad_reduce"
             rest = tuple(a for a in ("data", "expert") if a not in axes)
             if "fsdp" in axes:
-                terms.append(Term("grad_reduce", scatter, local * f, f, ("fsdp",), what=path))
+                terms.append(Term(cause, scatter, local * f, f, ("fsdp",), what=path))
             else:
                 rest = tuple(a for a in ("data", "fsdp", "expert") if a not in axes)
-            terms.append(Term("grad_reduce", "all-reduce", local, setup.size(*rest), rest,
-                              what=path))
+            terms.append(Term(cause, "all-reduce", local, setup.size(*rest), rest, what=path))
     return terms
 
 
@@ -284,8 +288,13 @@ def activation_terms(setup: Setup, params) -> list[Term]:
     tensor_ar("tensor_forward", "projector fc2", images, image_tokens, d)
     if backward_into("projector", -1) and cfg.projector.kind == "mlp2x_gelu":
         tensor_ar("tensor_backward", "projector fc1 input", images, image_tokens, vis.width)
-    # Token embeddings.
-    if t > 1:
+    # Token embeddings from the [vocab/T, embed/F] table: with F = 1 a vocab-parallel lookup
+    # (each device looks up its vocab shard, an all-reduce over T sums the rows); with F > 1
+    # XLA gathers the table over T first (and then reshards rows: not modelled).
+    if t > 1 and f == 1:
+        terms.append(Term("embed_lookup", "all-reduce", rows * seq * d * BYTES[cfg.param_dtype],
+                          t, tp, what="vocab-parallel lookup"))
+    elif t > 1:
         terms.append(Term("embed_lookup", "all-gather", dec.vocab_size * d / f * BYTES[
             cfg.param_dtype], t, tp, what="embedding table over T"))
     # Decoder blocks.
@@ -310,8 +319,12 @@ def activation_terms(setup: Setup, params) -> list[Term]:
             cap = capacity(seq, moe.num_experts, moe.top_k, moe.capacity_factor_train)
             slots = rows * moe.num_experts * cap * d * act
             if x > 1:
+                # Forward dispatch and combine; backward the combine's transpose when the
+                # experts train, the dispatch's when the input gradient is needed.
+                experts_train = any(p.startswith(f"{name}/moe/") for p in trained)
+                count = 2 + int(experts_train or backward) + int(backward)
                 terms.append(Term("expert_all_to_all", "all-to-all", slots, x, ("expert",),
-                                  4 if backward else 2, f"{name} dispatch, combine"))
+                                  count, f"{name} dispatch, combine"))
                 if backward and t > 1:
                     terms.append(Term("tensor_backward", "all-reduce", slots, t, tp,
                                       what=f"{name} moe slots input"))

@@ -57,18 +57,23 @@ def load_sweep(path: str | Path) -> tuple[str, tuple]:
     return module.AXIS, tuple(module.VALUES)
 
 
+def point_dir(root: str, axis: str, value: Any) -> str:
+    """`root/AXIS_VALUE`, joined as text so that `gs://` roots keep their two slashes."""
+    return f"{root.rstrip('/')}/{point_name(axis, value)}"
+
+
 def point_name(axis: str, value: Any) -> str:
     return f"{axis}_{value}"
 
 
-def train_command(config: str, axis: str, value: Any, workdir: Path, config_args: str,
+def train_command(config: str, axis: str, value: Any, workdir: str, config_args: str,
                   overrides: Sequence[str], python: str = sys.executable) -> list[str]:
     arg = ",".join(filter(None, [f"{axis}={value}", config_args]))
     return [python, "-m", "moe_lvlm.train", f"--config={config}:{arg}",
             f"--workdir={workdir}", *overrides]
 
 
-def eval_command(workdir: Path, eval_args: Sequence[str],
+def eval_command(workdir: str | Path, eval_args: Sequence[str],
                  python: str = sys.executable) -> list[str]:
     return [python, "-m", "moe_lvlm.evaluate", f"--workdir={workdir}", *eval_args]
 
@@ -279,22 +284,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts, overrides = parser.parse_args(argv[:split]), argv[split + 1:]
     axis, values = load_sweep(opts.config)
     values = parse_values(opts.values, values)
-    root = Path(opts.workdir)
-    workdirs = [root / point_name(axis, v) for v in values]
     eval_args = shlex.split(opts.eval_args)
     if opts.dry_run:
-        for v, w in zip(values, workdirs, strict=True):
+        for v in values:
+            w = point_dir(opts.workdir, axis, v)
             print(shlex.join(train_command(opts.config, axis, v, w, opts.config_args, overrides,
                                            "python")))
             if not opts.no_eval:
                 print(shlex.join(eval_command(w, eval_args, "python")))
         return 0
+    root = Path(opts.workdir)
+    workdirs = [root / point_name(axis, v) for v in values]
     rows = []
     for v, w in zip(values, workdirs, strict=True):
         status, evaluated = "ok", "skipped" if opts.no_eval else ""
         if not opts.collect_only:
             print(f"[sweep] {point_name(axis, v)}: training in {w}", flush=True)
-            cmd = train_command(opts.config, axis, v, w, opts.config_args, overrides)
+            cmd = train_command(opts.config, axis, v, str(w), opts.config_args, overrides)
             result = run_logged(cmd, w / "train.log")
             if result.returncode != 0:
                 status = f"train failed (exit {result.returncode}, see {w / 'train.log'})"

@@ -92,6 +92,13 @@ class StageCheckpoints:
         self.manager.close()
 
 
+def latest_step(directory: str | Path) -> int | None:
+    """The newest complete checkpoint step in `directory` (None if there is none)."""
+    directory = Path(directory)
+    steps = ocp.utils.checkpoint_steps(directory.absolute()) if directory.exists() else []
+    return max(steps, default=None)
+
+
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings, for restoring onto a mesh."""
     return jax.tree.map(

@@ -22,9 +22,9 @@ import numpy as np
 
 from moe_lvlm.data import pipeline, sources
 from moe_lvlm.models.lvlm import build_model
-from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, logical_shardings
+from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, batch_divisor, logical_shardings
 from moe_lvlm.train import stages as stages_lib
-from moe_lvlm.train.checkpoint import StageCheckpoints, abstract_with_shardings
+from moe_lvlm.train.checkpoint import StageCheckpoints, abstract_with_shardings, latest_step
 from moe_lvlm.train.reporting import MetricsWriter, plot_stage, read_metrics
 from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
 
@@ -44,18 +44,22 @@ def stage_names(cfg: ml_collections.ConfigDict) -> list[str]:
 
 
 def example_inputs(model_cfg: ml_collections.ConfigDict, batch: int, seq: int, images: int):
+    """Zero inputs of the model's shapes (batch: a multiple of the mesh's batch shards)."""
     v = model_cfg.vision
     ids = jnp.zeros((batch, seq), jnp.int32)
     imgs = jnp.zeros((batch, images, v.image_size, v.image_size, 3), jnp.float32)
     return ids, ids, jnp.ones((batch, seq), jnp.int32), imgs
 
 
-def state_initializer(model, optimizer, patterns, model_cfg, seq: int, images: int):
-    """rng -> boxed train state (params carry logical axis names)."""
+def state_initializer(model, optimizer, patterns, model_cfg, seq: int, images: int,
+                      batch: int = 1):
+    """rng -> boxed train state (params carry logical axis names). `batch`: rows of the example
+    inputs that `model.init` traces, divisible by the mesh's batch shards."""
 
     def init(rng):
         params_rng, state_rng = jax.random.split(rng)
-        params = model.init(params_rng, *example_inputs(model_cfg, 1, seq, images))["params"]
+        inputs = example_inputs(model_cfg, batch, seq, images)
+        params = model.init(params_rng, *inputs)["params"]
         trainable, _ = stages_lib.split_trainable(params, patterns)
         return {
             "step": jnp.zeros((), jnp.int32),
@@ -103,7 +107,7 @@ class StageRunner:
         self.images_per_row = cfg.data.max_images_per_row if cfg.data.packing else 1
         init = state_initializer(
             self.model, self.optimizer, self.stage.trainable, self.model_cfg, cfg.data.seq_len,
-            self.images_per_row,
+            self.images_per_row, batch_divisor(mesh),
         )
         with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -225,11 +229,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer) ->
     is_main = jax.process_index() == 0
     held: dict[str, Any] = {}  # final parameters of the stage just trained, by name
     for name in names:
-        runner = StageRunner(cfg, name, names, workdir, mesh, tokenizer)
-        if runner.finished():
-            print(f"{name}: already complete ({runner.total_steps} steps), skipping", flush=True)
-            runner.close()
+        total_steps = stage_num_steps(cfg, name)
+        if latest_step(workdir / name / "checkpoints") == total_steps:
+            print(f"{name}: already complete ({total_steps} steps), skipping", flush=True)
             continue
+        runner = StageRunner(cfg, name, names, workdir, mesh, tokenizer)
         init_params = None
         source = stages_lib.source_stage(cfg, names, name)
         if source is not None and runner.ckpt.latest_step() is None:

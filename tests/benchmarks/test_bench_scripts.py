@@ -59,13 +59,13 @@ def test_moe_layer(tmp_path):
 def test_generation_random_and_workdir(tmp_path):
     from tests.generate.tiny_workdir import make_workdir
 
-    common = ["--batches", "1,2", "--text", "4", "--new", "4", "--short", "2", "--repeats", "1"]
-    for name, extra in (("random", ["--preset", "tiny", "--layers", "2"]),
-                        ("workdir", ["--workdir", str(make_workdir(tmp_path / "w"))])):
+    common = ["--text", "4", "--new", "4", "--short", "2", "--repeats", "1"]
+    for name, batch, extra in (("random", 2, ["--preset", "tiny", "--layers", "2"]),
+                               ("workdir", 1, ["--workdir", str(make_workdir(tmp_path / "w"))])):
         out = tmp_path / f"{name}.json"
-        run("generation.py", *extra, *common, "--json_out", str(out))
+        run("generation.py", *extra, *common, "--batches", str(batch), "--json_out", str(out))
         rows = json.loads(out.read_text())
-        assert [r["batch"] for r in rows] == [1, 2]
+        assert [r["batch"] for r in rows] == [batch]
         for r in rows:
             assert r["e2e_tokens_s"] == pytest.approx(r["batch"] * 4 / r["total_s"])
             assert r["prompt"] == 16 + 4

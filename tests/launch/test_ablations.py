@@ -121,16 +121,17 @@ def test_param_counts_of_the_table():
 
 
 def test_dry_run_prints_each_point(capsys):
-    rc = sweep.main(["configs/ablations/top_k.py", "--workdir=/tmp/abl", "--config-args=steps=0.1",
-                     "--eval-args=--limit=50", "--dry-run", "--", "--config.data.data_dir=/d"])
+    rc = sweep.main(["configs/ablations/top_k.py", "--workdir=gs://bucket/abl",
+                     "--config-args=steps=0.1", "--eval-args=--limit=50", "--dry-run", "--",
+                     "--config.data.data_dir=/d"])
     assert rc == 0
     assert capsys.readouterr().out.splitlines() == [
         "python -m moe_lvlm.train --config=configs/ablations/top_k.py:top_k=1,steps=0.1 "
-        "--workdir=/tmp/abl/top_k_1 --config.data.data_dir=/d",
-        "python -m moe_lvlm.evaluate --workdir=/tmp/abl/top_k_1 --limit=50",
+        "--workdir=gs://bucket/abl/top_k_1 --config.data.data_dir=/d",
+        "python -m moe_lvlm.evaluate --workdir=gs://bucket/abl/top_k_1 --limit=50",
         "python -m moe_lvlm.train --config=configs/ablations/top_k.py:top_k=2,steps=0.1 "
-        "--workdir=/tmp/abl/top_k_2 --config.data.data_dir=/d",
-        "python -m moe_lvlm.evaluate --workdir=/tmp/abl/top_k_2 --limit=50",
+        "--workdir=gs://bucket/abl/top_k_2 --config.data.data_dir=/d",
+        "python -m moe_lvlm.evaluate --workdir=gs://bucket/abl/top_k_2 --limit=50",
     ]
 
 
@@ -205,7 +206,7 @@ def test_two_point_sweep_end_to_end(tmp_path, data_dir):
     overrides = [f"--config.data.data_dir={data_dir}", "--config.stages=stage3",
                  "--config.stage3.init_from=none", "--config.stage3.num_steps=3",
                  "--config.stage3.batch_size=4", "--config.log_every=1",
-                 "--config.model.decoder.num_layers=2", "--config.model.vision.depth=2"]
+                 "--config.model.decoder.num_layers=1", "--config.model.vision.depth=2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
            "XLA_FLAGS": "--xla_backend_optimization_level=0 "
                         "--xla_llvm_disable_expensive_passes=true"}
@@ -219,7 +220,7 @@ def test_two_point_sweep_end_to_end(tmp_path, data_dir):
     assert [(r["point"], r["status"], r["eval"], r["step"]) for r in rows] == [
         ("num_experts_1", "ok", "skipped", "3"), ("num_experts_2", "ok", "skipped", "3")]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
-    # 2 layers, layer 0 MoE: one extra expert and a 2-expert router over the dense model.
+    # 1 layer, MoE with 2 experts: one extra expert and a 2-expert router over the dense model.
     dense, moe = (float(r["total_params"]) for r in rows)
     assert moe - dense == EXPERT_PARAMS + 2 * ROUTER_PARAMS
     for point in ("num_experts_1", "num_experts_2"):

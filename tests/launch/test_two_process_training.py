@@ -1,16 +1,16 @@
 """Multi-host training for real: the demo's three MoE-tuning stages run by 2 local processes
 (jax.distributed on 127.0.0.1, gloo CPU collectives, 2 fake CPU devices each) give the same
 per-step losses as 1 process on 4 devices with the same global batch, and the checkpoints the
-2 processes write together restore to the same state.
+2 processes write together restore to the same state. The mesh is expert=4: in stage III the
+tokens travel to the other process's experts (all_to_all) and each process holds 2 experts.
 
 Tolerance: the runs are not bitwise equal, and need not be. Process p reads records p, p+2, ...
 of the shuffled stream, so each global batch holds the same records as the single process's but
 in another row order; every device then sums a different set of rows and the float32 partial
-sums are added in another order. Measured: losses differ by at most 1.4e-7 relative (about
-2 ulp) and parameters by 1e-6 after all 7 steps. We allow 1e-5 relative on losses and gradient
-norms (70x the measured difference) and 2e-5 absolute on the restored state, while the loss moves
-by more than 1e-3 from one step to the next, so a wrong shard or a skipped or repeated batch
-fails the test.
+sums are added in another order. Measured: losses differ by at most 2.1e-7 relative (a few ulp)
+and the final state by 1.1e-6. We allow 1e-5 relative on losses and gradient norms (about 50x
+the measured difference) and 2e-5 absolute on the restored state, while the loss moves by more
+than 5e-3 from one step to the next, so a wrong shard or a skipped or repeated batch fails.
 """
 
 import concurrent.futures
@@ -42,11 +42,11 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def train_args(data_dir: str, workdir: Path) -> list[str]:
-    # Capacity dispatch with expert axis 1: the dropless layer's shard_map cannot be traced at
-    # the batch of 1 that the loop initialises the state with on a batch-sharded mesh.
+    # Expert parallelism over all 4 devices: capacity dispatch sends tokens to the other
+    # process's experts with all_to_all, and each process holds (and saves) 2 of the 4 experts.
     args = ["--config=configs/demo.py:dispatch=capacity", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", "--config.mesh.data=1",
-            "--config.mesh.fsdp=-1", "--config.model.decoder.num_layers=2",
+            "--config.mesh.expert=4", "--config.model.decoder.num_layers=2",
             "--config.model.vision.depth=2", "--config.log_every=1"]
     for stage, steps in STEPS.items():
         args += [f"--config.{stage}.num_steps={steps}", f"--config.{stage}.batch_size=8"]
@@ -89,7 +89,7 @@ def test_per_step_losses_match_one_process(runs, stage):
         np.testing.assert_allclose([r[key] for r in multi], [r[key] for r in single],
                                    rtol=LOSS_RTOL, err_msg=f"{stage} {key}")
     losses = np.array([r["loss"] for r in single])
-    assert np.min(np.abs(np.diff(losses))) > 100 * LOSS_RTOL * np.max(losses)
+    assert np.min(np.abs(np.diff(losses))) > 10 * LOSS_RTOL * np.max(losses)
 
 
 def restore_state(workdir: Path, stage: str, step: int):

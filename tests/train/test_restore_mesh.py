@@ -13,8 +13,8 @@ from tests.train.conftest import ROOT, STEPS, restore_state, train_env
 
 def test_restore_on_an_8_device_mesh(tmp_path, compile_cache, reference_run):
     out = tmp_path / "restored"
-    env = train_env(compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-                    PYTHONPATH=str(ROOT))
+    env = {**train_env(compile_cache, "--xla_force_host_platform_device_count=8"),
+           "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
         [sys.executable, "tests/train/restore_on_mesh.py", str(reference_run), "stage3", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
