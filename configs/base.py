@@ -63,6 +63,9 @@ def data_config() -> ml_collections.ConfigDict:
 def get_base_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.model = models.tiny()
+    # Pretrained HF directories for the stages that start fresh ('' = random init): a dense
+    # LLaMA/Qwen2/Qwen3/Mistral LLM and a CLIP/SigLIP vision tower (docs/interop.md).
+    cfg.init = ml_collections.ConfigDict(dict(llm="", vision=""))
     cfg.mesh = mesh_config()
     cfg.data = data_config()
     # Seeds parameter initialisation (per stage) and the training RNG (router noise).

@@ -9,7 +9,7 @@
 Each returns (model config, params): the model config is a full `config.model` section (the preset
 `tiny()` with the imported parts replaced) and params a nested dict of numpy arrays under
 'vision', 'projector' and 'decoder' as `build_model(cfg).init` lays them out (unboxed). Tensors keep
-their stored dtype (BF16 checkpoints give ml_dtypes.bfloat16 arrays); `merge_params` casts them.
+their stored dtype (BF16 checkpoints give ml_dtypes.bfloat16 arrays); training casts them.
 A missing or mis-shaped tensor, or an architecture feature this model lacks, raises CheckpointError
 naming the file and key.
 """
@@ -500,7 +500,7 @@ def grow_vocab(params: dict, vocab_size: int) -> dict:
 
 def pretrained_init(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, dict]:
     """The run config with `init.llm` / `init.vision` (HF directories, '' for none) applied,
-    and the pretrained params (nested numpy; `merge_params` puts them into a fresh model).
+    and the pretrained params (nested numpy; training starts its fresh stages from them).
 
     The model takes the pretrained architectures (`with_pretrained`). With init.llm, the LLM
     directory's sentencepiece `tokenizer.model` becomes `data.tokenizer` unless that is set; a
@@ -528,18 +528,3 @@ def pretrained_init(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.Conf
             params = grow_vocab(params, vocab)
             out.model.decoder.vocab_size = vocab
     return out, params
-
-
-def merge_params(fresh: Any, pretrained: dict) -> dict:
-    """`fresh` (an initialised, unboxed tree) with every pretrained tensor put in, cast to the
-    fresh dtype. A pretrained path the model lacks, or a shape mismatch, raises."""
-    flat = traverse_util.flatten_dict(fresh, sep="/")
-    for path, value in traverse_util.flatten_dict(pretrained, sep="/").items():
-        if path not in flat:
-            raise CheckpointError(f"pretrained parameter {path} does not exist in the model")
-        if tuple(flat[path].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"pretrained parameter {path} has shape {value.shape}, the model {flat[path].shape}"
-            )
-        flat[path] = jnp.asarray(np.asarray(value), dtype=flat[path].dtype)
-    return traverse_util.unflatten_dict(flat, sep="/")

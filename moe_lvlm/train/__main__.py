@@ -26,10 +26,11 @@ def main(argv: list[str]) -> None:
 
     from moe_lvlm.config import validate  # noqa: PLC0415
     from moe_lvlm.data import pipeline  # noqa: PLC0415
+    from moe_lvlm.interop import hf_import  # noqa: PLC0415
     from moe_lvlm.parallel.mesh import make_mesh  # noqa: PLC0415
     from moe_lvlm.train import loop  # noqa: PLC0415
 
-    cfg = _CONFIG.value
+    cfg, pretrained = hf_import.pretrained_init(_CONFIG.value)
     mesh = make_mesh(validate(cfg, jax.device_count()))
     tokenizer = pipeline.load_tokenizer(cfg.data)
     workdir = Path(_WORKDIR.value)
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> None:
         (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     print(distributed.device_report(), f"mesh {dict(mesh.shape)}", flush=True)
     try:
-        loop.run(cfg, workdir, mesh, tokenizer)
+        loop.run(cfg, workdir, mesh, tokenizer, pretrained or None)
     except loop.NonFiniteLoss as e:
         raise SystemExit(f"stopped (nan_policy='stop'): {e}") from None
 

@@ -131,13 +131,19 @@ class StageRunner:
         return self.ckpt.restore(self.total_steps, self.abstract)["params"]
 
     def fresh_state(self, init_params: Any | None) -> dict:
-        """Initialised state; with `init_params` (a previous stage's) every parameter they hold
-        is taken from them and dense FFNs become experts (upcycling)."""
+        """Initialised state; with `init_params` (a previous stage's, or pretrained ones) every
+        parameter they hold is taken from them and dense FFNs become experts (upcycling)."""
         stage_key = zlib.crc32(self.name.encode())  # the same whichever stages are selected
         rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), stage_key)
         with self.mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             state = self._init(rng)
         if init_params is not None:
+            unused = stages_lib.unused_paths(init_params, state["params"])
+            if unused:
+                raise ValueError(
+                    f"{self.name}: {len(unused)} initial parameters have no place in the model, "
+                    f"e.g. {unused[:3]}"
+                )
             params = stages_lib.upcycle(
                 init_params, state["params"], self.model_cfg.moe.upcycle_noise_std,
                 jax.random.fold_in(rng, 1),
@@ -220,8 +226,13 @@ def skipped(data: pipeline.DataIterator) -> dict[str, int]:
     return out
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer) -> None:
-    """Runs every configured stage in order, each from its newest checkpoint or its start."""
+def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer,
+        pretrained: dict | None = None) -> None:
+    """Runs every configured stage in order, each from its newest checkpoint or its start.
+
+    `pretrained` (params from `hf_import.pretrained_init`) starts every stage that starts fresh
+    (no `init_from` source); dense FFNs it holds become experts where the stage is MoE.
+    """
     if cfg.nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={cfg.nan_policy!r}; use one of {NAN_POLICIES}")
     workdir = Path(workdir)
@@ -234,8 +245,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer) ->
             print(f"{name}: already complete ({total_steps} steps), skipping", flush=True)
             continue
         runner = StageRunner(cfg, name, names, workdir, mesh, tokenizer)
-        init_params = None
         source = stages_lib.source_stage(cfg, names, name)
+        init_params = pretrained if source is None else None
         if source is not None and runner.ckpt.latest_step() is None:
             init_params = held.pop(source, None)
             if init_params is None:

@@ -114,6 +114,13 @@ _EXPERT_PATH = re.compile(
 )
 
 
+def unused_paths(dense_params: Params, fresh_moe_params: Params) -> list[str]:
+    """Paths of `dense_params` that `upcycle` would not put into `fresh_moe_params`."""
+    fresh = flatten(fresh_moe_params)
+    used = set(fresh) | {dense_source_path(p) for p in fresh}
+    return sorted(p for p in flatten(dense_params) if p not in used)
+
+
 def dense_source_path(moe_path: str) -> str | None:
     """Where an expert tensor comes from in the dense model, or None (e.g. a fresh router)."""
     m = _EXPERT_PATH.match(moe_path)
@@ -136,7 +143,12 @@ def upcycle(
     out = {}
     for i, (path, fresh) in enumerate(sorted(flatten(fresh_moe_params).items())):
         if path in dense:
-            out[path] = dense[path]
+            if tuple(dense[path].shape) != tuple(fresh.shape):
+                raise ValueError(
+                    f"{path}: the source has shape {tuple(dense[path].shape)}, the model "
+                    f"{tuple(fresh.shape)}"
+                )
+            out[path] = jnp.asarray(dense[path], fresh.dtype)
             continue
         source = dense_source_path(path)
         if source is None:

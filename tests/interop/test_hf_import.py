@@ -5,7 +5,6 @@ import json
 
 import jax.numpy as jnp
 import ml_collections
-import ml_dtypes
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -258,19 +257,6 @@ def test_pretrained_init_takes_the_llm_tokenizer_and_grows_the_vocabulary(tmp_pa
     with torch.no_grad():
         want = hf(torch.tensor(ids)).logits.numpy()
     assert max_err(logits[..., :vocab], want) <= TOL
-
-
-def test_merge_params_casts_and_checks_paths_and_shapes():
-    fresh = {"decoder": {"embedding": np.zeros((4, 2), np.float32)}, "projector": {"b": np.ones(2)}}
-    pretrained = {"decoder": {"embedding": np.arange(8).reshape(4, 2).astype(ml_dtypes.bfloat16)}}
-    merged = hf_import.merge_params(fresh, pretrained)
-    assert merged["decoder"]["embedding"].dtype == jnp.float32
-    np.testing.assert_array_equal(merged["decoder"]["embedding"], np.arange(8).reshape(4, 2))
-    np.testing.assert_array_equal(merged["projector"]["b"], np.ones(2))
-    with pytest.raises(hf_import.CheckpointError, match="decoder/lm_head does not exist"):
-        hf_import.merge_params(fresh, {"decoder": {"lm_head": np.zeros((2, 4))}})
-    with pytest.raises(hf_import.CheckpointError, match=r"decoder/embedding has shape \(5, 2\)"):
-        hf_import.merge_params(fresh, {"decoder": {"embedding": np.zeros((5, 2))}})
 
 
 def test_pretrained_init_refuses_mismatched_inputs(tmp_path, llama_dir):
