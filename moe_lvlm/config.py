@@ -3,6 +3,7 @@
 import ml_collections
 
 DISPATCH_MODES = ("dropless", "capacity")
+GROUPED_MATMULS = ("xla", "mosaic")
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -106,6 +107,11 @@ def _validate_moe(moe: ml_collections.ConfigDict, expert_axis: int) -> None:
     if moe.dispatch not in DISPATCH_MODES:
         raise ConfigError(
             f"model.moe.dispatch={moe.dispatch!r} is unknown; use one of {DISPATCH_MODES}"
+        )
+    if moe.grouped_matmul not in GROUPED_MATMULS:
+        raise ConfigError(
+            f"model.moe.grouped_matmul={moe.grouped_matmul!r} is unknown; use one of "
+            f"{GROUPED_MATMULS}"
         )
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(

@@ -15,8 +15,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_lvlm.config import GROUPED_MATMULS
+
 Array = jax.Array
-IMPLEMENTATIONS = ("xla", "mosaic")
 
 
 class Blocks(NamedTuple):
@@ -41,7 +42,7 @@ def grouped_matmul(
         return jax.lax.ragged_dot(x, w, group_sizes)
     if implementation == "mosaic":
         return mosaic_grouped_matmul(FORWARD_BLOCKS, WGRAD_BLOCKS)(x, w, group_sizes)
-    raise ValueError(f"unknown grouped matmul {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    raise ValueError(f"unknown grouped matmul {implementation!r}; choose one of {GROUPED_MATMULS}")
 
 
 def custom_vjp_grouped_matmul(forward, input_grad, weight_grad):

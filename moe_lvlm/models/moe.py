@@ -282,7 +282,7 @@ class MoeFeedForward(nn.Module):
                     comb_.reshape(b_ * s_, k),
                     self.activation,
                     self.gated,
-                    cfg.get("grouped_matmul", "xla"),
+                    cfg.grouped_matmul,
                 )
                 return y_.reshape(b_, s_, -1)
 
