@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
             mixtures=("builtin:stage1", "builtin:stage2", "builtin:stage3"),
         )
     )
-    cfg.stage2.trainable = [stages.PROJECTOR, stages.DECODER, r"vision/"]
+    cfg.stage2.trainable = (stages.PROJECTOR, stages.DECODER, r"vision/")
     for name, lr in (("stage1", 2e-3), ("stage2", 1e-3), ("stage3", 5e-4)):
         cfg[name].lr = lr
     cfg.stages = "stage1,stage2,stage3"

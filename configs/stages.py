@@ -20,7 +20,7 @@ def stage(
     return ml_collections.ConfigDict(
         dict(
             # Regexes over '/'-joined parameter paths; the rest is frozen (no optimizer state).
-            trainable=list(trainable),
+            trainable=tuple(trainable),
             # Where the parameters come from: '' = the stage before this one in config.stages
             # (fresh for the first), a stage name = that stage's final checkpoint in the workdir,
             # 'none' = fresh initialisation.
@@ -70,5 +70,5 @@ def cumo(steps=(2180, 7530, 5200), batches=(256, 128, 128), mixtures=None) -> di
     projector (co-upcycling) is a model choice: `model.vision.moe_layers`, `model.projector.moe`
     (configs/cumo.py sets both)."""
     stages = moe_llava(steps, batches, mixtures)
-    stages["stage3"].trainable = [PROJECTOR, DECODER_FFNS, VISION_FFNS]
+    stages["stage3"].trainable = (PROJECTOR, DECODER_FFNS, VISION_FFNS)
     return stages

@@ -4,7 +4,7 @@
 #
 #   launch/slurm_submit.sh --nodes=2 --gpus-per-node=8 [--tasks=per-gpu|per-node] \
 #     [--partition=P] [--time=HH:MM:SS] [--dry-run] \
-#     -- --config=configs/demo.py --workdir=/shared/runs/demo --config.train.steps=100
+#     -- --config=configs/demo.py --workdir=/shared/runs/demo --config.stage3.num_steps=100
 #
 # --tasks=per-gpu (default) runs one process per GPU, per-node one process per node driving all
 # of its GPUs. --dry-run prints the sbatch command and submits nothing.

@@ -6,7 +6,7 @@
 #
 #   launch/tpu_pod.sh --name=my-tpu --zone=us-central2-b --accelerator-type=v4-32 \
 #     --config=configs/demo.py --workdir=gs://my-bucket/runs/demo [--project=P] [--spot] \
-#     [--dry-run] -- --config.train.steps=100
+#     [--dry-run] -- --config.stage3.num_steps=100
 #
 # --dry-run prints every command, exactly, and runs none.
 set -euo pipefail
