@@ -6,11 +6,13 @@ Arguments (`configs/demo.py:steps=0.5,experts=8`): `steps` scales every stage's 
 `experts`, `top_k`, `dispatch` set the MoE layers; dispatch defaults to MoE-LLaVA's `capacity`
 (einsum dispatch, capacity factors 1.5 train / 2.0 eval), about 3x faster than `dropless` on CPU.
 With no pretrained towers to start from, the demo also trains the vision tower in stage II
-(MoE-LLaVA keeps a pretrained one frozen).
+(MoE-LLaVA keeps a pretrained one frozen) and normalises images with the built-in scenes' own
+pixel statistics.
 """
 
 from configs import base, models, stages
 from moe_lvlm.config import parse_arg
+from moe_lvlm.data import builtin
 
 
 def get_config(arg: str | None = None):
@@ -18,6 +20,8 @@ def get_config(arg: str | None = None):
     cfg = base.get_base_config()
     cfg.model = models.tiny()
     cfg.model.moe.update(num_experts=args.experts, top_k=args.top_k, dispatch=args.dispatch)
+    # The tower starts random: normalise with the scenes' own statistics, not CLIP's.
+    cfg.model.vision.update(mean=builtin.PIXEL_MEAN, std=builtin.PIXEL_STD)
     cfg.data.mixture = "builtin:stage3"
     cfg.data.seq_len = 128
     cfg.data.system_prompt = ""
@@ -26,7 +30,8 @@ def get_config(arg: str | None = None):
         stages.moe_llava(
             steps=steps,
             batches=(32, 32, 32),
-            mixtures=("builtin:stage1", "builtin:stage2", "builtin:stage3"),
+            # Stage II mixes in short-answer VQA, as LLaVA-1.5's instruction data does.
+            mixtures=("builtin:stage1", "builtin:stage2@0.5;builtin:stage3@0.5", "builtin:stage3"),
         )
     )
     cfg.stage2.trainable = (stages.PROJECTOR, stages.DECODER, r"vision/")

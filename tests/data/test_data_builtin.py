@@ -71,6 +71,16 @@ def test_count_answers_match_the_pixels(built):
     assert checked > 50
 
 
+def test_pixel_statistics_describe_the_scenes(built):
+    from moe_lvlm.data.image import decode
+
+    data_dir, _ = built
+    pixels = np.stack([np.asarray(decode(r["image"]), np.float64) / 255
+                       for r in _records(data_dir, "stage3", 400)])
+    np.testing.assert_allclose(pixels.mean((0, 1, 2)), builtin.PIXEL_MEAN, atol=0.01)
+    np.testing.assert_allclose(pixels.std((0, 1, 2)), builtin.PIXEL_STD, atol=0.015)
+
+
 def test_train_and_test_share_no_digit_image(built):
     import tensorflow_datasets as tfds
 
