@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
     cfg.data.mixture = "builtin:stage3"
     cfg.data.seq_len = 128
     cfg.data.system_prompt = ""
-    steps = tuple(max(1, round(n * args.steps)) for n in (50, 400, 400))
+    steps = tuple(max(1, round(n * args.steps)) for n in (50, 300, 250))
     cfg.update(
         stages.moe_llava(
             steps=steps,
