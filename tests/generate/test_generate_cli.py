@@ -2,11 +2,12 @@
 template and the image preprocessed as in training (both rebuilt here by hand from the
 documented formats), then answered greedily as a full recompute does."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from configs.models import CLIP_MEAN, CLIP_STD
 from moe_lvlm import generate
 from moe_lvlm.data.tokenizer import Tokenizer
 from moe_lvlm.workdir import load_trained
@@ -20,16 +21,18 @@ def workdir(tmp_path_factory):
     return make_workdir(tmp_path_factory.mktemp("generate_cli"))
 
 
-def _preprocess_by_hand(path, size=32):
+def _preprocess_by_hand(path, workdir, size=32):
     """LLaVA 'pad': pad to a square with the mean colour (image centred), bicubic resize,
-    scale to [0, 1], normalise with the CLIP mean/std."""
+    scale to [0, 1], normalise with the mean/std that the workdir's config.json names."""
+    vision = json.loads((workdir / "config.json").read_text())["model"]["vision"]
+    mean, std = np.array(vision["mean"], np.float32), np.array(vision["std"], np.float32)
     img = Image.open(path).convert("RGB")
     w, h = img.size
     side = max(w, h)
-    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))
+    square = Image.new("RGB", (side, side), tuple(int(m * 255) for m in vision["mean"]))
     square.paste(img, ((side - w) // 2, (side - h) // 2))
     x = np.asarray(square.resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255.0
-    return (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return (x - mean) / std
 
 
 def _expected_answer(workdir, prompt_ids, pixels):
@@ -54,7 +57,7 @@ def test_generate_cli_answers_like_training_template(workdir, tmp_path, capsys, 
         args += ["--image", str(path)]
         prompt = ([tok.bos_id] + tok.encode("USER: ") + [tok.image_token_id] * 16
                   + tok.encode(f"\n{question} ASSISTANT:"))
-        pixels = _preprocess_by_hand(path)
+        pixels = _preprocess_by_hand(path, workdir)
     else:
         prompt = [tok.bos_id] + tok.encode(f"USER: {question} ASSISTANT:")
         pixels = None
