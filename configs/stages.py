@@ -42,6 +42,9 @@ def stage(
             # over the records of the mixture's sources (rows, not packed samples).
             num_steps=num_steps,
             num_epochs=0.0,
+            # Row length in tokens; 0 = config.data.seq_len. Short-answer stages can use shorter
+            # rows (a sample that does not fit is skipped as too_long, or cut with data.truncate).
+            seq_len=0,
             # Data mixture spec (see config.data.mixture); '' = config.data.mixture.
             mixture=mixture,
         )

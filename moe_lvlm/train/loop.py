@@ -91,6 +91,13 @@ def stage_num_steps(cfg: ml_collections.ConfigDict, name: str) -> int:
     return steps
 
 
+def stage_data_config(cfg, name: str) -> ml_collections.ConfigDict:
+    """config.data with the stage's own row length (`{name}.seq_len`, 0 = data.seq_len)."""
+    data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
+    data_cfg.seq_len = cfg[name].get("seq_len", 0) or cfg.data.seq_len
+    return data_cfg
+
+
 class StageRunner:
     """Everything one stage needs, built once; `run` trains it to the end and returns params."""
 
@@ -104,9 +111,10 @@ class StageRunner:
         self.total_steps = stage_num_steps(cfg, name)
         self.schedule = make_schedule(self.stage, self.total_steps)
         self.optimizer = make_optimizer(self.stage, self.total_steps)
+        self.data_cfg = stage_data_config(cfg, name)
         self.images_per_row = cfg.data.max_images_per_row if cfg.data.packing else 1
         init = state_initializer(
-            self.model, self.optimizer, self.stage.trainable, self.model_cfg, cfg.data.seq_len,
+            self.model, self.optimizer, self.stage.trainable, self.model_cfg, self.data_cfg.seq_len,
             self.images_per_row, batch_divisor(mesh),
         )
         with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
@@ -153,7 +161,7 @@ class StageRunner:
 
     def make_data(self, tokenizer) -> pipeline.DataIterator:
         return pipeline.make_iterator(
-            self.cfg.data, self.model_cfg, tokenizer, self.mesh,
+            self.data_cfg, self.model_cfg, tokenizer, self.mesh,
             global_batch_size=self.stage.batch_size, mixture=self.stage.mixture or None,
         )
 

@@ -26,12 +26,14 @@ from moe_lvlm.data import builtin
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
-# The demo recipe cut down: 2-block decoder (block 0 MoE), 2-block ViT, short rows, batch 4.
+# The demo recipe cut down: 2-block decoder (block 0 MoE), 2-block ViT, short rows (shorter in
+# stage III), batch 4.
 REFERENCE_ARG = "dispatch=capacity"
 REFERENCE_OVERRIDES = {
     "model.decoder.num_layers": 2,
     "model.vision.depth": 2,
     "data.seq_len": 96,
+    "stage3.seq_len": 64,
     "log_every": 1,
     "checkpoint.every": 2,
     **{f"stage{i}.num_steps": STEPS for i in (1, 2, 3)},

@@ -17,6 +17,7 @@ STAGES = ("stage1", "stage2", "stage3")
 PEAK_LR = {"stage1": 2e-3, "stage2": 1e-3, "stage3": 5e-4}  # configs/demo.py
 EVERY_STEP = ("loss", "ce", "balance_loss", "z_loss", "grad_norm", "lr", "step_time",
               "tokens_per_s", "loss_tokens", "nonfinite_steps", "skipped_records")
+ROWS = {"stage1": (4, 96), "stage2": (4, 96), "stage3": (4, 64)}  # batch, seq_len (conftest)
 MOE_LAYER = "moe/decoder/layers_0"  # the 2-block decoder's only MoE block
 
 
@@ -49,6 +50,13 @@ def test_jsonl_has_every_step_and_metric(reference_run, stage):
         assert r["nonfinite_steps"] == 0 and r["loss_tokens"] > 0 and r["tokens_per_s"] > 0
     has_moe = any(k.startswith("moe/") for k in rs[0])
     assert has_moe == (stage == "stage3")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_trains_on_rows_of_its_own_length(reference_run, stage):
+    batch, seq_len = ROWS[stage]
+    for r in records(reference_run, stage):  # logged every step: tokens per step = rows x length
+        assert r["tokens_per_s"] * r["step_time"] == pytest.approx(batch * seq_len, rel=1e-6)
 
 
 @pytest.mark.parametrize("stage", STAGES)
