@@ -66,6 +66,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Pretrained HF directories for the stages that start fresh ('' = random init): a dense
     # LLaMA/Qwen2/Qwen3/Mistral LLM and a CLIP/SigLIP vision tower (docs/interop.md).
     cfg.init = ml_collections.ConfigDict(dict(llm="", vision=""))
+    # Supervised pre-training of the fresh vision tower on the built-in scenes before the stages
+    # (the CPU demo's stand-in for a pretrained CLIP; moe_lvlm/train/vision_pretrain.py).
+    # 0 steps = off; it cannot be combined with init.vision.
+    cfg.vision_pretrain = ml_collections.ConfigDict(
+        dict(steps=0, batch_size=64, lr=1e-3, seed=0, eval_scenes=500)
+    )
     cfg.mesh = mesh_config()
     cfg.data = data_config()
     # Seeds parameter initialisation (per stage) and the training RNG (router noise).

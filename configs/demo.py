@@ -2,7 +2,8 @@
 
     python -m moe_lvlm.train --config=configs/demo.py --workdir=runs/demo
 
-Arguments (`configs/demo.py:steps=0.5,experts=8`): `steps` scales every stage's step count;
+Arguments (`configs/demo.py:steps=0.5,experts=8`): `steps` scales every stage's step count (and
+the vision pre-training's);
 `experts`, `top_k`, `dispatch` set the MoE layers; dispatch defaults to MoE-LLaVA's `capacity`
 (einsum dispatch, capacity factors 1.5 train / 2.0 eval), about 3x faster than `dropless` on CPU.
 With no pretrained towers to start from, the demo also trains the vision tower in stage II
@@ -20,8 +21,10 @@ def get_config(arg: str | None = None):
     cfg = base.get_base_config()
     cfg.model = models.tiny()
     cfg.model.moe.update(num_experts=args.experts, top_k=args.top_k, dispatch=args.dispatch)
-    # The tower starts random: normalise with the scenes' own statistics, not CLIP's.
+    # No pretrained CLIP to start from: the tower is pre-trained on the scenes themselves
+    # (supervised, before stage I) and normalises with their pixel statistics, not CLIP's.
     cfg.model.vision.update(mean=builtin.PIXEL_MEAN, std=builtin.PIXEL_STD)
+    cfg.vision_pretrain.steps = max(1, round(600 * args.steps))
     cfg.data.mixture = "builtin:stage3"
     cfg.data.seq_len = 128
     cfg.data.system_prompt = ""
@@ -34,7 +37,6 @@ def get_config(arg: str | None = None):
             mixtures=("builtin:stage1", "builtin:stage2@0.5;builtin:stage3@0.5", "builtin:stage3"),
         )
     )
-    cfg.stage2.trainable = (stages.PROJECTOR, stages.DECODER, r"vision/")
     for name, lr in (("stage1", 2e-3), ("stage2", 1e-3), ("stage3", 5e-4)):
         cfg[name].lr = lr
     cfg.stages = "stage1,stage2,stage3"

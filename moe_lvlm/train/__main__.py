@@ -28,16 +28,24 @@ def main(argv: list[str]) -> None:
     from moe_lvlm.data import pipeline  # noqa: PLC0415
     from moe_lvlm.interop import hf_import  # noqa: PLC0415
     from moe_lvlm.parallel.mesh import make_mesh  # noqa: PLC0415
-    from moe_lvlm.train import loop  # noqa: PLC0415
+    from moe_lvlm.train import loop, vision_pretrain  # noqa: PLC0415
 
     cfg, pretrained = hf_import.pretrained_init(_CONFIG.value)
     mesh = make_mesh(validate(cfg, jax.device_count()))
     tokenizer = pipeline.load_tokenizer(cfg.data)
     workdir = Path(_WORKDIR.value)
-    if jax.process_index() == 0:
+    is_main = jax.process_index() == 0
+    if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     print(distributed.device_report(), f"mesh {dict(mesh.shape)}", flush=True)
+    if cfg.vision_pretrain.steps > 0 and loop.starts_fresh(cfg, workdir):
+        tower, accuracy = vision_pretrain.pretrained_tower(cfg)
+        pretrained = {**pretrained, **tower}
+        if is_main:
+            report = {"steps": cfg.vision_pretrain.steps, **accuracy}
+            (workdir / "vision_pretrain.json").write_text(json.dumps(report) + "\n")
+            print(f"vision pretraining: {json.dumps(report)}", flush=True)
     try:
         loop.run(cfg, workdir, mesh, tokenizer, pretrained or None)
     except loop.NonFiniteLoss as e:

@@ -43,6 +43,17 @@ def stage_names(cfg: ml_collections.ConfigDict) -> list[str]:
     return names
 
 
+def starts_fresh(cfg: ml_collections.ConfigDict, workdir: str | Path) -> bool:
+    """Whether a stage of `cfg` has yet to start with no stage to start from: only such a stage
+    takes pretrained parameters."""
+    names = stage_names(cfg)
+    return any(
+        stages_lib.source_stage(cfg, names, name) is None
+        and latest_step(Path(workdir) / name / "checkpoints") is None
+        for name in names
+    )
+
+
 def example_inputs(model_cfg: ml_collections.ConfigDict, batch: int, seq: int, images: int):
     """Zero inputs of the model's shapes (batch: a multiple of the mesh's batch shards)."""
     v = model_cfg.vision

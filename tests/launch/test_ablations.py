@@ -206,7 +206,8 @@ def test_two_point_sweep_end_to_end(tmp_path, data_dir):
     overrides = [f"--config.data.data_dir={data_dir}", "--config.stages=stage3",
                  "--config.stage3.init_from=none", "--config.stage3.num_steps=3",
                  "--config.stage3.batch_size=4", "--config.log_every=1",
-                 "--config.model.decoder.num_layers=1", "--config.model.vision.depth=2"]
+                 "--config.model.decoder.num_layers=1", "--config.model.vision.depth=2",
+                 "--config.vision_pretrain.steps=2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
            "XLA_FLAGS": "--xla_backend_optimization_level=0 "
                         "--xla_llvm_disable_expensive_passes=true"}

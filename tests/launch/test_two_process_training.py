@@ -47,7 +47,8 @@ def train_args(data_dir: str, workdir: Path) -> list[str]:
     args = ["--config=configs/demo.py:dispatch=capacity", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", "--config.mesh.data=1",
             "--config.mesh.expert=4", "--config.model.decoder.num_layers=2",
-            "--config.model.vision.depth=2", "--config.log_every=1"]
+            "--config.model.vision.depth=2", "--config.log_every=1",
+            "--config.vision_pretrain.steps=2"]
     for stage, steps in STEPS.items():
         args += [f"--config.{stage}.num_steps={steps}", f"--config.{stage}.batch_size=8"]
     return args

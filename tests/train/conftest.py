@@ -34,6 +34,7 @@ REFERENCE_OVERRIDES = {
     "model.vision.depth": 2,
     "data.seq_len": 96,
     "stage3.seq_len": 64,
+    "vision_pretrain.steps": 2,
     "log_every": 1,
     "checkpoint.every": 2,
     **{f"stage{i}.num_steps": STEPS for i in (1, 2, 3)},
