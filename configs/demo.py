@@ -6,9 +6,9 @@ Arguments (`configs/demo.py:steps=0.5,experts=8`): `steps` scales every stage's 
 the vision pre-training's);
 `experts`, `top_k`, `dispatch` set the MoE layers; dispatch defaults to MoE-LLaVA's `capacity`
 (einsum dispatch, capacity factors 1.5 train / 2.0 eval), about 3x faster than `dropless` on CPU.
-With no pretrained towers to start from, the demo also trains the vision tower in stage II
-(MoE-LLaVA keeps a pretrained one frozen) and normalises images with the built-in scenes' own
-pixel statistics.
+With no pretrained CLIP to start from, the demo pre-trains its vision tower on the built-in scenes
+(supervised, before stage I; docs/training.md) and keeps it frozen through the stages as MoE-LLaVA
+does, normalising images with the scenes' own pixel statistics.
 """
 
 from configs import base, models, stages
@@ -23,7 +23,9 @@ def get_config(arg: str | None = None):
     cfg.model.moe.update(num_experts=args.experts, top_k=args.top_k, dispatch=args.dispatch)
     # No pretrained CLIP to start from: the tower is pre-trained on the scenes themselves
     # (supervised, before stage I) and normalises with their pixel statistics, not CLIP's.
-    cfg.model.vision.update(mean=builtin.PIXEL_MEAN, std=builtin.PIXEL_STD)
+    # 16x16 patches: at the 32x32 input each patch covers one cell of the scene's 2x2 grid, so
+    # each of the 4 image tokens holds one digit.
+    cfg.model.vision.update(mean=builtin.PIXEL_MEAN, std=builtin.PIXEL_STD, patch_size=16)
     cfg.vision_pretrain.steps = max(1, round(600 * args.steps))
     cfg.data.mixture = "builtin:stage3"
     cfg.data.seq_len = 128

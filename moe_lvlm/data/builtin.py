@@ -2,8 +2,8 @@
 
 Scenes are 64x64 RGB canvases split into a 2x2 grid of cells; 1-3 distinct digits from
 scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`, 8x8) are upscaled to
-28x28, coloured and placed in distinct cells (at a 32x32 model input, each digit covers 2x2
-patches of 8x8 pixels).
+28x28, coloured and placed in distinct cells (at the demo's 32x32 model input, each cell is one
+16x16 patch).
 
 Splits (LLaVA conversation records; `answer` and `question_type` set for short-answer records):
   stage1  captions ("A red 3 at the top left and a blue 7 at the bottom right.")

@@ -60,12 +60,15 @@ def test_generation_random_and_workdir(tmp_path):
     from tests.generate.tiny_workdir import make_workdir
 
     common = ["--text", "4", "--new", "4", "--short", "2", "--repeats", "1"]
-    for name, batch, extra in (("random", 2, ["--preset", "tiny", "--layers", "2"]),
-                               ("workdir", 1, ["--workdir", str(make_workdir(tmp_path / "w"))])):
+    # Image tokens: models.tiny() has 8x8 patches (16 tokens), the demo workdir 16x16 (4).
+    for name, batch, image_tokens, extra in (
+        ("random", 2, 16, ["--preset", "tiny", "--layers", "2"]),
+        ("workdir", 1, 4, ["--workdir", str(make_workdir(tmp_path / "w"))]),
+    ):
         out = tmp_path / f"{name}.json"
         run("generation.py", *extra, *common, "--batches", str(batch), "--json_out", str(out))
         rows = json.loads(out.read_text())
         assert [r["batch"] for r in rows] == [batch]
         for r in rows:
             assert r["e2e_tokens_s"] == pytest.approx(r["batch"] * 4 / r["total_s"])
-            assert r["prompt"] == 16 + 4
+            assert r["prompt"] == image_tokens + 4

@@ -14,7 +14,7 @@ from tests.generate.tiny_workdir import (
 )
 
 IMAGE_ID = 4
-NUM_IMAGE_TOKENS = 16
+NUM_IMAGE_TOKENS = 4  # the demo's 32x32 images in 16x16 patches
 
 
 @pytest.fixture(scope="module", params=["dropless", "capacity"])
@@ -85,10 +85,10 @@ def test_batch_generator_pads_rows_and_lengths(tiny):
     generator = BatchGenerator(model, params, tokenizer, "vicuna_v1", 32, batch_size=2,
                                max_new_tokens=steps, length_multiple=8)
     got = generator.tokens(prompts[:2], images[:2])
-    assert generator.prompt_len == 40  # 1 + 16 + 20 = 37 tokens, rounded up to a multiple of 8
+    assert generator.prompt_len == 32  # 1 + 4 + 20 = 25 tokens, rounded up to a multiple of 8
     got += generator.tokens(prompts[2:4], images[2:4])
     got += generator.tokens(prompts[4:], images[4:])
-    assert generator.prompt_len == 40  # one shape: compiled once
+    assert generator.prompt_len == 32  # one shape: compiled once
     for i, prompt in enumerate(prompts):
         want = reference_greedy(model, params, prompt.tolist(), images[i][None, None], steps,
                                  (tokenizer.eos_id,), vocab_size=tokenizer.vocab_size)

@@ -21,10 +21,14 @@ def workdir(tmp_path_factory):
     return make_workdir(tmp_path_factory.mktemp("generate_cli"))
 
 
+def _vision_config(workdir):
+    return json.loads((workdir / "config.json").read_text())["model"]["vision"]
+
+
 def _preprocess_by_hand(path, workdir, size=32):
     """LLaVA 'pad': pad to a square with the mean colour (image centred), bicubic resize,
     scale to [0, 1], normalise with the mean/std that the workdir's config.json names."""
-    vision = json.loads((workdir / "config.json").read_text())["model"]["vision"]
+    vision = _vision_config(workdir)
     mean, std = np.array(vision["mean"], np.float32), np.array(vision["std"], np.float32)
     img = Image.open(path).convert("RGB")
     w, h = img.size
@@ -55,7 +59,9 @@ def test_generate_cli_answers_like_training_template(workdir, tmp_path, capsys, 
         rng = np.random.default_rng(0)
         Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(path)
         args += ["--image", str(path)]
-        prompt = ([tok.bos_id] + tok.encode("USER: ") + [tok.image_token_id] * 16
+        vision = _vision_config(workdir)
+        image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+        prompt = ([tok.bos_id] + tok.encode("USER: ") + [tok.image_token_id] * image_tokens
                   + tok.encode(f"\n{question} ASSISTANT:"))
         pixels = _preprocess_by_hand(path, workdir)
     else:

@@ -120,7 +120,7 @@ def make_workdir(root: Path, template: str = "vicuna_v1") -> Path:
     names = stage_names(cfg)
     model_cfg = stages_lib.stage_model_config(cfg, names, names.index("stage3"))
     model_cfg.image_token_id = tokenizer.image_token_id
-    assert num_image_tokens(model_cfg) == 16
+    assert num_image_tokens(model_cfg) == 4  # 32x32 images, 16x16 patches
     _, params = init_params(model_cfg)
     ckpt = StageCheckpoints(workdir / "stage3" / "checkpoints", max_to_keep=1, async_save=False)
     ckpt.save(7, {"params": params}, None, cfg)
