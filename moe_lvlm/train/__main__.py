@@ -40,12 +40,7 @@ def main(argv: list[str]) -> None:
         (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     print(distributed.device_report(), f"mesh {dict(mesh.shape)}", flush=True)
     if cfg.vision_pretrain.steps > 0 and loop.starts_fresh(cfg, workdir):
-        tower, accuracy = vision_pretrain.pretrained_tower(cfg)
-        pretrained = {**pretrained, **tower}
-        if is_main:
-            report = {"steps": cfg.vision_pretrain.steps, **accuracy}
-            (workdir / "vision_pretrain.json").write_text(json.dumps(report) + "\n")
-            print(f"vision pretraining: {json.dumps(report)}", flush=True)
+        pretrained = {**pretrained, **vision_pretrain.workdir_tower(cfg, workdir, is_main)}
     try:
         loop.run(cfg, workdir, mesh, tokenizer, pretrained or None)
     except loop.NonFiniteLoss as e:

@@ -8,6 +8,8 @@ A linear head on the selected layer's patch features trains with the tower and i
 the tower's parameters start the first stage as pretrained ones do (`init.vision`).
 """
 
+import json
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 from PIL import Image
 
 from moe_lvlm.data import builtin, image
@@ -140,3 +143,34 @@ def pretrained_tower(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, fl
         raise ValueError(f"vision_pretrain.steps={cfg.vision_pretrain.steps} and "
                          f"init.vision={cfg.init.vision} both start the vision tower; keep one")
     return pretrain(cfg.model, cfg.vision_pretrain, cfg.data.aspect)
+
+
+TOWER_FILE, REPORT_FILE = "vision_pretrain.npz", "vision_pretrain.json"
+
+
+def _recipe(cfg: ml_collections.ConfigDict) -> dict:
+    """Everything the pre-trained tower depends on."""
+    return {"settings": cfg.vision_pretrain.to_dict(), "vision": cfg.model.vision.to_dict(),
+            "aspect": cfg.data.aspect}
+
+
+def workdir_tower(cfg: ml_collections.ConfigDict, workdir: Path, write: bool) -> dict:
+    """The tower `pretrained_tower` makes for `cfg`, kept in the workdir: read back when the
+    workdir holds one made with the same settings, else trained (and, with `write`, saved as
+    `vision_pretrain.npz` with its accuracies in `vision_pretrain.json`)."""
+    tower_path, report_path = workdir / TOWER_FILE, workdir / REPORT_FILE
+    recipe = json.loads(json.dumps(_recipe(cfg)))  # as it reads back from JSON
+    if tower_path.exists() and report_path.exists():
+        if json.loads(report_path.read_text()).get("recipe") == recipe:
+            with np.load(tower_path) as saved:
+                return traverse_util.unflatten_dict(dict(saved), sep="/")
+    tower, accuracy = pretrained_tower(cfg)
+    print(f"vision pretraining ({cfg.vision_pretrain.steps} steps), held-out patches: "
+          f"digit {accuracy['digit_accuracy']:.1f}%, colour {accuracy['color_accuracy']:.1f}%",
+          flush=True)
+    if write:
+        flat = traverse_util.flatten_dict(tower, sep="/")
+        with open(tower_path, "wb") as f:
+            np.savez(f, **flat)
+        report_path.write_text(json.dumps({**accuracy, "recipe": recipe}, indent=2) + "\n")
+    return tower

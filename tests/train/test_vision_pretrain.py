@@ -8,17 +8,12 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from configs import demo
 from moe_lvlm.data import builtin
 from moe_lvlm.train import vision_pretrain
-from tests.train.conftest import (
-    REFERENCE_ARG,
-    REFERENCE_OVERRIDES,
-    checkpoint_steps,
-    demo_config,
-    restore_state,
-)
+from tests.train.conftest import checkpoint_steps, restore_state
 
 
 def settings(steps: int, eval_scenes: int = 200) -> ml_collections.ConfigDict:
@@ -87,14 +82,32 @@ def test_init_vision_and_vision_pretrain_together_are_refused():
         vision_pretrain.pretrained_tower(cfg)
 
 
-def test_stage1_starts_from_the_pretrained_tower(reference_run, data_dir):
-    """The reference run pre-trains the tower (a few steps); stage I keeps the tower frozen, so
-    its checkpoint holds exactly what pre-training in this process produces."""
-    cfg = demo_config(REFERENCE_ARG, {**REFERENCE_OVERRIDES, "data.data_dir": data_dir})
-    assert cfg.vision_pretrain.steps > 0
-    want, _ = vision_pretrain.pretrained_tower(cfg)
+def test_the_workdir_keeps_the_tower_and_reuses_it(tmp_path, monkeypatch):
+    cfg = demo.get_config()
+    cfg.vision_pretrain.update(steps=2, eval_scenes=20)
+    first = vision_pretrain.workdir_tower(cfg, tmp_path, write=True)
+    report = json.loads((tmp_path / vision_pretrain.REPORT_FILE).read_text())
+    assert {"digit_accuracy", "color_accuracy"} <= set(report)
+
+    def no_training(_):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(vision_pretrain, "pretrained_tower", no_training)
+    again = vision_pretrain.workdir_tower(cfg, tmp_path, write=True)
+    jax.tree.map(np.testing.assert_array_equal, again, first)
+    cfg.vision_pretrain.lr = 5e-4  # another recipe: trained anew
+    with pytest.raises(AssertionError, match="trained again"):
+        vision_pretrain.workdir_tower(cfg, tmp_path, write=True)
+
+
+def test_stage1_starts_from_the_pretrained_tower(reference_run):
+    """The reference run pre-trains the tower (a few steps) and keeps it in its workdir; stage I
+    keeps the tower frozen, so its final checkpoint holds exactly that tower."""
+    with np.load(reference_run / vision_pretrain.TOWER_FILE) as saved:
+        want = {k.removeprefix("vision/"): v for k, v in saved.items()}
     checkpoints = reference_run / "stage1" / "checkpoints"
     got = restore_state(checkpoints, checkpoint_steps(checkpoints)[-1])["params"]["vision"]
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
-    report = json.loads((reference_run / "vision_pretrain.json").read_text())
-    assert report["steps"] == cfg.vision_pretrain.steps
+    got = traverse_util.flatten_dict(got, sep="/")
+    assert set(got) == set(want)
+    for key, value in got.items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
