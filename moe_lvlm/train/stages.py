@@ -136,12 +136,18 @@ def upcycle(
     """MoE parameters from a dense model: every expert a copy of the dense FFN it replaces.
 
     `fresh_moe_params` is an initialised MoE model: its routers (and anything the dense model
-    lacks) are kept; every other tensor comes from `dense_params`. With `noise_std` > 0 each
-    expert copy gets independent Gaussian noise of that std.
+    lacks) are kept; every other tensor comes from `dense_params`. A part (vision, projector,
+    decoder) that `dense_params` lacks altogether keeps its fresh parameters (pretrained
+    parameters may cover only some parts). With `noise_std` > 0 each expert copy gets
+    independent Gaussian noise of that std.
     """
     dense = flatten(dense_params)
+    parts = {path.split("/")[0] for path in dense}
     out = {}
     for i, (path, fresh) in enumerate(sorted(flatten(fresh_moe_params).items())):
+        if path.split("/")[0] not in parts:
+            out[path] = fresh
+            continue
         if path in dense:
             if tuple(dense[path].shape) != tuple(fresh.shape):
                 raise ValueError(

@@ -14,7 +14,7 @@ from tensorboardX.proto import event_pb2
 from tests.train.conftest import STEPS
 
 STAGES = ("stage1", "stage2", "stage3")
-PEAK_LR = {"stage1": 2e-3, "stage2": 1e-3, "stage3": 5e-4}  # configs/demo.py
+PEAK_LR = {"stage1": 2e-3, "stage2": 1e-3, "stage3": 1e-3}  # configs/demo.py
 EVERY_STEP = ("loss", "ce", "balance_loss", "z_loss", "grad_norm", "lr", "step_time",
               "tokens_per_s", "loss_tokens", "nonfinite_steps", "skipped_records")
 ROWS = {"stage1": (4, 96), "stage2": (4, 96), "stage3": (4, 64)}  # batch, seq_len (conftest)
