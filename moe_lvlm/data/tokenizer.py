@@ -68,17 +68,19 @@ class Tokenizer:
 
 
 def train_tokenizer(
-    texts: Sequence[str], vocab_size: int, *, byte_fallback: bool = True
+    texts: Sequence[str], vocab_size: int, *, byte_fallback: bool = True,
+    model_type: str = "unigram",
 ) -> Tokenizer:
-    """Trains a unigram SentencePiece model on `texts` with pad=0, unk=1, bos=2, eos=3 and the
-    special tokens as user-defined pieces 4, 5, 6. `vocab_size` is an upper bound."""
+    """Trains a SentencePiece model (`model_type` 'unigram' or 'bpe') on `texts` with pad=0,
+    unk=1, bos=2, eos=3 and the special tokens as user-defined pieces 4, 5, 6. `vocab_size` is
+    an upper bound."""
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=out,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
-        model_type="unigram",
+        model_type=model_type,
         character_coverage=1.0,
         split_digits=True,
         byte_fallback=byte_fallback,

@@ -1,11 +1,13 @@
 """Supervised pre-training of a fresh vision tower on the built-in scenes.
 
 The CPU demo's stand-in for the pretrained CLIP that MoE-LLaVA starts from (and that the demo
-cannot download): before stage I, the ViT learns to tell at every patch which digit (or none) and
-which colour fill the scene cell under the patch's centre. The scenes are drawn as the built-in
-dataset draws them, from its train digit pool only, so the held-out split's digits stay unseen.
-A linear head on the selected layer's patch features trains with the tower and is then dropped;
-the tower's parameters start the first stage as pretrained ones do (`init.vision`).
+cannot download): before stage I, the ViT learns to tell at every patch which digit (or none)
+and which colour fill the scene cell under the patch's centre, and which cell that is (CLIP's
+patch features say where a patch lies too; no digit or colour target needs the tower to keep
+that, and "Where is the 3?" does). The scenes are drawn as the built-in dataset draws them, from
+its train digit pool only, so the held-out split's digits stay unseen. Linear heads on the
+selected layer's patch features train with the tower and are then dropped; the tower's
+parameters start the first stage as pretrained ones do (`init.vision`).
 """
 
 import json
@@ -74,23 +76,27 @@ class SceneBatches:
 
 
 class _TowerWithHeads(nn.Module):
-    """The model's vision tower (named 'vision', as in the full model) + per-patch linear heads."""
+    """The model's vision tower (named 'vision', as in the full model) + per-patch linear heads
+    for digit, colour and cell."""
 
     config: Any  # FrozenConfigDict of the model section
 
     @nn.compact
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         features, _ = VisionEncoder(self.config, train=True, name="vision")(images)
         digit = nn.Dense(EMPTY_DIGIT + 1, name="digit_head")(features)
         color = nn.Dense(EMPTY_COLOR + 1, name="color_head")(features)
-        return digit, color
+        cell = nn.Dense(_GRID * _GRID, name="cell_head")(features)
+        return digit, color, cell
 
 
-def _loss(params, model, images, digits, colors):
-    digit_logits, color_logits = model.apply({"params": params}, images)
+def _loss(params, model, images, digits, colors, cells):
+    digit_logits, color_logits, cell_logits = model.apply({"params": params}, images)
     ce = optax.softmax_cross_entropy_with_integer_labels
-    loss = ce(digit_logits, digits).mean() + ce(color_logits, colors).mean()
-    return loss, (digit_logits.argmax(-1), color_logits.argmax(-1))
+    cells = jnp.broadcast_to(cells, digits.shape)
+    loss = (ce(digit_logits, digits).mean() + ce(color_logits, colors).mean()
+            + ce(cell_logits, cells).mean())
+    return loss, (digit_logits.argmax(-1), color_logits.argmax(-1), cell_logits.argmax(-1))
 
 
 def pretrain(
@@ -98,7 +104,7 @@ def pretrain(
 ) -> tuple[dict, dict[str, float]]:
     """Trains the tower `settings.steps` AdamW steps (batch `settings.batch_size`, warmup +
     cosine to `settings.lr`) from a seeded init. Returns ({'vision': tower params as numpy},
-    held-out per-patch accuracies {'digit_accuracy', 'color_accuracy'} in %, over
+    held-out per-patch accuracies {'digit_accuracy', 'color_accuracy', 'cell_accuracy'} in %, over
     `settings.eval_scenes` scenes)."""
     if model_cfg.vision.get("moe_layers", "none") != "none":
         raise ValueError("vision_pretrain trains a dense tower; set model.vision.moe_layers='none'"
@@ -113,9 +119,11 @@ def pretrain(
     optimizer = optax.adamw(schedule, weight_decay=0.0)
     opt_state = optimizer.init(params)
 
+    cells = jnp.asarray(train_data.cells)
+
     @jax.jit
     def step(params, opt_state, images, digits, colors):
-        grads, _ = jax.grad(_loss, has_aux=True)(params, model, images, digits, colors)
+        grads, _ = jax.grad(_loss, has_aux=True)(params, model, images, digits, colors, cells)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -123,8 +131,8 @@ def pretrain(
         params, opt_state = step(params, opt_state, *train_data(settings.batch_size))
     held_out = SceneBatches(model_cfg, aspect, "held_out", settings.seed + 1)
     images, digits, colors = held_out(settings.eval_scenes)
-    _, (digit_pred, color_pred) = jax.jit(_loss, static_argnums=1)(
-        params, model, images, digits, colors)
+    _, (digit_pred, color_pred, cell_pred) = jax.jit(_loss, static_argnums=1)(
+        params, model, images, digits, colors, cells)
     # Accuracy over the patches that lie on a digit (empty patches are the easy majority).
     on_digit = digits != EMPTY_DIGIT
     accuracy = {
@@ -132,6 +140,7 @@ def pretrain(
                                                  == digits[on_digit])),
         "color_accuracy": 100.0 * float(np.mean(np.asarray(color_pred)[on_digit]
                                                  == colors[on_digit])),
+        "cell_accuracy": 100.0 * float(np.mean(np.asarray(cell_pred) == train_data.cells)),
     }
     return {"vision": jax.tree.map(np.asarray, params["vision"])}, accuracy
 
@@ -166,7 +175,8 @@ def workdir_tower(cfg: ml_collections.ConfigDict, workdir: Path, write: bool) ->
                 return traverse_util.unflatten_dict(dict(saved), sep="/")
     tower, accuracy = pretrained_tower(cfg)
     print(f"vision pretraining ({cfg.vision_pretrain.steps} steps), held-out patches: "
-          f"digit {accuracy['digit_accuracy']:.1f}%, colour {accuracy['color_accuracy']:.1f}%",
+          f"digit {accuracy['digit_accuracy']:.1f}%, colour {accuracy['color_accuracy']:.1f}%, "
+          f"cell {accuracy['cell_accuracy']:.1f}%",
           flush=True)
     if write:
         flat = traverse_util.flatten_dict(tower, sep="/")

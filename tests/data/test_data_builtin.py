@@ -30,7 +30,7 @@ def test_builds_fast_and_once(built):
     start = time.perf_counter()
     builtin.ensure_built(data_dir)  # cached: no rebuild
     assert time.perf_counter() - start < 5
-    assert os.path.exists(os.path.join(data_dir, "digit_scenes", "1.0.0", "tokenizer.model"))
+    assert os.path.exists(os.path.join(data_dir, "digit_scenes", "1.1.0", "tokenizer.model"))
 
 
 def test_split_sizes_and_fields(built):
@@ -106,6 +106,9 @@ def test_tokenizer(built):
     text = "What color is the 7? Answer with a single word or phrase."
     assert tok.decode(tok.encode(text)) == text
     assert 1 not in tok.encode(text)  # no unknown pieces
+    # Every word of the dataset's text is one piece (a digit is '▁' + itself: split_digits).
+    words = text.replace("?", " ?").replace(".", " .").replace("7", "▁ 7").split()
+    assert len(tok.encode(text)) == len(words)
 
 
 def test_pipeline_on_a_mixture(built):

@@ -59,12 +59,13 @@ def test_scenes_of_each_pool_use_only_its_digit_images():
     assert not set(train) & set(held_out)
 
 
-def test_the_tower_learns_colours_and_digits_of_held_out_scenes():
+def test_the_tower_learns_colours_digits_and_cells_of_held_out_scenes():
     cfg = demo.get_config().model
     tower, accuracy = vision_pretrain.pretrain(cfg, settings(150), "pad")
-    # Chance: 1 in 5 colours, 1 in 10 digits (patches that lie on a digit).
+    # Chance: 1 in 5 colours, 1 in 10 digits (patches that lie on a digit), 1 in 4 cells.
     assert accuracy["color_accuracy"] > 90
     assert accuracy["digit_accuracy"] > 25
+    assert accuracy["cell_accuracy"] > 90
     assert set(tower) == {"vision"}
 
 
@@ -87,7 +88,7 @@ def test_the_workdir_keeps_the_tower_and_reuses_it(tmp_path, monkeypatch):
     cfg.vision_pretrain.update(steps=2, eval_scenes=20)
     first = vision_pretrain.workdir_tower(cfg, tmp_path, write=True)
     report = json.loads((tmp_path / vision_pretrain.REPORT_FILE).read_text())
-    assert {"digit_accuracy", "color_accuracy"} <= set(report)
+    assert {"digit_accuracy", "color_accuracy", "cell_accuracy"} <= set(report)
 
     def no_training(_):
         raise AssertionError("trained again")
