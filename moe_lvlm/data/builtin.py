@@ -182,17 +182,33 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def generate_split(split: str, size: int, masks: np.ndarray, labels: np.ndarray, pool: np.ndarray):
-    """Yields (key, example) for `split` from the digit indices in `pool`, deterministically."""
+def _scenes(split: str, size: int, masks: np.ndarray, labels: np.ndarray, pool: np.ndarray):
+    """Yields (objects, record, pixels) of `split`'s scenes from the digit indices in `pool`,
+    deterministically."""
     rng = np.random.default_rng([_SEED, list(SPLIT_SIZES).index(split)])
     by_digit = [pool[labels[pool] == d] for d in range(10)]
-    for i in range(size):
+    for _ in range(size):
         objs = sample_scene(rng, by_digit)
         rec = make_record(split, objs, rng)
-        yield i, {"id": f"{split}-{i}", "image": _png(render(objs, masks, rng)),
+        yield objs, rec, render(objs, masks, rng)
+
+
+def generate_split(split: str, size: int, masks: np.ndarray, labels: np.ndarray, pool: np.ndarray):
+    """Yields (key, example) for `split` from the digit indices in `pool`, deterministically."""
+    for i, (objs, rec, pixels) in enumerate(_scenes(split, size, masks, labels, pool)):
+        yield i, {"id": f"{split}-{i}", "image": _png(pixels),
                   "conversations": json.dumps(rec["conversations"]), "answer": rec["answer"],
                   "question_type": rec["question_type"],
                   "digit_ids": ",".join(str(o["index"]) for o in objs)}
+
+
+def split_scenes(split: str) -> dict[str, list[dict]]:
+    """The objects ({digit, index, cell, color}) of every scene of `split`, by record id, as the
+    builder draws them (without building): for analyses of answers by what the scene holds."""
+    masks, labels, train_pool, test_pool = digit_pools()
+    pool = test_pool if split == "test" else train_pool
+    scenes = _scenes(split, SPLIT_SIZES[split], masks, labels, pool)
+    return {f"{split}-{i}": objs for i, (objs, _, _) in enumerate(scenes)}
 
 
 def tokenizer_corpus(records) -> list[str]:
@@ -242,7 +258,8 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
             splits[split] = list(generate_split(split, size, masks, labels, pool))
         corpus = tokenizer_corpus(ex for s in ("stage1", "stage2", "stage3") for _, ex in splits[s])
         # BPE: on this small, repetitive corpus unigram keeps mostly letters ("What" in 3 pieces).
-        train_tokenizer(corpus, VOCAB_SIZE, model_type="bpe").save(os.path.join(self.data_dir, TOKENIZER_FILE))
+        tokenizer = train_tokenizer(corpus, VOCAB_SIZE, model_type="bpe")
+        tokenizer.save(os.path.join(self.data_dir, TOKENIZER_FILE))
         return {split: self._generate_examples(ex) for split, ex in splits.items()}
 
     def _generate_examples(self, examples):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -96,6 +97,30 @@ def test_train_and_test_share_no_digit_image(built):
     test = ids("test")
     assert test and train and not train & test
     assert len(train | test) > 1500  # most of the 1797 sklearn digits are used
+
+
+def test_split_scenes_describe_the_built_records(built):
+    data_dir, _ = built
+    scenes = builtin.split_scenes("test")
+    records = _records(data_dir, "test")
+    assert sorted(scenes) == sorted(r["id"] for r in records)
+    for rec in records:
+        objs, question = scenes[rec["id"]], rec["turns"][0][1]
+        by_digit = {str(o["digit"]): o for o in objs}
+        named = re.search(r"the (\d)\?", question)
+        if rec["question_type"] == "count":
+            assert rec["answer"] == str(len(objs))
+        elif rec["question_type"] == "color":
+            assert rec["answer"] == by_digit[named.group(1)]["color"]
+        elif rec["question_type"] == "position":
+            assert rec["answer"] == builtin.POSITIONS[by_digit[named.group(1)]["cell"]]
+        elif rec["question_type"] == "digit":
+            where = re.search(r"at the (.+)\?", question).group(1)
+            assert [str(o["digit"]) for o in objs
+                    if builtin.POSITIONS[o["cell"]] == where] == [rec["answer"]]
+        else:
+            digit = re.search(r"Is there a (\d)", question).group(1)
+            assert rec["answer"] == ("yes" if digit in by_digit else "no")
 
 
 def test_tokenizer(built):
