@@ -3,11 +3,13 @@
 # goes to moe_lvlm.train unchanged.
 #
 #   launch/slurm_submit.sh --nodes=2 --gpus-per-node=8 [--tasks=per-gpu|per-node] \
-#     [--partition=P] [--time=HH:MM:SS] [--dry-run] \
+#     [--partition=P] [--time=HH:MM:SS] [--grace=300] [--job-name=N] [--wait] [--dry-run] \
 #     -- --config=configs/demo.py --workdir=/shared/runs/demo --config.stage3.num_steps=100
 #
 # --tasks=per-gpu (default) runs one process per GPU, per-node one process per node driving all
-# of its GPUs. --dry-run prints the sbatch command and submits nothing.
+# of its GPUs. --grace=S: SIGTERM S seconds before the time limit (training saves, the job
+# requeues itself). --wait: return when the job has ended (through its requeues), with its exit
+# status. --dry-run prints the sbatch command and submits nothing.
 set -euo pipefail
 
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,12 +17,12 @@ LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$LAUNCH_DIR/common.sh"
 
 usage() {
-  sed -n '2,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
   exit 0
 }
 
-NODES=1 GPUS_PER_NODE=8 TASKS=per-gpu PARTITION="" TIME=""
-DRY_RUN=0
+NODES=1 GPUS_PER_NODE=8 TASKS=per-gpu PARTITION="" TIME="" GRACE="" JOB_NAME=""
+DRY_RUN=0 WAIT=0
 
 set_option() {
   case $1 in
@@ -29,6 +31,8 @@ set_option() {
     --tasks) TASKS=$2 ;;
     --partition) PARTITION=$2 ;;
     --time) TIME=$2 ;;
+    --grace) GRACE=$2 ;;
+    --job-name) JOB_NAME=$2 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 }
@@ -38,6 +42,7 @@ while (($#)); do
     --) shift; break ;;
     -h | --help) usage ;;
     --dry-run) DRY_RUN=1 ;;
+    --wait) WAIT=1 ;;
     --*=*) set_option "${1%%=*}" "${1#*=}" ;;
     --*) (($# >= 2)) || die "$1 needs a value"; set_option "$1" "$2"; shift ;;
     *) die "unexpected argument '$1': training arguments go after --" ;;
@@ -53,12 +58,16 @@ case $TASKS in
   per-node) TASKS_PER_NODE=1 ;;
   *) die "--tasks must be per-gpu or per-node, got '$TASKS'" ;;
 esac
+[[ -z $GRACE || $GRACE =~ ^[0-9]+$ ]] || die "--grace must be a number of seconds, got '$GRACE'"
 (($#)) || die "no training arguments: add -- --config=... --workdir=..."
 
 SBATCH=(sbatch --nodes="$NODES" --ntasks-per-node="$TASKS_PER_NODE"
   --gpus-per-node="$GPUS_PER_NODE")
 if [[ -n $PARTITION ]]; then SBATCH+=(--partition="$PARTITION"); fi
 if [[ -n $TIME ]]; then SBATCH+=(--time="$TIME"); fi
+if [[ -n $GRACE ]]; then SBATCH+=(--signal=B:TERM@"$GRACE"); fi
+if [[ -n $JOB_NAME ]]; then SBATCH+=(--job-name="$JOB_NAME"); fi
+if ((WAIT)); then SBATCH+=(--wait); fi
 
 cd "$(dirname "$LAUNCH_DIR")"
 run "${SBATCH[@]}" launch/slurm.sbatch "$@"
