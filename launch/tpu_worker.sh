@@ -53,12 +53,9 @@ running() {
 # Whatever still holds the TPU from an earlier run (chips are /dev/accel* on v4, /dev/vfio/* on
 # v5e, v5p and v6e) is killed, and libtpu's lockfile removed, or the new run cannot open them.
 cleanup() {
-  local devices pids
-  shopt -s nullglob
-  devices=(/dev/accel* /dev/vfio/[0-9]*)
-  shopt -u nullglob
+  local pids
   for _ in 1 2 3 4 5 6 7 8 9 10; do
-    pids="$( ((${#devices[@]})) && sudo lsof -t "${devices[@]}" 2>/dev/null | sort -u | xargs)" ||
+    pids="$(sudo sh -c 'lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null' | sort -u | xargs)" ||
       true
     [[ -n $pids ]] || break
     echo "worker $(worker_id): killing stale TPU processes $pids" >&2

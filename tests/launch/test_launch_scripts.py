@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
 from launch.local import REPO_ROOT
 
 LAUNCH = os.path.join(REPO_ROOT, "launch")
-SCRIPTS = ["common.sh", "tpu_pod.sh", "slurm_submit.sh", "slurm.sbatch"]
+SCRIPTS = ["common.sh", "tpu_pod.sh", "tpu_worker.sh", "slurm_submit.sh", "slurm.sbatch"]
 OVERRIDES = ["--config.train.steps=10", "--config.model.name=it's a b", "--config.lr=1e-4"]
 
 
@@ -67,32 +68,37 @@ def recorded(tmp_path):
 TPU_ARGS = ["--name=my-pod", "--zone", "us-central2-b", "--accelerator-type=v4-32",
             "--project=my-proj", "--config=configs/base.py:size=s",
             "--workdir=gs://my-bucket/runs/exp1"]
+TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
+QR = ["gcloud", "compute", "tpus", "queued-resources"]
+WHERE = ["--zone=us-central2-b", "--project=my-proj"]
+WORKER = "bash ~/moe-lvlm/launch/tpu_worker.sh"
+SETUP = ("set -e; rm -rf ~/moe-lvlm; mkdir -p ~/moe-lvlm; tar -xzf ~/moe-lvlm.tgz -C ~/moe-lvlm; "
+         f"{WORKER} setup 0.10.2")
+START = (f"{WORKER} start gs://my-bucket/runs/exp1/logs -- --config=configs/base.py:size=s "
+         "--workdir=gs://my-bucket/runs/exp1 --config.train.steps=10 "
+         "--config.model.name='it'\\''s a b' --config.lr=1e-4")
 
 
-def expected_tpu_commands(tmp_path, create: bool) -> list[list[str]]:
-    """Every command tpu_pod.sh runs, written out by hand."""
-    tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
-    where = ["--zone=us-central2-b", "--project=my-proj"]
+def ssh(command: str, *extra: str) -> list[str]:
+    return [*TPU, "ssh", "my-pod", *WHERE, "--worker=all", *extra, f"--command={command}"]
+
+
+def tpu_commands(tmp_path) -> dict[str, list[str]]:
+    """Every command tpu_pod.sh runs (direct creation, v4-32, spot), written out by hand."""
     archive = f"{tmp_path}/moe-lvlm-code-my-pod.tgz"
-    setup = ("set -e; rm -rf ~/moe-lvlm; mkdir -p ~/moe-lvlm; "
-             "tar -xzf ~/moe-lvlm.tgz -C ~/moe-lvlm; command -v python3.11 >/dev/null || "
-             "{ sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 "
-             "python3.11-venv; }; [ -x ~/moe-lvlm-venv/bin/python ] || "
-             "python3.11 -m venv ~/moe-lvlm-venv; ~/moe-lvlm-venv/bin/pip install -q -r "
-             '~/moe-lvlm/requirements.txt "jax[tpu]==0.10.2"')
-    train = ("cd ~/moe-lvlm && ~/moe-lvlm-venv/bin/python -m moe_lvlm.train "
-             "--config=configs/base.py:size=s --workdir=gs://my-bucket/runs/exp1 "
-             "--config.train.steps=10 --config.model.name='it'\\''s a b' --config.lr=1e-4")
-    return [
-        [*tpu, "describe", "my-pod", *where, "--format=value(state)"],
-        *([[*tpu, "create", "my-pod", *where, "--accelerator-type=v4-32",
-            "--version=tpu-ubuntu2204-base", "--spot"]] if create else []),
-        ["tar", "-czf", archive, "--exclude=__pycache__", "-C", REPO_ROOT, "moe_lvlm",
-         "configs", "launch", "requirements.txt", "pyproject.toml"],
-        [*tpu, "scp", archive, "my-pod:moe-lvlm.tgz", *where, "--worker=all"],
-        [*tpu, "ssh", "my-pod", *where, "--worker=all", f"--command={setup}"],
-        [*tpu, "ssh", "my-pod", *where, "--worker=all", f"--command={train}"],
-    ]
+    return {
+        "describe": [*TPU, "describe", "my-pod", *WHERE, "--format=value(state)"],
+        "delete": [*TPU, "delete", "my-pod", *WHERE, "--quiet"],
+        "create": [*TPU, "create", "my-pod", *WHERE, "--accelerator-type=v4-32",
+                   "--version=tpu-ubuntu2204-base", "--spot"],
+        "tar": ["tar", "-czf", archive, "--exclude=__pycache__", "-C", REPO_ROOT, "moe_lvlm",
+                "configs", "launch", "requirements.txt", "pyproject.toml"],
+        "scp": [*TPU, "scp", archive, "my-pod:moe-lvlm.tgz", *WHERE, "--worker=all"],
+        "setup": ssh(SETUP),
+        "start": ssh(START),
+        "status": ssh(f"{WORKER} status"),
+        "fail": ssh(f"{WORKER} stop; {WORKER} tail"),
+    }
 
 
 def test_tpu_dry_run_prints_the_exact_commands(tmp_path):
@@ -100,45 +106,161 @@ def test_tpu_dry_run_prints_the_exact_commands(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0] == ("gcloud compute tpus tpu-vm describe my-pod --zone=us-central2-b "
                         "--project=my-proj --format='value(state)'")
-    assert lines[1] == "# only if the describe above finds no TPU named my-pod:"
-    assert [shlex.split(line) for line in lines if not line.startswith("#")] == \
-        expected_tpu_commands(tmp_path, create=True)
-    assert lines[-1] == (
+    cmds = tpu_commands(tmp_path)
+    assert [shlex.split(line) for line in lines if not line.startswith("#")] == [
+        cmds[k] for k in ("describe", "delete", "create", "tar", "scp", "setup", "start",
+                          "status", "fail")]
+    comments = "\n".join(line for line in lines if line.startswith("#"))
+    assert "PREEMPTED, FAILED, SUSPENDED or TERMINATED" in comments
+    assert "Exit 75 or a lost slice: again from the describe (at most 20 times)" in comments
+    assert lines[lines.index(next(x for x in lines if "tpu_worker.sh start" in x))] == (
         "gcloud compute tpus tpu-vm ssh my-pod --zone=us-central2-b --project=my-proj "
-        "--worker=all --command='cd ~/moe-lvlm && ~/moe-lvlm-venv/bin/python -m moe_lvlm.train "
-        "--config=configs/base.py:size=s --workdir=gs://my-bucket/runs/exp1 "
-        "--config.train.steps=10 --config.model.name='\\''it'\\''\\'\\'''\\''s a b'\\'' "
-        "--config.lr=1e-4'")
+        "--worker=all --command='bash ~/moe-lvlm/launch/tpu_worker.sh start "
+        "gs://my-bucket/runs/exp1/logs -- --config=configs/base.py:size=s "
+        "--workdir=gs://my-bucket/runs/exp1 --config.train.steps=10 "
+        "--config.model.name='\\''it'\\''\\'\\'''\\''s a b'\\'' --config.lr=1e-4'")
     assert not recorded(tmp_path) and not (tmp_path / "moe-lvlm-code-my-pod.tgz").exists()
+    # The worker side of the setup command: apt waits for the dpkg lock, without prompts.
+    worker = open(os.path.join(LAUNCH, "tpu_worker.sh")).read()
+    assert ("sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 \"$@\""
+            in worker)
 
 
-def test_tpu_run_executes_what_dry_run_prints_and_args_reach_train_unchanged(tmp_path):
-    (tmp_path / "bin").mkdir()
-    # describe fails: no such TPU yet, so the script must create it.
-    recorder(tmp_path / "bin", "gcloud", "sys.exit(1 if sys.argv[4] == 'describe' else 0)\n")
-    run_script(tmp_path, "tpu_pod.sh", [*TPU_ARGS, "--spot", "--", *OVERRIDES])
-    expected = expected_tpu_commands(tmp_path, create=True)
-    assert [r["argv"] for r in recorded(tmp_path)] == [expected[i] for i in (0, 1, 3, 4, 5)]
-    train = shlex.split(expected[-1][-1].removeprefix("--command="))  # as the worker shell sees it
-    assert train[train.index("moe_lvlm.train") + 1:] == [
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-64", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e")])
+def test_tpu_runtime_follows_the_accelerator_type(tmp_path, accelerator, runtime):
+    args = [a for a in TPU_ARGS if not a.startswith("--accelerator-type")]
+    out = run_script(tmp_path, "tpu_pod.sh", [*args, f"--accelerator-type={accelerator}",
+                                              "--dry-run"])
+    (create,) = [line for line in out.stdout.splitlines() if " create " in line]
+    assert create.endswith(f"--accelerator-type={accelerator} --version={runtime}")
+    out = run_script(tmp_path, "tpu_pod.sh", [*args, f"--accelerator-type={accelerator}",
+                                              "--runtime-version=my-image", "--dry-run"])
+    assert "--version=my-image" in out.stdout and runtime not in out.stdout
+
+
+def test_tpu_queued_resources_and_internal_ip(tmp_path):
+    out = run_script(tmp_path, "tpu_pod.sh", [*TPU_ARGS, "--queued", "--spot", "--internal-ip",
+                                              "--dry-run"])
+    cmds = [shlex.split(line) for line in out.stdout.splitlines() if not line.startswith("#")]
+    assert cmds[:3] == [
+        [*QR, "describe", "my-pod", *WHERE, "--format=value(state.state)"],
+        [*QR, "delete", "my-pod", *WHERE, "--force", "--quiet"],
+        [*QR, "create", "my-pod", "--node-id=my-pod", *WHERE, "--accelerator-type=v4-32",
+         "--runtime-version=tpu-ubuntu2204-base", "--spot"]]
+    # The queued resource's node has the same name: ssh and scp address it as a TPU VM.
+    assert cmds[4] == [*TPU, "scp", f"{tmp_path}/moe-lvlm-code-my-pod.tgz", "my-pod:moe-lvlm.tgz",
+                       *WHERE, "--worker=all", "--internal-ip"]
+    assert all(c[8:10] == ["--worker=all", "--internal-ip"] for c in cmds if c[4] == "ssh")
+    # Best-effort capacity exists only in the alpha API, and only for queued resources.
+    out = run_script(tmp_path, "tpu_pod.sh", [*TPU_ARGS, "--best-effort", "--dry-run"])
+    (create,) = [shlex.split(x) for x in out.stdout.splitlines() if " create " in x]
+    assert create == ["gcloud", "alpha", "compute", "tpus", "queued-resources", "create",
+                      "my-pod", "--node-id=my-pod", *WHERE, "--accelerator-type=v4-32",
+                      "--runtime-version=tpu-ubuntu2204-base", "--best-effort"]
+
+
+FAKE_GCLOUD = """
+import json, os, sys
+argv = ["gcloud"] + sys.argv[1:]
+with open(os.environ["RECORD"], "a") as f:
+    f.write(json.dumps({"argv": argv}) + "\\n")
+path = os.environ["SCENARIO"]
+with open(path) as f:
+    scenario = json.load(f)
+key = ("describe" if "describe" in argv else
+       "status" if argv[-1].endswith("tpu_worker.sh status") else None)
+if key:
+    queue = scenario[key]
+    out, rc = queue[0] if len(queue) == 1 else queue.pop(0)  # the last answer stays
+    with open(path, "w") as f:
+        json.dump(scenario, f)
+    print(out, end="")
+    sys.exit(rc)
+"""
+
+
+def workers(*states: str) -> list:
+    return ["".join(f"worker {i}: {s}\n" for i, s in enumerate(states)), 0]
+
+
+def run_tpu_scenario(tmp_path, describe, status, extra=(), check=True):
+    """tpu_pod.sh against a stand-in gcloud that answers describe and status polls in turn."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    (tmp_path / "record.jsonl").unlink(missing_ok=True)
+    fake = tmp_path / "bin" / "gcloud"
+    fake.write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
+    fake.chmod(0o755)
+    (tmp_path / "scenario.json").write_text(json.dumps({"describe": describe, "status": status}))
+    result = run_script(tmp_path, "tpu_pod.sh",
+                        [*TPU_ARGS, "--spot", "--poll=0", *extra, "--", *OVERRIDES],
+                        env={"SCENARIO": str(tmp_path / "scenario.json")}, check=check)
+    cmds = tpu_commands(tmp_path)
+    names = {json.dumps(v): k for k, v in cmds.items()}
+    return result, [names.get(json.dumps(r["argv"]), r["argv"]) for r in recorded(tmp_path)]
+
+
+def test_tpu_creates_the_slice_and_relaunches_after_exit_75(tmp_path):
+    result, calls = run_tpu_scenario(
+        tmp_path, describe=[["", 1], ["READY", 0]],
+        status=[workers("running", "running"), workers("exit 75", "exit 75"),
+                workers("exit 0", "exit 0")])
+    assert calls == ["describe", "create", "describe", "scp", "setup", "start",
+                     "describe", "status", "describe", "status",  # running, then exit 75
+                     "describe", "start",  # same slice: no new setup
+                     "describe", "status"]
+    assert "relaunch 1 of at most 20" in result.stderr
+    assert "worker logs in gs://my-bucket/runs/exp1/logs/" in result.stderr
+    train = shlex.split(tpu_commands(tmp_path)["start"][-1].removeprefix("--command="))
+    assert train[train.index("--") + 1:] == [   # as the worker's shell hands them on
         "--config=configs/base.py:size=s", "--workdir=gs://my-bucket/runs/exp1", *OVERRIDES]
     with tarfile.open(tmp_path / "moe-lvlm-code-my-pod.tgz") as archive:
         names = archive.getnames()
-    assert "moe_lvlm/parallel/distributed.py" in names and "requirements.txt" in names
+    assert {"moe_lvlm/parallel/distributed.py", "launch/tpu_worker.sh",
+            "requirements.txt"} <= set(names)
     assert not any("__pycache__" in n for n in names)
 
 
-def test_tpu_reuses_a_ready_slice_and_refuses_a_broken_one(tmp_path):
-    (tmp_path / "bin").mkdir()
-    recorder(tmp_path / "bin", "gcloud",
-             "print(os.environ['FAKE_STATE']) if sys.argv[4] == 'describe' else None\n")
-    run_script(tmp_path, "tpu_pod.sh", TPU_ARGS, env={"FAKE_STATE": "READY"})
-    assert [r["argv"][4] for r in recorded(tmp_path)] == ["describe", "scp", "ssh", "ssh"]
-    result = run_script(tmp_path, "tpu_pod.sh", TPU_ARGS, env={"FAKE_STATE": "PREEMPTED"},
-                        check=False)
-    assert result.returncode == 2
-    assert "TPU my-pod exists in state PREEMPTED" in result.stderr
-    assert "gcloud compute tpus tpu-vm delete my-pod --zone=us-central2-b" in result.stderr
+def test_tpu_recreates_a_preempted_slice(tmp_path):
+    result, calls = run_tpu_scenario(
+        tmp_path, describe=[["READY", 0], ["PREEMPTED", 0], ["PREEMPTED", 0], ["READY", 0]],
+        status=[workers("exit 0", "exit 0")])
+    assert result.returncode == 0
+    assert calls == ["describe", "status",  # an existing slice: is training running there?
+                     "scp", "setup", "start",
+                     "describe",  # PREEMPTED: lost
+                     "describe", "delete", "create", "describe", "scp", "setup", "start",
+                     "describe", "status"]
+    assert "slice my-pod is PREEMPTED: deleting and re-creating it" in result.stderr
+
+
+def test_tpu_stops_on_a_training_error_with_the_logs(tmp_path):
+    result, calls = run_tpu_scenario(
+        tmp_path, describe=[["READY", 0]],
+        status=[workers("not started", "not started"), workers("exit 1", "running")],
+        check=False)
+    assert result.returncode == 1
+    assert calls == ["describe", "status", "scp", "setup", "start", "describe", "status", "fail"]
+    assert "training failed on my-pod (failed 1)" in result.stderr
+
+
+def test_tpu_waits_for_a_run_already_in_progress(tmp_path):
+    result, calls = run_tpu_scenario(
+        tmp_path, describe=[["READY", 0]],
+        status=[workers("running", "running"), workers("running", "exit 0"),
+                workers("exit 0", "exit 0")])
+    assert result.returncode == 0
+    assert calls == ["describe", "status", "describe", "status", "describe", "status"]
+    assert "training is already running on my-pod" in result.stderr
+
+
+def test_tpu_gives_up_after_max_restarts(tmp_path):
+    result, calls = run_tpu_scenario(
+        tmp_path, describe=[["READY", 0]], status=[workers("exit 75")],
+        extra=["--max-restarts=1"], check=False)
+    assert result.returncode == 2 and "giving up after 1 relaunches" in result.stderr
+    assert calls.count("start") == 2
 
 
 @pytest.mark.parametrize("args, message", [
@@ -147,11 +269,122 @@ def test_tpu_reuses_a_ready_slice_and_refuses_a_broken_one(tmp_path):
     ([*TPU_ARGS[:-2], "--config=configs/nope.py", TPU_ARGS[-1]], "configs/nope.py not found"),
     ([*TPU_ARGS, "--config.x=1"], "unknown option --config.x"),
     ([*TPU_ARGS, "stray"], "training arguments go after --"),
+    ([*TPU_ARGS, "--accelerator-type=v9-8"], "no default runtime for --accelerator-type=v9-8"),
+    ([*TPU_ARGS, "--spot", "--best-effort"], "--spot and --best-effort exclude each other"),
 ])
 def test_tpu_bad_arguments_are_named(tmp_path, args, message):
     result = run_script(tmp_path, "tpu_pod.sh", [*args, "--dry-run"], check=False)
     assert result.returncode == 2 and message in result.stderr
 
+
+# ----------------------------------------------------------------------------- tpu_worker.sh
+
+FAKE_SUDO = """
+import json, os, sys
+with open(os.environ["RECORD"], "a") as f:
+    f.write(json.dumps({"argv": ["sudo"] + sys.argv[1:]}) + "\\n")
+if sys.argv[1:3] == ["sh", "-c"] and "lsof" in sys.argv[3]:
+    flag = os.path.join(os.environ["HOME"], "lsof_done")
+    if not os.path.exists(flag):  # one stale process the first time, none after the kill
+        open(flag, "w").close()
+        print(4242)
+"""
+
+FAKE_TRAIN = """
+import json, os, signal, sys, time
+with open(os.environ["RECORD"], "a") as f:
+    f.write(json.dumps({"argv": ["python"] + sys.argv[1:], "cwd": os.getcwd()}) + "\\n")
+print("training output", flush=True)
+if os.environ.get("FAKE_WAIT_FOR_TERM"):
+    signal.signal(signal.SIGTERM, lambda *a: (print("saved", flush=True), sys.exit(75)))
+    time.sleep(60)
+sys.exit(int(os.environ.get("FAKE_RC", "0")))
+"""
+
+
+def worker_env(tmp_path, **extra) -> dict:
+    """A TPU VM stand-in: HOME with the code and venv, sudo/curl/gcloud that record."""
+    home = tmp_path / "home"
+    (home / "moe-lvlm").mkdir(parents=True, exist_ok=True)
+    (home / "moe-lvlm-venv" / "bin").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    for path, text in [(home / "moe-lvlm-venv" / "bin" / "python", FAKE_TRAIN),
+                       (tmp_path / "bin" / "sudo", FAKE_SUDO),
+                       (tmp_path / "bin" / "curl", "print(3)\n")]:
+        path.write_text(f"#!{sys.executable}\n{text}")
+        path.chmod(0o755)
+    recorder(tmp_path / "bin", "gcloud")
+    return {"HOME": str(home), **extra}
+
+
+def worker(tmp_path, env, *args):
+    return run_script(tmp_path, "tpu_worker.sh", list(args), env=env).stdout.strip()
+
+
+def wait_for_status(tmp_path, env, prefix="worker 3: exit", timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = worker(tmp_path, env, "status")
+        if status.startswith(prefix):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"still '{status}' after {timeout} s")
+
+
+def test_worker_cleans_up_and_trains_in_the_background_with_a_log(tmp_path):
+    env = worker_env(tmp_path, FAKE_RC="75")
+    assert worker(tmp_path, env, "status") == "worker 3: not started"
+    out = worker(tmp_path, env, "start", "gs://b/run/logs", "--", "--config=c.py",
+                 "--workdir=gs://b/run", "--config.name=a b")
+    assert out.startswith("worker 3: training started, log ")
+    assert wait_for_status(tmp_path, env) == "worker 3: exit 75"
+    calls = recorded(tmp_path)
+    home = tmp_path / "home"
+    (log,) = (home / "moe-lvlm-logs").glob("worker-3-*.log")
+    assert [c["argv"] for c in calls] == [
+        ["sudo", "sh", "-c", "lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null"],
+        ["sudo", "kill", "-9", "4242"],  # the stale TPU user
+        ["sudo", "sh", "-c", "lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null"],
+        ["sudo", "rm", "-f", "/tmp/libtpu_lockfile"],
+        ["python", "-m", "moe_lvlm.train", "--config=c.py", "--workdir=gs://b/run",
+         "--config.name=a b"],
+        ["gcloud", "storage", "cp", "-q", str(log), "gs://b/run/logs/"],  # the log, collected
+    ]
+    assert calls[4]["cwd"] == str(home / "moe-lvlm")
+    assert log.read_text() == "training output\nexit status 75\n"
+
+
+def test_worker_stop_sends_sigterm_and_start_does_not_double_start(tmp_path):
+    env = worker_env(tmp_path, FAKE_WAIT_FOR_TERM="1")
+    worker(tmp_path, env, "start", "gs://b/run/logs", "--", "--workdir=gs://b/run")
+    wait_for_status(tmp_path, env, prefix="worker 3: running")
+    deadline = time.time() + 30
+    while not any(c["argv"][0] == "python" for c in recorded(tmp_path)):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert "already running" in worker(tmp_path, env, "start", "gs://b/run/logs", "--")
+    worker(tmp_path, env, "stop")
+    assert wait_for_status(tmp_path, env) == "worker 3: exit 75"
+    assert [c["argv"][0] for c in recorded(tmp_path)].count("python") == 1
+    tail = worker(tmp_path, env, "tail")
+    assert tail.splitlines()[-3:] == ["[worker 3] saved", "[worker 3] tpu_worker.sh: SIGTERM",
+                                      "[worker 3] exit status 75"]
+
+
+def test_worker_setup_installs_with_the_pinned_jax(tmp_path):
+    env = worker_env(tmp_path)
+    pip = tmp_path / "home" / "moe-lvlm-venv" / "bin" / "pip"
+    pip.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                   "open(os.environ['RECORD'], 'a').write(json.dumps({'argv': ['pip'] + "
+                   "sys.argv[1:]}) + '\\n')\n")
+    pip.chmod(0o755)
+    python311 = tmp_path / "bin" / "python3.11"
+    python311.write_text("#!/bin/sh\n")
+    python311.chmod(0o755)
+    worker(tmp_path, env, "setup", "0.10.2")
+    assert [c["argv"] for c in recorded(tmp_path)] == [
+        ["pip", "install", "-q", "-r", str(tmp_path / "home" / "moe-lvlm" / "requirements.txt"),
+         "jax[tpu]==0.10.2"]]
 
 def test_slurm_submit_dry_run_and_run(tmp_path):
     args = ["--nodes=4", "--gpus-per-node", "8", "--partition=gpu", "--time=02:00:00"]
@@ -187,3 +420,67 @@ def test_sbatch_runs_train_under_srun_with_args_unchanged(tmp_path, tasks_per_no
     assert record["argv"] == ["srun", "--kill-on-bad-exit=1", "python3", "-m", "moe_lvlm.train",
                               "--config=configs/base.py", *OVERRIDES]
     assert record["ids"] == ids
+
+
+def test_sbatch_requeues_and_forwards_sigterm_to_srun(tmp_path):
+    """SLURM's TERM before the time limit (--signal=B:TERM@300) reaches the batch shell only: it
+    must hand it to srun, and requeue the job when training exits 75."""
+    sbatch = open(os.path.join(LAUNCH, "slurm.sbatch")).read()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=B:TERM@300",
+                 "#SBATCH --open-mode=append"):
+        assert line in sbatch.splitlines()
+    (tmp_path / "bin").mkdir()
+    recorder(tmp_path / "bin", "scontrol")
+    recorder(tmp_path / "bin", "srun", (
+        "import signal, time\n"
+        "def term(*_):\n"
+        "    open(os.environ['RECORD'], 'a').write(json.dumps({'argv': ['TERM']}) + '\\n')\n"
+        "    sys.exit(75)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "time.sleep(60)\n"))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_LOCAL_DEVICE_IDS"}
+    env.update(SLURM_SUBMIT_DIR=REPO_ROOT, SLURM_JOB_ID="123", SLURM_CPUS_PER_TASK="16",
+               RECORD=str(tmp_path / "record.jsonl"),
+               PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--workdir=/w"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not recorded(tmp_path):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    time.sleep(0.5)  # srun's TERM handler is set up
+    proc.send_signal(15)
+    assert proc.wait(timeout=30) == 75
+    assert [r["argv"] for r in recorded(tmp_path)] == [
+        ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=16", "python", "-m", "moe_lvlm.train",
+         "--workdir=/w"],
+        ["TERM"],
+        ["scontrol", "requeue", "123"]]
+    assert "requeueing job 123" in proc.stderr.read()
+
+
+@pytest.mark.parametrize("rc", [0, 1])
+def test_sbatch_does_not_requeue_other_exits(tmp_path, rc):
+    (tmp_path / "bin").mkdir()
+    recorder(tmp_path / "bin", "scontrol")
+    recorder(tmp_path / "bin", "srun", f"sys.exit({rc})\n")
+    env = {"SLURM_SUBMIT_DIR": REPO_ROOT, "SLURM_JOB_ID": "7"}
+    result = run_script(tmp_path, "slurm.sbatch", ["--workdir=/w"], env=env, check=False)
+    assert result.returncode == rc
+    assert [r["argv"][0] for r in recorded(tmp_path)] == ["srun"]
+
+
+def test_sbatch_dry_run_and_submit_options(tmp_path):
+    env = {"SLURM_SUBMIT_DIR": REPO_ROOT, "SLURM_CPUS_PER_TASK": "8", "MOE_LVLM_DRY_RUN": "1"}
+    out = run_script(tmp_path, "slurm.sbatch", ["--config=configs/base.py", "--workdir=/w x"],
+                     env=env)
+    assert out.stdout.splitlines() == [
+        "srun --kill-on-bad-exit=1 --cpus-per-task=8 python -m moe_lvlm.train "
+        "--config=configs/base.py --workdir='/w x'",
+        '# exit 75: scontrol requeue "$SLURM_JOB_ID"']
+    out = run_script(tmp_path, "slurm_submit.sh", [
+        "--nodes=2", "--grace=600", "--job-name=abl-e8", "--wait", "--dry-run", "--",
+        "--workdir=/w"])
+    assert out.stdout.splitlines() == [
+        "sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --signal=B:TERM@600 "
+        "--job-name=abl-e8 --wait launch/slurm.sbatch --workdir=/w"]
