@@ -13,7 +13,9 @@ from configs import models
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+    # num_slices: TPU slices of a multislice job; the data axis spans them (DCN) and must be a
+    # multiple of it (moe_lvlm/parallel/mesh.py).
+    return ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1, num_slices=1))
 
 
 def data_config() -> ml_collections.ConfigDict:

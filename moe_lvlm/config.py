@@ -164,5 +164,11 @@ def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> No
 def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
     """Validates a whole run config; returns the resolved mesh shape."""
     shape = resolve_mesh_shape(cfg.mesh, num_devices)
+    slices = cfg.mesh.get("num_slices", 1)
+    if slices < 1 or shape[0] % slices:
+        raise ConfigError(
+            f"mesh.num_slices={slices} must be >= 1 and divide the data axis (size {shape[0]}): "
+            "each slice holds whole data-parallel replicas; make mesh.data a multiple of it"
+        )
     validate_model(cfg.model, expert_axis=shape[MESH_AXES.index("expert")])
     return shape
