@@ -1,27 +1,39 @@
 """Run an ablation sweep (configs/ablations/*.py) point by point and tabulate the results.
 
     python launch/sweep.py configs/ablations/experts.py --workdir=runs/ablations/experts \
-        [--values=1,8] [--config-args=steps=0.1] [--eval-args=--limit=200] [--no-eval] \
+        [--values=1,8] [--seeds=3] [--config-args=steps=0.1] [--eval-args=--limit=200] \
+        [--no-eval] [--routing] [--launcher=local|tpu_pod|slurm] [--launcher-args='...'] \
         [--dry-run | --collect-only] [-- --config.data.data_dir=DIR ...]
 
 Each value V of the file's `AXIS` (default: all its `VALUES`) trains
 `python -m moe_lvlm.train --config=FILE:AXIS=V[,CONFIG_ARGS] --workdir=WORKDIR/AXIS_V [ARGS]`,
-one after the other, then scores it with `python -m moe_lvlm.evaluate --workdir=...` (its JSON
-summary is kept in `eval.json`; a failed or missing evaluation is noted in the `eval` column and
-leaves the other columns as they are).
-`--dry-run` prints those commands, to start them elsewhere (a pod or a cluster, see
-docs/launch.md); `--collect-only` tabulates workdirs trained earlier. Writes
-`WORKDIR/results.md`, `results.csv` and `results.png` (loss curves and expert load of the last
-stage). The exit status is 1 if any point failed to train.
+through the launcher: `local` runs it here; `tpu_pod` runs `launch/tpu_pod.sh LAUNCHER_ARGS
+--config=... --workdir=... -- ARGS` (one slice, reused point after point; it relaunches after
+preemptions until training is complete); `slurm` runs `launch/slurm_submit.sh LAUNCHER_ARGS --wait
+--job-name=... -- ...` (requeued after preemptions; `--wait` returns when the job has ended).
+With `--seeds=N` (N > 1) every point trains N times, seeds 0..N-1 (`--config.seed`,
+`--config.data.seed`, `--config.vision_pretrain.seed`), in `WORKDIR/AXIS_V/seed_S`.
+After training, each run is scored here with `python -m moe_lvlm.evaluate --workdir=...` (its JSON
+summary kept in `eval.json`) and, with `--routing`, analysed with
+`python -m moe_lvlm.analyze_routing --workdir=RUN --out=RUN/routing`.
+Each step that succeeds is recorded in the run's `sweep_state.json`: a rerun skips finished
+training, evaluation and routing analysis (delete the file to redo a run).
+`--dry-run` prints the commands and runs nothing; `--collect-only` tabulates workdirs trained
+earlier. Writes `WORKDIR/results.md`, `results.csv` and `results.png` (loss curves and expert
+load of the last stage); with seeds, one row per point with mean and std over the seeds, and
+every run in `runs.csv`. The exit status is 1 if any run failed to train.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib.util
+import io
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
@@ -34,7 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `configs` and `moe_lvlm` importable
     sys.path.insert(0, str(REPO_ROOT))
 
+from etils import epath  # noqa: E402  (after the sys.path line, like the project imports)
+
 EVAL_FILE = "eval.json"
+STATE_FILE = "sweep_state.json"
+LAUNCHERS = ("local", "tpu_pod", "slurm")
 RESULT_COLUMNS = ("total_params", "active_params", "loss", "ce", "balance_loss", "step_time_s",
                   "tokens_per_s")
 
@@ -57,25 +73,79 @@ def load_sweep(path: str | Path) -> tuple[str, tuple]:
     return module.AXIS, tuple(module.VALUES)
 
 
-def point_dir(root: str, axis: str, value: Any) -> str:
-    """`root/AXIS_VALUE`, joined as text so that `gs://` roots keep their two slashes."""
-    return f"{root.rstrip('/')}/{point_name(axis, value)}"
-
-
 def point_name(axis: str, value: Any) -> str:
     return f"{axis}_{value}"
 
 
+def join(root: str, name: str) -> str:
+    """`root/name`, joined as text so that `gs://` roots keep their two slashes."""
+    return f"{root.rstrip('/')}/{name}"
+
+
+def epath_of(path: str | os.PathLike) -> epath.Path:
+    """Local folders and gs:// alike (etils.epath, as orbax and the workdir use)."""
+    return epath.Path(os.fspath(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of a sweep: a point (AXIS_V) and, with several seeds, a seed."""
+
+    point: str
+    value: Any
+    seed: int | None
+    workdir: str
+
+    @property
+    def name(self) -> str:
+        return self.point if self.seed is None else f"{self.point}/seed_{self.seed}"
+
+
+def plan_runs(root: str, axis: str, values: Sequence, seeds: int) -> list[Run]:
+    """Every run, point by point; one seed keeps today's layout (no seed folder, no overrides)."""
+    runs = []
+    for value in values:
+        point = point_name(axis, value)
+        for seed in [None] if seeds == 1 else range(seeds):
+            name = point if seed is None else f"{point}/seed_{seed}"
+            runs.append(Run(point, value, seed, join(root, name)))
+    return runs
+
+
+def seed_overrides(seed: int | None) -> list[str]:
+    """The config overrides of a seed: parameter init and router noise, data order, and the
+    demo's vision-tower pre-training."""
+    if seed is None:
+        return []
+    return [f"--config.seed={seed}", f"--config.data.seed={seed}",
+            f"--config.vision_pretrain.seed={seed}"]
+
+
 def train_command(config: str, axis: str, value: Any, workdir: str, config_args: str,
-                  overrides: Sequence[str], python: str = sys.executable) -> list[str]:
+                  overrides: Sequence[str], python: str = sys.executable,
+                  launcher: str = "local", launcher_args: Sequence[str] = (),
+                  job_name: str = "") -> list[str]:
+    """The command that trains one run, through `launcher` (run from the repository root)."""
     arg = ",".join(filter(None, [f"{axis}={value}", config_args]))
-    return [python, "-m", "moe_lvlm.train", f"--config={config}:{arg}",
-            f"--workdir={workdir}", *overrides]
+    where = [f"--config={config}:{arg}", f"--workdir={workdir}"]
+    if launcher == "local":
+        return [python, "-m", "moe_lvlm.train", *where, *overrides]
+    if launcher == "tpu_pod":
+        return ["launch/tpu_pod.sh", *launcher_args, *where, "--", *overrides]
+    if launcher == "slurm":
+        return ["launch/slurm_submit.sh", *launcher_args, "--wait", f"--job-name={job_name}",
+                "--", *where, *overrides]
+    raise ValueError(f"--launcher={launcher!r}: use one of {LAUNCHERS}")
 
 
 def eval_command(workdir: str | Path, eval_args: Sequence[str],
                  python: str = sys.executable) -> list[str]:
     return [python, "-m", "moe_lvlm.evaluate", f"--workdir={workdir}", *eval_args]
+
+
+def routing_command(workdir: str, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "moe_lvlm.analyze_routing", f"--workdir={workdir}",
+            f"--out={join(workdir, 'routing')}"]
 
 
 def run_logged(cmd: Sequence[str], log: Path) -> subprocess.CompletedProcess:
@@ -100,24 +170,38 @@ def last_json_line(text: str) -> dict | None:
     return None
 
 
-def evaluate_point(workdir: Path, eval_args: Sequence[str]) -> str:
-    """Score a trained point, keeping the summary in `eval.json`; returns 'ok' or why not."""
+def evaluate_point(workdir: str | Path, eval_args: Sequence[str], log: Path | None = None) -> str:
+    """Score a trained run, keeping the summary in `eval.json`; returns 'ok' or why not."""
     if importlib.util.find_spec("moe_lvlm.evaluate") is None:
         return "no moe_lvlm.evaluate"
-    log = workdir / "eval.log"
+    log = Path(workdir) / "eval.log" if log is None else log
     start = log.stat().st_size if log.exists() else 0
     result = run_logged(eval_command(workdir, eval_args), log)
     summary = last_json_line(log.read_text()[start:])
     if result.returncode != 0 or summary is None:
         return f"failed (exit {result.returncode}, see {log})"
-    (workdir / EVAL_FILE).write_text(json.dumps(summary, indent=1))
+    (epath_of(workdir) / EVAL_FILE).write_text(json.dumps(summary, indent=1))
     return "ok"
+
+
+def read_state(workdir: str) -> dict:
+    """Which steps of a run have succeeded (`sweep_state.json`): train, eval, routing."""
+    path = epath_of(workdir) / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def mark_done(workdir: str, step: str) -> None:
+    state = read_state(workdir)
+    state[step] = True
+    path = epath_of(workdir) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state))
 
 
 # ----------------------------------------------------------------------------- collecting
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -167,8 +251,9 @@ def flat_numbers(summary: dict, prefix: str = "eval/") -> dict[str, float]:
     return out
 
 
-def collect_point(workdir: Path) -> dict[str, Any]:
-    """One table row from a trained workdir (missing parts stay missing)."""
+def collect_point(workdir: str | os.PathLike) -> dict[str, Any]:
+    """One table row from a trained workdir (local or gs://; missing parts stay missing)."""
+    workdir = epath_of(workdir)
     row: dict[str, Any] = {}
     config_path = workdir / "config.json"
     if not config_path.exists():
@@ -198,6 +283,51 @@ def load_imbalance(record: dict) -> float | None:
     return statistics.mean(max(f) * len(f) for f in loads)
 
 
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); std None for one value, both for none."""
+    values = [float(v) for v in values]
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def numeric_columns(rows: Sequence[dict]) -> list[str]:
+    evals = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    return ["step", *RESULT_COLUMNS, *evals]
+
+
+def aggregate(rows: Sequence[dict], axis: str) -> list[dict]:
+    """One row per point over its seeds: `COL` the mean and `COL_std` the sample std of every
+    numeric column (over the runs that have it), `seeds` the runs that trained."""
+    out: dict[str, dict] = {}
+    columns = numeric_columns(rows)
+    for point in dict.fromkeys(r["point"] for r in rows):
+        runs = [r for r in rows if r["point"] == point]
+        ok = [r for r in runs if r["status"] == "ok"]
+        failed = len(runs) - len(ok)
+        row = {"point": point, axis: runs[0][axis], "seeds": len(ok),
+               "status": "ok" if not failed else f"{failed} of {len(runs)} failed",
+               "eval": "ok" if all(r.get("eval") == "ok" for r in runs) else
+               ",".join(sorted({str(r.get("eval") or "-") for r in runs})),
+               "stage": runs[0].get("stage")}
+        for column in columns:
+            mean, std = mean_std([r[column] for r in ok if r.get(column) is not None])
+            row[column], row[f"{column}_std"] = mean, std
+        out[point] = row
+    return list(out.values())
+
+
+def beyond_spread(row: dict, base: dict, column: str) -> bool:
+    """Whether the point's mean +- std interval misses the baseline's (a screen over a few seeds,
+    not a significance test)."""
+    values = [row.get(column), row.get(f"{column}_std"), base.get(column),
+              base.get(f"{column}_std")]
+    if any(v is None for v in values):
+        return False
+    mean, std, base_mean, base_std = values
+    return abs(mean - base_mean) > std + base_std
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -209,37 +339,84 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def write_tables(rows: list[dict], axis: str, out_dir: Path) -> list[str]:
-    """results.csv and results.md; returns the columns."""
+def write_csv(rows: Sequence[dict], columns: Sequence[str], path) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    epath_of(path).write_text(text.getvalue())
+
+
+def write_tables(rows: list[dict], axis: str, out_dir, name: str = "results",
+                 lead: Sequence[str] = ()) -> list[str]:
+    """NAME.csv and NAME.md; returns the columns."""
     extra = sorted({k for r in rows for k in r if k.startswith("eval/")})
-    columns = ["point", axis, "status", "eval", "stage", "step", *RESULT_COLUMNS, *extra]
-    with (out_dir / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = ["point", axis, *lead, "status", "eval", "stage", "step", *RESULT_COLUMNS, *extra]
+    out_dir = epath_of(out_dir)
+    write_csv(rows, columns, out_dir / f"{name}.csv")
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     return columns
 
 
-def plot(rows: list[dict], workdirs: list[Path], out_path: Path) -> None:
-    """Loss curves and expert-load imbalance over the last stage, one line per point."""
+def write_seed_tables(points: list[dict], axis: str, out_dir) -> None:
+    """results.csv (mean and `_std` columns) and results.md (`mean ± std`, `*` where the point's
+    interval misses the first point's)."""
+    numeric = [c for c in numeric_columns(points) if any(p.get(c) is not None for p in points)]
+    lead = ["point", axis, "seeds", "status", "eval", "stage"]
+    csv_columns = lead + [x for c in numeric for x in (c, f"{c}_std")]
+    out_dir = epath_of(out_dir)
+    write_csv(points, csv_columns, out_dir / "results.csv")
+    base = points[0]
+
+    def cell(row: dict, column: str) -> str:
+        mean, std = row.get(column), row.get(f"{column}_std")
+        text = _fmt(mean) + (f" ± {_fmt(std)}" if std is not None else "")
+        return text + (" *" if row is not base and beyond_spread(row, base, column) else "")
+
+    lines = ["| " + " | ".join(lead + numeric) + " |", "|" + "---|" * (len(lead) + len(numeric))]
+    lines += ["| " + " | ".join([*(_fmt(r.get(c)) for c in lead), *(cell(r, c) for c in numeric)])
+              + " |" for r in points]
+    lines += ["", f"mean ± sample std over the seeds of each point; `*`: the interval mean ± std "
+              f"misses {base['point']}'s (a screen over few seeds, not a significance test)."]
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def curve(workdir: str, stage: str) -> tuple[list[int], list[float], list[float | None]]:
+    """(steps, losses, load imbalance) logged in a run's `stage`."""
+    records = read_jsonl(epath_of(workdir) / stage / "metrics.jsonl")
+    return ([r["step"] for r in records], [r["loss"] for r in records],
+            [load_imbalance(r) for r in records])
+
+
+def plot(rows: list[dict], workdirs: list[str], out_path) -> None:
+    """Loss curves and expert-load imbalance over the last stage, one line per point: the mean
+    over its seeds, with a band of +- one std where it has several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, (loss_ax, load_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    runs_of: dict[str, list[tuple]] = {}
     for row, workdir in zip(rows, workdirs, strict=True):
-        records = read_jsonl(workdir / str(row.get("stage")) / "metrics.jsonl")
-        if not records:
-            continue
-        steps = [r["step"] for r in records]
-        loss_ax.plot(steps, [r["loss"] for r in records], label=row["point"])
-        loads = [load_imbalance(r) for r in records]
-        if loads[0] is not None:
-            load_ax.plot(steps, loads, label=row["point"])
+        steps, losses, loads = curve(workdir, str(row.get("stage")))
+        if steps:
+            runs_of.setdefault(row["point"], []).append((steps, losses, loads))
+    fig, (loss_ax, load_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    for point, runs in runs_of.items():
+        common = sorted(set.intersection(*(set(s) for s, _, _ in runs)))
+        for ax, which in ((loss_ax, 1), (load_ax, 2)):
+            series = [[dict(zip(r[0], r[which], strict=True))[s] for s in common] for r in runs]
+            if not common or any(v is None for s in series for v in s):
+                continue
+            values = np.asarray(series, dtype=float)
+            mean = values.mean(axis=0)
+            (line,) = ax.plot(common, mean, label=point)
+            if len(runs) > 1:
+                std = values.std(axis=0, ddof=1)
+                ax.fill_between(common, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     loss_ax.set(xlabel="step", ylabel="loss", title="training loss (last stage)")
     load_ax.set(xlabel="step", ylabel="max expert load x E (1 = balanced)",
                 title="expert load imbalance, mean over MoE layers")
@@ -247,8 +424,10 @@ def plot(rows: list[dict], workdirs: list[Path], out_path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    epath_of(out_path).write_bytes(buffer.getvalue())
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -266,55 +445,120 @@ def parse_values(text: str | None, values: tuple) -> tuple:
     return tuple(by_name[v] for v in chosen)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def log_dir(run: Run, log_root: str | None) -> Path:
+    """Where the run's train/eval/routing logs go: its workdir when that is local, else
+    LOG_ROOT/RUN (gs:// workdirs: the logs stay on this machine)."""
+    if "://" not in run.workdir:
+        return Path(run.workdir)
+    return Path(log_root or "sweep-logs") / run.name
+
+
+def execute(run: Run, opts, axis: str, overrides: Sequence[str], eval_args: Sequence[str],
+            launcher_args: Sequence[str]) -> tuple[str, str]:
+    """Train, evaluate and analyse one run, skipping the steps its state marks done; returns
+    (status, evaluation)."""
+    logs = log_dir(run, opts.log_dir)
+    state = read_state(run.workdir)
+    if state.get("train"):
+        print(f"[sweep] {run.name}: trained before (sweep_state.json), not retrained", flush=True)
+    else:
+        print(f"[sweep] {run.name}: training in {run.workdir} ({opts.launcher})", flush=True)
+        job = f"{axis}-{run.name}".replace("/", "-")
+        cmd = train_command(opts.config, axis, run.value, run.workdir, opts.config_args,
+                            [*seed_overrides(run.seed), *overrides], launcher=opts.launcher,
+                            launcher_args=launcher_args, job_name=job)
+        result = run_logged(cmd, logs / "train.log")
+        if result.returncode != 0:
+            return f"train failed (exit {result.returncode}, see {logs / 'train.log'})", ""
+        mark_done(run.workdir, "train")
+    evaluated = "skipped"
+    if not opts.no_eval:
+        evaluated = "ok" if state.get("eval") else evaluate_point(run.workdir, eval_args,
+                                                                  logs / "eval.log")
+        if evaluated == "ok":
+            mark_done(run.workdir, "eval")
+    if opts.routing and not state.get("routing"):
+        result = run_logged(routing_command(run.workdir), logs / "routing.log")
+        if result.returncode == 0:
+            mark_done(run.workdir, "routing")
+        else:
+            print(f"[sweep] {run.name}: routing analysis failed (exit {result.returncode}, see "
+                  f"{logs / 'routing.log'})", flush=True)
+    return "ok", evaluated
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog="TRAIN_ARGS go to moe_lvlm.train unchanged.",
         usage="%(prog)s CONFIG --workdir=DIR [options] [-- TRAIN_ARGS]")
     parser.add_argument("config", help="a sweep config file, e.g. configs/ablations/experts.py")
     parser.add_argument("--workdir", required=True, help="one subfolder per point goes here")
     parser.add_argument("--values", default=None, help="comma-separated subset of VALUES")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per point, seeds 0..N-1")
     parser.add_argument("--config-args", default="", help="more key=value config arguments")
     parser.add_argument("--eval-args", default="", help="arguments for moe_lvlm.evaluate")
     parser.add_argument("--no-eval", action="store_true", help="skip moe_lvlm.evaluate")
+    parser.add_argument("--routing", action="store_true",
+                        help="run moe_lvlm.analyze_routing on each run after evaluation")
+    parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                        help="how each run trains: here, on a TPU slice, or as a SLURM job")
+    parser.add_argument("--launcher-args", default="",
+                        help="options for launch/tpu_pod.sh or launch/slurm_submit.sh")
+    parser.add_argument("--log-dir", default=None,
+                        help="logs of runs whose workdir is remote (default ./sweep-logs)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the commands only")
     mode.add_argument("--collect-only", action="store_true", help="tabulate existing workdirs")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
-    opts, overrides = parser.parse_args(argv[:split]), argv[split + 1:]
+    opts = parser.parse_args(argv[:split])
+    if opts.seeds < 1:
+        parser.error(f"--seeds={opts.seeds} must be at least 1")
+    if opts.launcher == "tpu_pod" and not opts.workdir.startswith("gs://"):
+        parser.error("--launcher=tpu_pod needs a gs:// --workdir (the TPU VMs write there)")
+    return opts, argv[split + 1:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     axis, values = load_sweep(opts.config)
     values = parse_values(opts.values, values)
     eval_args = shlex.split(opts.eval_args)
+    launcher_args = shlex.split(opts.launcher_args)
+    runs = plan_runs(opts.workdir, axis, values, opts.seeds)
     if opts.dry_run:
-        for v in values:
-            w = point_dir(opts.workdir, axis, v)
-            print(shlex.join(train_command(opts.config, axis, v, w, opts.config_args, overrides,
-                                           "python")))
+        for run in runs:
+            job = f"{axis}-{run.name}".replace("/", "-")
+            print(shlex.join(train_command(
+                opts.config, axis, run.value, run.workdir, opts.config_args,
+                [*seed_overrides(run.seed), *overrides], "python", opts.launcher, launcher_args,
+                job)))
             if not opts.no_eval:
-                print(shlex.join(eval_command(w, eval_args, "python")))
+                print(shlex.join(eval_command(run.workdir, eval_args, "python")))
+            if opts.routing:
+                print(shlex.join(routing_command(run.workdir, "python")))
         return 0
-    root = Path(opts.workdir)
-    workdirs = [root / point_name(axis, v) for v in values]
     rows = []
-    for v, w in zip(values, workdirs, strict=True):
+    for run in runs:
         status, evaluated = "ok", "skipped" if opts.no_eval else ""
         if not opts.collect_only:
-            print(f"[sweep] {point_name(axis, v)}: training in {w}", flush=True)
-            cmd = train_command(opts.config, axis, v, str(w), opts.config_args, overrides)
-            result = run_logged(cmd, w / "train.log")
-            if result.returncode != 0:
-                status = f"train failed (exit {result.returncode}, see {w / 'train.log'})"
-            elif not opts.no_eval:
-                evaluated = evaluate_point(w, eval_args)
-        row = {"point": point_name(axis, v), axis: v, **collect_point(w)}
+            status, evaluated = execute(run, opts, axis, overrides, eval_args, launcher_args)
+        row = {"point": run.point, axis: run.value, "seed": run.seed,
+               **collect_point(run.workdir)}
         if status == "ok" and "loss" not in row:
             status = "no metrics"
-        row.update(status=status, eval=evaluated or ("ok" if (w / EVAL_FILE).exists() else ""))
-        print(f"[sweep] {row['point']}: {status}, evaluation: {row['eval'] or '-'}", flush=True)
+        has_eval = (epath_of(run.workdir) / EVAL_FILE).exists()
+        row.update(status=status, eval=evaluated or ("ok" if has_eval else ""))
+        print(f"[sweep] {run.name}: {status}, evaluation: {row['eval'] or '-'}", flush=True)
         rows.append(row)
+    root = epath_of(opts.workdir)
     root.mkdir(parents=True, exist_ok=True)
-    write_tables(rows, axis, root)
-    plot(rows, workdirs, root / "results.png")
+    if opts.seeds == 1:
+        write_tables(rows, axis, root)
+    else:
+        write_tables(rows, axis, root, name="runs", lead=["seed"])
+        write_seed_tables(aggregate(rows, axis), axis, root)
+    plot(rows, [run.workdir for run in runs], root / "results.png")
     print((root / "results.md").read_text(), end="")
     return int(any(r["status"] != "ok" for r in rows))
 

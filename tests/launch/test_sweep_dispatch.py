@@ -1,0 +1,167 @@
+"""launch/sweep.py beyond one local pass: the command per launcher, seeds (their folders,
+overrides and the mean +- std of the tables, against hand arithmetic), and reruns that skip what
+finished (training, evaluation, routing analysis)."""
+
+import csv
+import json
+import math
+import shlex
+from pathlib import Path
+
+import pytest
+
+from configs.ablations import common
+from launch import sweep
+
+CONFIG = "configs/ablations/experts.py"
+
+
+def dry_run(capsys, *args) -> list[list[str]]:
+    assert sweep.main([CONFIG, "--values=2", "--dry-run", *args, "--", "--config.log_every=1"]) == 0
+    return [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_dry_run_per_launcher(capsys):
+    root = "gs://b/abl"
+    where = ["--config=configs/ablations/experts.py:num_experts=2",
+             f"--workdir={root}/num_experts_2"]
+    evaluate = ["python", "-m", "moe_lvlm.evaluate", f"--workdir={root}/num_experts_2"]
+    routing = ["python", "-m", "moe_lvlm.analyze_routing", f"--workdir={root}/num_experts_2",
+               f"--out={root}/num_experts_2/routing"]
+    assert dry_run(capsys, f"--workdir={root}", "--routing") == [
+        ["python", "-m", "moe_lvlm.train", *where, "--config.log_every=1"], evaluate, routing]
+    assert dry_run(capsys, f"--workdir={root}", "--launcher=tpu_pod", "--no-eval",
+                   "--launcher-args=--name=pod --zone=us-east5-a --accelerator-type=v5p-64") == [
+        ["launch/tpu_pod.sh", "--name=pod", "--zone=us-east5-a", "--accelerator-type=v5p-64",
+         *where, "--", "--config.log_every=1"]]
+    assert dry_run(capsys, f"--workdir={root}", "--launcher=slurm",
+                   "--launcher-args=--nodes=2 --partition=gpu") == [
+        ["launch/slurm_submit.sh", "--nodes=2", "--partition=gpu", "--wait",
+         "--job-name=num_experts-num_experts_2", "--", *where, "--config.log_every=1"],
+        evaluate]
+
+
+def test_seeds_get_their_folders_and_overrides(capsys):
+    cmds = dry_run(capsys, "--workdir=/r", "--seeds=2", "--no-eval")
+    assert cmds == [
+        ["python", "-m", "moe_lvlm.train", "--config=configs/ablations/experts.py:num_experts=2",
+         f"--workdir=/r/num_experts_2/seed_{s}", f"--config.seed={s}", f"--config.data.seed={s}",
+         f"--config.vision_pretrain.seed={s}", "--config.log_every=1"] for s in (0, 1)]
+
+
+def test_bad_launcher_use_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        sweep.main([CONFIG, "--workdir=/local", "--launcher=tpu_pod", "--dry-run"])
+    assert "needs a gs:// --workdir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main([CONFIG, "--workdir=/local", "--seeds=0", "--dry-run"])
+
+
+def write_run(workdir: Path, num_experts: int, losses) -> None:
+    """A workdir as moe_lvlm.train leaves it: its config and the last stage's metrics."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = common.ablation_config(f"num_experts={num_experts}")
+    (workdir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (workdir / "stage3").mkdir(exist_ok=True)
+    (workdir / "stage3" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": 10 * (i + 1), "loss": x, "ce": x, "step_time": 0.5}) + "\n"
+        for i, x in enumerate(losses)))
+
+
+class FakeCommands:
+    """Stands in for the commands the sweep starts: training writes a workdir, evaluation
+    prints a summary, the routing analysis fails the first time for `routing_fails`."""
+
+    def __init__(self, routing_fails: str = ""):
+        self.calls: list[tuple[str, str]] = []
+        self.routing_fails = routing_fails
+
+    def __call__(self, cmd, log):
+        kind = next(k for k in ("slurm_submit", "moe_lvlm.train", "evaluate", "analyze_routing")
+                    if any(k in c for c in cmd))
+        workdir = Path(next(c for c in cmd if c.startswith("--workdir=")).split("=", 1)[1])
+        self.calls.append((kind, workdir.name))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        rc = 0
+        if kind in ("slurm_submit", "moe_lvlm.train"):
+            write_run(workdir, int(workdir.name.split("_")[-1]), [3.0, 2.0])
+        elif kind == "evaluate":
+            log.write_text(json.dumps({"exact_match": 50.0}) + "\n")
+        elif workdir.name == self.routing_fails:
+            self.routing_fails, rc = "", 1
+        return type("Result", (), {"returncode": rc})()
+
+
+def test_rerun_skips_finished_training_evaluation_and_routing(tmp_path, monkeypatch):
+    fake = FakeCommands(routing_fails="num_experts_2")
+    monkeypatch.setattr(sweep, "run_logged", fake)
+    args = [CONFIG, f"--workdir={tmp_path}", "--values=1,2", "--launcher=slurm", "--routing"]
+    assert sweep.main(args) == 0
+    assert fake.calls == [
+        ("slurm_submit", "num_experts_1"), ("evaluate", "num_experts_1"),
+        ("analyze_routing", "num_experts_1"),
+        ("slurm_submit", "num_experts_2"), ("evaluate", "num_experts_2"),
+        ("analyze_routing", "num_experts_2")]
+    assert json.loads((tmp_path / "num_experts_2" / "sweep_state.json").read_text()) == {
+        "train": True, "eval": True}
+    fake.calls.clear()
+    assert sweep.main(args) == 0  # only the failed routing analysis runs again
+    assert fake.calls == [("analyze_routing", "num_experts_2")]
+    fake.calls.clear()
+    assert sweep.main(args) == 0
+    assert fake.calls == []
+    with (tmp_path / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["point"], r["status"], r["eval"], r["eval/exact_match"]) for r in rows] == [
+        ("num_experts_1", "ok", "ok", "50.0"), ("num_experts_2", "ok", "ok", "50.0")]
+
+
+def test_a_failed_training_is_retried(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(cmd, log):
+        calls.append(cmd)
+        return type("Result", (), {"returncode": 75})()
+
+    monkeypatch.setattr(sweep, "run_logged", failing)
+    args = [CONFIG, f"--workdir={tmp_path}", "--values=2", "--no-eval"]
+    assert sweep.main(args) == 1
+    assert sweep.main(args) == 1
+    assert len(calls) == 2
+    assert not (tmp_path / "num_experts_2" / "sweep_state.json").exists()
+
+
+def test_seed_tables_report_mean_and_std(tmp_path):
+    # Final losses per seed; by hand: point 1 mean 7/3, sample std sqrt(7/3) = 1.5275;
+    # point 2 mean 11, std 1: |11 - 7/3| = 8.67 > 1.53 + 1, so it is marked beyond the spread.
+    finals = {1: [1.0, 2.0, 4.0], 2: [10.0, 11.0, 12.0]}
+    for e, losses in finals.items():
+        for seed, x in enumerate(losses):
+            write_run(tmp_path / f"num_experts_{e}" / f"seed_{seed}", e, [20.0, x])
+    assert sweep.main([CONFIG, f"--workdir={tmp_path}", "--values=1,2", "--seeds=3",
+                       "--collect-only", "--no-eval"]) == 0
+    with (tmp_path / "results.csv").open() as f:
+        rows = {r["point"]: r for r in csv.DictReader(f)}
+    assert math.isclose(float(rows["num_experts_1"]["loss"]), 7 / 3)
+    assert math.isclose(float(rows["num_experts_1"]["loss_std"]), math.sqrt(7 / 3))
+    assert (float(rows["num_experts_2"]["loss"]), float(rows["num_experts_2"]["loss_std"])) == (
+        11.0, 1.0)
+    assert rows["num_experts_1"]["seeds"] == "3" and rows["num_experts_1"]["status"] == "ok"
+    md = (tmp_path / "results.md").read_text()
+    assert "| 2.333 ± 1.528 |" in md and "| 11 ± 1 * |" in md
+    with (tmp_path / "runs.csv").open() as f:
+        runs = list(csv.DictReader(f))
+    assert [(r["point"], r["seed"], r["loss"]) for r in runs] == [
+        (f"num_experts_{e}", str(s), str(x)) for e, xs in finals.items() for s, x in enumerate(xs)]
+    assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_aggregate_skips_failed_runs_and_missing_values():
+    rows = [{"point": "p", "a": 1, "status": "ok", "eval": "ok", "loss": 1.0},
+            {"point": "p", "a": 1, "status": "ok", "eval": "ok", "loss": 3.0},
+            {"point": "p", "a": 1, "status": "train failed (exit 1)", "eval": ""}]
+    (row,) = sweep.aggregate(rows, "a")
+    assert (row["seeds"], row["status"], row["loss"], row["loss_std"]) == (
+        2, "1 of 3 failed", 2.0, math.sqrt(2.0))
+    assert row["ce"] is None and row["ce_std"] is None
+    assert sweep.mean_std([5.0]) == (5.0, None)
