@@ -11,9 +11,11 @@
 #   launch/tpu_pod.sh --name=my-tpu --zone=us-east5-a --accelerator-type=v5p-64 \
 #     --config=configs/demo.py --workdir=gs://my-bucket/runs/demo [--project=P] \
 #     [--runtime-version=V] [--queued] [--spot | --best-effort] [--internal-ip] \
-#     [--max-restarts=20] [--poll=60] [--dry-run] -- --config.stage3.num_steps=100
+#     [--worker-setup=CMD] [--max-restarts=20] [--poll=60] [--dry-run] \
+#     -- --config.stage3.num_steps=100
 #
-# --dry-run prints every command, exactly, and runs none.
+# --worker-setup: a shell command every worker runs after the install (the first launch and every
+# new slice), e.g. to copy pretrained checkpoints down. --dry-run prints every command, exactly, and runs none.
 set -euo pipefail
 
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,7 +30,7 @@ WORKER="bash ~/$REMOTE_DIR/launch/tpu_worker.sh"
 RESUME_EXIT=75 # moe_lvlm.train: SIGTERM, checkpoint saved; run again to resume
 
 usage() {
-  sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
   exit "${1:-0}"
 }
 
@@ -43,7 +45,7 @@ runtime_for() {
   esac
 }
 
-NAME="" ZONE="" CONFIG="" WORKDIR="" PROJECT="" RUNTIME_VERSION=""
+NAME="" ZONE="" CONFIG="" WORKDIR="" PROJECT="" RUNTIME_VERSION="" WORKER_SETUP=""
 ACCELERATOR_TYPE="v4-8"
 QUEUED=0 SPOT=0 BEST_EFFORT=0 INTERNAL_IP=0 DRY_RUN=0
 MAX_RESTARTS=20 POLL=60
@@ -57,6 +59,7 @@ set_option() {
     --project) PROJECT=$2 ;;
     --accelerator-type) ACCELERATOR_TYPE=$2 ;;
     --runtime-version) RUNTIME_VERSION=$2 ;;
+    --worker-setup) WORKER_SETUP=$2 ;;
     --max-restarts) MAX_RESTARTS=$2 ;;
     --poll) POLL=$2 ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -108,6 +111,7 @@ ARCHIVE="${TMPDIR:-/tmp}/moe-lvlm-code-$NAME.tgz"
 
 SETUP="set -e; rm -rf ~/$REMOTE_DIR; mkdir -p ~/$REMOTE_DIR"
 SETUP+="; tar -xzf ~/$REMOTE_DIR.tgz -C ~/$REMOTE_DIR; $WORKER setup $JAX_VERSION"
+if [[ -n $WORKER_SETUP ]]; then SETUP+="; $WORKER_SETUP"; fi
 START="$WORKER start $(join_quoted "$WORKDIR/logs" -- --config="$CONFIG" --workdir="$WORKDIR" \
   ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"})"
 

@@ -161,6 +161,13 @@ def test_tpu_queued_resources_and_internal_ip(tmp_path):
                       "--runtime-version=tpu-ubuntu2204-base", "--best-effort"]
 
 
+def test_tpu_worker_setup_runs_after_the_install(tmp_path):
+    out = run_script(tmp_path, "tpu_pod.sh", [
+        *TPU_ARGS, "--worker-setup=gcloud storage rsync -r gs://b/ckpt ~/ckpt", "--dry-run"])
+    (setup,) = [shlex.split(x) for x in out.stdout.splitlines() if "tpu_worker.sh setup" in x]
+    assert setup == ssh(f"{SETUP}; gcloud storage rsync -r gs://b/ckpt ~/ckpt")
+
+
 FAKE_GCLOUD = """
 import json, os, sys
 argv = ["gcloud"] + sys.argv[1:]
