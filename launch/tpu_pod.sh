@@ -179,20 +179,25 @@ slice_state() {
 
 # Brings the slice to READY (ACTIVE for a queued resource); sets FRESH=1 when it made one.
 ensure_slice() {
-  local state
+  local state created=0
   while :; do
     state="$(slice_state)"
     case $state in
       READY | ACTIVE) return ;;
       "")
         create_cmd && run "${CMD[@]}"
-        FRESH=1
+        FRESH=1 created=1
         ;;
       PREEMPTED | FAILED | SUSPENDED | TERMINATED)
+        if ((created)) && [[ $state == FAILED ]]; then
+          describe_cmd
+          die "slice $NAME FAILED right after its creation; see $(join_quoted \
+            "${CMD[@]/--format=*/--format=yaml}")"
+        fi
         echo "slice $NAME is $state: deleting and re-creating it" >&2
         delete_cmd && run "${CMD[@]}"
         create_cmd && run "${CMD[@]}"
-        FRESH=1
+        FRESH=1 created=1
         ;;
       STOPPED) die "slice $NAME is STOPPED; start it ($(join_quoted "${TPU[@]}" start "$NAME" \
         "${WHERE[@]}")) or delete it, then run this again" ;;

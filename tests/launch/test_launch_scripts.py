@@ -242,6 +242,14 @@ def test_tpu_recreates_a_preempted_slice(tmp_path):
     assert "slice my-pod is PREEMPTED: deleting and re-creating it" in result.stderr
 
 
+def test_tpu_does_not_loop_on_a_creation_that_fails(tmp_path):
+    result, calls = run_tpu_scenario(
+        tmp_path, describe=[["", 1], ["FAILED", 0]], status=[workers("exit 0")], check=False)
+    assert result.returncode == 2 and calls == ["describe", "create", "describe"]
+    assert ("slice my-pod FAILED right after its creation; see gcloud compute tpus tpu-vm "
+            "describe my-pod --zone=us-central2-b --project=my-proj --format=yaml") in result.stderr
+
+
 def test_tpu_stops_on_a_training_error_with_the_logs(tmp_path):
     result, calls = run_tpu_scenario(
         tmp_path, describe=[["READY", 0]],
