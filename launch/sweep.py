@@ -463,7 +463,7 @@ def execute(run: Run, opts, axis: str, overrides: Sequence[str], eval_args: Sequ
         print(f"[sweep] {run.name}: trained before (sweep_state.json), not retrained", flush=True)
     else:
         print(f"[sweep] {run.name}: training in {run.workdir} ({opts.launcher})", flush=True)
-        job = f"{axis}-{run.name}".replace("/", "-")
+        job = run.name.replace("/", "-")
         cmd = train_command(opts.config, axis, run.value, run.workdir, opts.config_args,
                             [*seed_overrides(run.seed), *overrides], launcher=opts.launcher,
                             launcher_args=launcher_args, job_name=job)
@@ -528,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = plan_runs(opts.workdir, axis, values, opts.seeds)
     if opts.dry_run:
         for run in runs:
-            job = f"{axis}-{run.name}".replace("/", "-")
+            job = run.name.replace("/", "-")
             print(shlex.join(train_command(
                 opts.config, axis, run.value, run.workdir, opts.config_args,
                 [*seed_overrides(run.seed), *overrides], "python", opts.launcher, launcher_args,

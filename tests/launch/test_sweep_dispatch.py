@@ -37,7 +37,7 @@ def test_dry_run_per_launcher(capsys):
     assert dry_run(capsys, f"--workdir={root}", "--launcher=slurm",
                    "--launcher-args=--nodes=2 --partition=gpu") == [
         ["launch/slurm_submit.sh", "--nodes=2", "--partition=gpu", "--wait",
-         "--job-name=num_experts-num_experts_2", "--", *where, "--config.log_every=1"],
+         "--job-name=num_experts_2", "--", *where, "--config.log_every=1"],
         evaluate]
 
 
