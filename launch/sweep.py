@@ -3,7 +3,7 @@
     python launch/sweep.py configs/ablations/experts.py --workdir=runs/ablations/experts \
         [--values=1,8] [--seeds=3] [--config-args=steps=0.1] [--eval-args=--limit=200] \
         [--no-eval] [--routing] [--launcher=local|tpu_pod|slurm] [--launcher-args='...'] \
-        [--dry-run | --collect-only] [-- --config.data.data_dir=DIR ...]
+        [--jobs=N] [--dry-run | --collect-only] [-- --config.data.data_dir=DIR ...]
 
 Each value V of the file's `AXIS` (default: all its `VALUES`) trains
 `python -m moe_lvlm.train --config=FILE:AXIS=V[,CONFIG_ARGS] --workdir=WORKDIR/AXIS_V [ARGS]`,
@@ -11,6 +11,8 @@ through the launcher: `local` runs it here; `tpu_pod` runs `launch/tpu_pod.sh LA
 --config=... --workdir=... -- ARGS` (one slice, reused point after point; it relaunches after
 preemptions until training is complete); `slurm` runs `launch/slurm_submit.sh LAUNCHER_ARGS --wait
 --job-name=... -- ...` (requeued after preemptions; `--wait` returns when the job has ended).
+`--jobs=N` keeps N runs in flight at once (`{run}` in `--launcher-args` becomes each run's
+name, e.g. `--name=abl-{run}` for one TPU slice per run).
 With `--seeds=N` (N > 1) every point trains N times, seeds 0..N-1 (`--config.seed`,
 `--config.data.seed`, `--config.vision_pretrain.seed`), in `WORKDIR/AXIS_V/seed_S`.
 After training, each run is scored here with `python -m moe_lvlm.evaluate --workdir=...` (its JSON
@@ -34,11 +36,13 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +103,13 @@ class Run:
     @property
     def name(self) -> str:
         return self.point if self.seed is None else f"{self.point}/seed_{self.seed}"
+
+
+def for_run(args: Sequence[str], run: Run) -> list[str]:
+    """Launcher arguments with `{run}` replaced by the run's name as a TPU/SLURM-safe slug
+    (lower case, digits, hyphens): `--name=abl-{run}` gives each run its own slice."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run.name.lower()).strip("-")
+    return [a.replace("{run}", slug) for a in args]
 
 
 def plan_runs(root: str, axis: str, values: Sequence, seeds: int) -> list[Run]:
@@ -466,7 +477,7 @@ def execute(run: Run, opts, axis: str, overrides: Sequence[str], eval_args: Sequ
         job = run.name.replace("/", "-")
         cmd = train_command(opts.config, axis, run.value, run.workdir, opts.config_args,
                             [*seed_overrides(run.seed), *overrides], launcher=opts.launcher,
-                            launcher_args=launcher_args, job_name=job)
+                            launcher_args=for_run(launcher_args, run), job_name=job)
         result = run_logged(cmd, logs / "train.log")
         if result.returncode != 0:
             return f"train failed (exit {result.returncode}, see {logs / 'train.log'})", ""
@@ -504,6 +515,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="how each run trains: here, on a TPU slice, or as a SLURM job")
     parser.add_argument("--launcher-args", default="",
                         help="options for launch/tpu_pod.sh or launch/slurm_submit.sh")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs in flight at once (each trains, evaluates, analyses)")
     parser.add_argument("--log-dir", default=None,
                         help="logs of runs whose workdir is remote (default ./sweep-logs)")
     mode = parser.add_mutually_exclusive_group()
@@ -512,8 +525,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     opts = parser.parse_args(argv[:split])
-    if opts.seeds < 1:
-        parser.error(f"--seeds={opts.seeds} must be at least 1")
+    if opts.seeds < 1 or opts.jobs < 1:
+        parser.error(f"--seeds={opts.seeds} and --jobs={opts.jobs} must be at least 1")
+    if opts.jobs > 1 and opts.launcher == "tpu_pod" and "{run}" not in opts.launcher_args:
+        parser.error("--jobs > 1 with --launcher=tpu_pod needs one slice per run: put {run} in "
+                     "the slice name, e.g. --launcher-args='--name=abl-{run} ...'")
     if opts.launcher == "tpu_pod" and not opts.workdir.startswith("gs://"):
         parser.error("--launcher=tpu_pod needs a gs:// --workdir (the TPU VMs write there)")
     return opts, argv[split + 1:]
@@ -531,18 +547,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             job = run.name.replace("/", "-")
             print(shlex.join(train_command(
                 opts.config, axis, run.value, run.workdir, opts.config_args,
-                [*seed_overrides(run.seed), *overrides], "python", opts.launcher, launcher_args,
-                job)))
+                [*seed_overrides(run.seed), *overrides], "python", opts.launcher,
+                for_run(launcher_args, run), job)))
             if not opts.no_eval:
                 print(shlex.join(eval_command(run.workdir, eval_args, "python")))
             if opts.routing:
                 print(shlex.join(routing_command(run.workdir, "python")))
         return 0
+    if opts.collect_only:
+        outcomes = [("ok", "skipped" if opts.no_eval else "")] * len(runs)
+    else:
+        with ThreadPoolExecutor(opts.jobs) as pool:
+            outcomes = list(pool.map(
+                lambda run: execute(run, opts, axis, overrides, eval_args, launcher_args), runs))
     rows = []
-    for run in runs:
-        status, evaluated = "ok", "skipped" if opts.no_eval else ""
-        if not opts.collect_only:
-            status, evaluated = execute(run, opts, axis, overrides, eval_args, launcher_args)
+    for run, (status, evaluated) in zip(runs, outcomes, strict=True):
         row = {"point": run.point, axis: run.value, "seed": run.seed,
                **collect_point(run.workdir)}
         if status == "ok" and "loss" not in row:

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import shlex
+import threading
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,33 @@ def test_aggregate_skips_failed_runs_and_missing_values():
         2, "1 of 3 failed", 2.0, math.sqrt(2.0))
     assert row["ce"] is None and row["ce_std"] is None
     assert sweep.mean_std([5.0]) == (5.0, None)
+
+
+def test_one_slice_per_run_by_name(capsys):
+    cmds = dry_run(capsys, "--workdir=gs://b/a", "--seeds=2", "--no-eval", "--launcher=tpu_pod",
+                   "--jobs=2", "--launcher-args=--name=abl-{run} --zone=us-east5-a")
+    assert [c[:3] for c in cmds] == [
+        ["launch/tpu_pod.sh", f"--name=abl-num-experts-2-seed-{s}", "--zone=us-east5-a"]
+        for s in (0, 1)]
+    with pytest.raises(SystemExit):
+        sweep.main([CONFIG, "--workdir=gs://b/a", "--launcher=tpu_pod", "--jobs=2",
+                    "--launcher-args=--name=abl", "--dry-run"])
+    assert "needs one slice per run" in capsys.readouterr().err
+
+
+def test_jobs_keep_runs_in_flight_together(tmp_path, monkeypatch):
+    barrier = threading.Barrier(2, timeout=20)
+    fake = FakeCommands()
+
+    def together(cmd, log):
+        if any("moe_lvlm.train" in c for c in cmd):
+            barrier.wait()  # both trainings must be running at once, or this times out
+        return fake(cmd, log)
+
+    monkeypatch.setattr(sweep, "run_logged", together)
+    assert sweep.main([CONFIG, f"--workdir={tmp_path}", "--values=1,2", "--jobs=2",
+                       "--no-eval"]) == 0
+    assert sorted(fake.calls) == [("moe_lvlm.train", "num_experts_1"),
+                                  ("moe_lvlm.train", "num_experts_2")]
+    with (tmp_path / "results.csv").open() as f:
+        assert [r["point"] for r in csv.DictReader(f)] == ["num_experts_1", "num_experts_2"]
