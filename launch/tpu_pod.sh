@@ -11,11 +11,12 @@
 #   launch/tpu_pod.sh --name=my-tpu --zone=us-east5-a --accelerator-type=v5p-64 \
 #     --config=configs/demo.py --workdir=gs://my-bucket/runs/demo [--project=P] \
 #     [--runtime-version=V] [--queued] [--spot | --best-effort] [--internal-ip] \
-#     [--worker-setup=CMD] [--max-restarts=20] [--poll=60] [--dry-run] \
+#     [--worker-setup=CMD] [--max-restarts=20] [--poll=60] [--delete-when-done] [--dry-run] \
 #     -- --config.stage3.num_steps=100
 #
 # --worker-setup: a shell command every worker runs after the install (the first launch and every
-# new slice), e.g. to copy pretrained checkpoints down. --dry-run prints every command, exactly, and runs none.
+# new slice), e.g. to copy pretrained checkpoints down. --delete-when-done deletes the slice once
+# training is complete. --dry-run prints every command, exactly, and runs none.
 set -euo pipefail
 
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,7 +31,7 @@ WORKER="bash ~/$REMOTE_DIR/launch/tpu_worker.sh"
 RESUME_EXIT=75 # moe_lvlm.train: SIGTERM, checkpoint saved; run again to resume
 
 usage() {
-  sed -n '2,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
   exit "${1:-0}"
 }
 
@@ -47,7 +48,7 @@ runtime_for() {
 
 NAME="" ZONE="" CONFIG="" WORKDIR="" PROJECT="" RUNTIME_VERSION="" WORKER_SETUP=""
 ACCELERATOR_TYPE="v4-8"
-QUEUED=0 SPOT=0 BEST_EFFORT=0 INTERNAL_IP=0 DRY_RUN=0
+QUEUED=0 SPOT=0 BEST_EFFORT=0 INTERNAL_IP=0 DRY_RUN=0 DELETE_WHEN_DONE=0
 MAX_RESTARTS=20 POLL=60
 
 set_option() {
@@ -75,6 +76,7 @@ while (($#)); do
     --spot) SPOT=1 ;;
     --best-effort) BEST_EFFORT=1 QUEUED=1 ;;
     --internal-ip) INTERNAL_IP=1 ;;
+    --delete-when-done) DELETE_WHEN_DONE=1 ;;
     --*=*) set_option "${1%%=*}" "${1#*=}" ;;
     --*) (($# >= 2)) || die "$1 needs a value"; set_option "$1" "$2"; shift ;;
     *) die "unexpected argument '$1': training arguments go after --" ;;
@@ -168,6 +170,10 @@ if ((DRY_RUN)); then
   echo "# all exit 0: done. Exit $RESUME_EXIT or a lost slice: again from the describe" \
     "(at most $MAX_RESTARTS times). Any other exit status:"
   ssh_cmd "$FAIL_CMD" && run "${CMD[@]}"
+  if ((DELETE_WHEN_DONE)); then
+    echo "# when every worker exited 0:"
+    delete_cmd && run "${CMD[@]}"
+  fi
   exit 0
 fi
 
@@ -266,6 +272,7 @@ while :; do
   case $outcome in
     done)
       echo "training complete on $NAME; worker logs in $WORKDIR/logs/" >&2
+      if ((DELETE_WHEN_DONE)); then delete_cmd && run "${CMD[@]}"; fi
       exit 0
       ;;
     failed*)

@@ -270,6 +270,16 @@ def test_tpu_waits_for_a_run_already_in_progress(tmp_path):
     assert "training is already running on my-pod" in result.stderr
 
 
+def test_tpu_deletes_the_slice_when_done_if_asked(tmp_path):
+    out = run_script(tmp_path, "tpu_pod.sh", [*TPU_ARGS, "--delete-when-done", "--dry-run"])
+    lines = out.stdout.splitlines()
+    delete = shlex.join(tpu_commands(tmp_path)["delete"])
+    assert lines[-2:] == ["# when every worker exited 0:", delete]
+    result, calls = run_tpu_scenario(tmp_path, describe=[["READY", 0]],
+                                     status=[workers("exit 0")], extra=["--delete-when-done"])
+    assert calls == ["describe", "status", "scp", "setup", "start", "describe", "status", "delete"]
+
+
 def test_tpu_gives_up_after_max_restarts(tmp_path):
     result, calls = run_tpu_scenario(
         tmp_path, describe=[["READY", 0]], status=[workers("exit 75")],
