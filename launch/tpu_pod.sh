@@ -215,18 +215,18 @@ ensure_slice() {
   done
 }
 
-# One poll of every worker: prints `running`, `done`, `relaunch`, `lost` (no answer) or
-# `failed N`.
+# One poll of every worker (lines `worker ID: STATUS`, whatever gcloud puts before them): prints
+# `running`, `done`, `relaunch`, `lost` (no answer) or `failed N`.
 training_outcome() {
   local out line n=0 busy=0 again=0 failed=""
   ssh_cmd "$STATUS_CMD"
   out="$("${CMD[@]}" 2>/dev/null)" || true
   while IFS= read -r line; do
     case $line in
-      worker*": running") busy=1 ;;
-      worker*": exit 0") ;;
-      worker*": exit $RESUME_EXIT" | worker*": not started") again=1 ;;
-      worker*": exit "*) failed=${line##*exit } ;;
+      *"worker "*": running") busy=1 ;;
+      *"worker "*": exit 0") ;;
+      *"worker "*": exit $RESUME_EXIT" | *"worker "*": not started") again=1 ;;
+      *"worker "*": exit "*) failed=${line##*exit } ;;
       *) continue ;;
     esac
     n=$((n + 1))
