@@ -211,10 +211,10 @@ def test_two_point_sweep_end_to_end(tmp_path, data_dir):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
            "XLA_FLAGS": "--xla_backend_optimization_level=0 "
                         "--xla_llvm_disable_expensive_passes=true"}
-    result = subprocess.run(
-        [sys.executable, "launch/sweep.py", "configs/ablations/experts.py", f"--workdir={out}",
-         "--values=1,2", "--no-eval", "--", *overrides],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "launch/sweep.py", "configs/ablations/experts.py",
+               f"--workdir={out}", "--values=1,2", "--no-eval", "--", *overrides]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -228,3 +228,10 @@ def test_two_point_sweep_end_to_end(tmp_path, data_dir):
         assert (out / point / "stage3" / "metrics.jsonl").exists()
     assert (out / "results.png").stat().st_size > 0
     assert "| num_experts_2 | 2 | ok |" in (out / "results.md").read_text()
+    # The same command again trains nothing: both runs are marked done in sweep_state.json.
+    metrics = (out / "num_experts_2" / "stage3" / "metrics.jsonl").read_text()
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("trained before (sweep_state.json), not retrained") == 2
+    assert (out / "num_experts_2" / "stage3" / "metrics.jsonl").read_text() == metrics
