@@ -11,9 +11,11 @@
 #   launch/tpu_pod.sh --name=my-tpu --zone=us-east5-a --accelerator-type=v5p-64 \
 #     --config=configs/demo.py --workdir=gs://my-bucket/runs/demo [--project=P] \
 #     [--runtime-version=V] [--queued] [--spot | --best-effort] [--internal-ip] \
-#     [--worker-setup=CMD] [--max-restarts=20] [--poll=60] [--delete-when-done] [--dry-run] \
-#     -- --config.stage3.num_steps=100
+#     [--num-slices=N] [--worker-setup=CMD] [--max-restarts=20] [--poll=60] \
+#     [--delete-when-done] [--dry-run] -- --config.stage3.num_steps=100
 #
+# --num-slices=N (N > 1): a multislice job, N slices of the accelerator type in one queued
+# resource (--node-count), joined over the data-center network; the mesh's data axis spans them.
 # --worker-setup: a shell command every worker runs after the install (the first launch and every
 # new slice), e.g. to copy pretrained checkpoints down. --delete-when-done deletes the slice once
 # training is complete. --dry-run prints every command, exactly, and runs none.
@@ -31,7 +33,7 @@ WORKER="bash ~/$REMOTE_DIR/launch/tpu_worker.sh"
 RESUME_EXIT=75 # moe_lvlm.train: SIGTERM, checkpoint saved; run again to resume
 
 usage() {
-  sed -n '2,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  sed -n '2,23s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
   exit "${1:-0}"
 }
 
@@ -49,7 +51,7 @@ runtime_for() {
 NAME="" ZONE="" CONFIG="" WORKDIR="" PROJECT="" RUNTIME_VERSION="" WORKER_SETUP=""
 ACCELERATOR_TYPE="v4-8"
 QUEUED=0 SPOT=0 BEST_EFFORT=0 INTERNAL_IP=0 DRY_RUN=0 DELETE_WHEN_DONE=0
-MAX_RESTARTS=20 POLL=60
+MAX_RESTARTS=20 POLL=60 NUM_SLICES=1
 
 set_option() {
   case $1 in
@@ -62,6 +64,7 @@ set_option() {
     --runtime-version) RUNTIME_VERSION=$2 ;;
     --worker-setup) WORKER_SETUP=$2 ;;
     --max-restarts) MAX_RESTARTS=$2 ;;
+    --num-slices) NUM_SLICES=$2 ;;
     --poll) POLL=$2 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
@@ -97,6 +100,9 @@ fi
 ((SPOT + BEST_EFFORT <= 1)) || die "--spot and --best-effort exclude each other"
 [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "--max-restarts must be a number, got '$MAX_RESTARTS'"
 [[ $POLL =~ ^[0-9]+$ ]] || die "--poll must be a number of seconds, got '$POLL'"
+[[ $NUM_SLICES =~ ^[1-9][0-9]*$ ]] ||
+  die "--num-slices must be a positive number, got '$NUM_SLICES'"
+if ((NUM_SLICES > 1)); then QUEUED=1; fi # multislice exists only as a queued resource
 
 TPU=(gcloud compute tpus tpu-vm)
 # --best-effort exists only in the alpha queued-resources API.
@@ -104,7 +110,9 @@ if ((BEST_EFFORT)); then QR=(gcloud alpha compute tpus queued-resources)
 else QR=(gcloud compute tpus queued-resources); fi
 WHERE=(--zone="$ZONE")
 if [[ -n $PROJECT ]]; then WHERE+=(--project="$PROJECT"); fi
-SSH_OPTS=(--worker=all)
+# A multislice job is reached through its queued resource, every node (slice) and worker.
+if ((NUM_SLICES > 1)); then REMOTE=("${QR[@]}") SSH_OPTS=(--node=all --worker=all)
+else REMOTE=("${TPU[@]}") SSH_OPTS=(--worker=all); fi
 if ((INTERNAL_IP)); then SSH_OPTS+=(--internal-ip); fi
 
 JAX_VERSION="$(sed -n 's/^jax\[[a-z0-9]*\]==//p' "$REPO_ROOT/requirements.txt")"
@@ -127,8 +135,10 @@ describe_cmd() {
 
 create_cmd() {
   if ((QUEUED)); then
-    CMD=("${QR[@]}" create "$NAME" --node-id="$NAME" "${WHERE[@]}"
-      --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION")
+    CMD=("${QR[@]}" create "$NAME")
+    if ((NUM_SLICES > 1)); then CMD+=(--node-count="$NUM_SLICES" --node-prefix="$NAME")
+    else CMD+=(--node-id="$NAME"); fi
+    CMD+=("${WHERE[@]}" --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$RUNTIME_VERSION")
   else
     CMD=("${TPU[@]}" create "$NAME" "${WHERE[@]}" --accelerator-type="$ACCELERATOR_TYPE"
       --version="$RUNTIME_VERSION")
@@ -143,11 +153,11 @@ delete_cmd() {
 }
 
 ssh_cmd() {
-  CMD=("${TPU[@]}" ssh "$NAME" "${WHERE[@]}" "${SSH_OPTS[@]}" --command="$1")
+  CMD=("${REMOTE[@]}" ssh "$NAME" "${WHERE[@]}" "${SSH_OPTS[@]}" --command="$1")
 }
 
 scp_cmd() {
-  CMD=("${TPU[@]}" scp "$ARCHIVE" "$NAME:$REMOTE_DIR.tgz" "${WHERE[@]}" "${SSH_OPTS[@]}")
+  CMD=("${REMOTE[@]}" scp "$ARCHIVE" "$NAME:$REMOTE_DIR.tgz" "${WHERE[@]}" "${SSH_OPTS[@]}")
 }
 
 STATUS_CMD="$WORKER status"

@@ -10,7 +10,7 @@
 #   tpu_worker.sh tail                  the last lines of this worker's newest log
 #
 # Training runs under nohup in its own session, so a dropped ssh connection leaves it running.
-# Its output goes to ~/moe-lvlm-logs/worker-ID-TIME.log, copied to LOG_URL/ (gs:// or a folder)
+# Its output goes to ~/moe-lvlm-logs/worker-ID-HOST-TIME.log, copied to LOG_URL/ (gs:// or a folder)
 # every MOE_LVLM_LOG_SYNC_S seconds (default 300) and when training ends; then its exit status
 # goes to ~/moe-lvlm-logs/exit_code. ID is the worker number from the TPU metadata server.
 set -euo pipefail
@@ -87,7 +87,8 @@ start() {
   cleanup
   rm -f "$LOGS/exit_code"
   local log
-  log="$LOGS/worker-$(worker_id)-$(date -u +%Y%m%dT%H%M%SZ).log"
+  # The host name too: worker numbers repeat in every slice of a multislice job.
+  log="$LOGS/worker-$(worker_id)-$(hostname)-$(date -u +%Y%m%dT%H%M%SZ).log"
   setsid nohup bash "${BASH_SOURCE[0]}" run "$url" "$log" "$@" >/dev/null 2>&1 </dev/null &
   echo $! >"$LOGS/pid"
   echo "worker $(worker_id): training started, log $log"

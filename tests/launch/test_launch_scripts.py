@@ -161,6 +161,19 @@ def test_tpu_queued_resources_and_internal_ip(tmp_path):
                       "--runtime-version=tpu-ubuntu2204-base", "--best-effort"]
 
 
+def test_tpu_multislice_is_one_queued_resource_reached_on_every_node(tmp_path):
+    out = run_script(tmp_path, "tpu_pod.sh", [*TPU_ARGS, "--num-slices=2", "--spot", "--dry-run"])
+    cmds = [shlex.split(x) for x in out.stdout.splitlines() if not x.startswith("#")]
+    assert cmds[2] == [*QR, "create", "my-pod", "--node-count=2", "--node-prefix=my-pod", *WHERE,
+                       "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base",
+                       "--spot"]
+    assert cmds[4] == [*QR, "scp", f"{tmp_path}/moe-lvlm-code-my-pod.tgz", "my-pod:moe-lvlm.tgz",
+                       *WHERE, "--node=all", "--worker=all"]
+    assert cmds[6] == [*QR, "ssh", "my-pod", *WHERE, "--node=all", "--worker=all",
+                       f"--command={WORKER} start gs://my-bucket/runs/exp1/logs -- "
+                       "--config=configs/base.py:size=s --workdir=gs://my-bucket/runs/exp1"]
+
+
 def test_tpu_worker_setup_runs_after_the_install(tmp_path):
     out = run_script(tmp_path, "tpu_pod.sh", [
         *TPU_ARGS, "--worker-setup=gcloud storage rsync -r gs://b/ckpt ~/ckpt", "--dry-run"])
