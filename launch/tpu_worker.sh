@@ -94,6 +94,18 @@ start() {
   echo "worker $(worker_id): training started, log $log"
 }
 
+# Copies the log every MOE_LVLM_LOG_SYNC_S seconds until SIGTERM (which also ends its sleep).
+sync_log() {
+  local log=$1 url=$2 sleeper=""
+  trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+  while :; do
+    sleep "${MOE_LVLM_LOG_SYNC_S:-300}" &
+    sleeper=$!
+    wait "$sleeper"
+    copy_log "$log" "$url"
+  done
+}
+
 # The background job of `start`.
 run_training() {
   local url=$1 log=$2 rc syncer
@@ -101,7 +113,7 @@ run_training() {
   # A handler, not '' (an ignored signal would stay ignored in the trainer): SIGTERM of a
   # maintenance event reaches the trainer too; this shell just goes on to record its status.
   trap 'echo "tpu_worker.sh: SIGTERM" >>"$log"' TERM
-  while sleep "${MOE_LVLM_LOG_SYNC_S:-300}"; do copy_log "$log" "$url"; done &
+  sync_log "$log" "$url" &
   syncer=$!
   set +e
   (cd "$CODE" && exec "$VENV/bin/python" -m moe_lvlm.train "$@") >>"$log" 2>&1

@@ -393,7 +393,7 @@ def test_worker_cleans_up_and_trains_in_the_background_with_a_log(tmp_path):
 
 
 def test_worker_stop_sends_sigterm_and_start_does_not_double_start(tmp_path):
-    env = worker_env(tmp_path, FAKE_WAIT_FOR_TERM="1")
+    env = worker_env(tmp_path, FAKE_WAIT_FOR_TERM="1", MOE_LVLM_LOG_SYNC_S="0.2")
     worker(tmp_path, env, "start", "gs://b/run/logs", "--", "--workdir=gs://b/run")
     wait_for_status(tmp_path, env, prefix="worker 3: running")
     deadline = time.time() + 30
@@ -401,6 +401,9 @@ def test_worker_stop_sends_sigterm_and_start_does_not_double_start(tmp_path):
         assert time.time() < deadline
         time.sleep(0.1)
     assert "already running" in worker(tmp_path, env, "start", "gs://b/run/logs", "--")
+    while not any(c["argv"][:3] == ["gcloud", "storage", "cp"] for c in recorded(tmp_path)):
+        assert time.time() < deadline  # the log is copied while training runs, too
+        time.sleep(0.1)
     worker(tmp_path, env, "stop")
     assert wait_for_status(tmp_path, env) == "worker 3: exit 75"
     assert [c["argv"][0] for c in recorded(tmp_path)].count("python") == 1
