@@ -1,4 +1,4 @@
-"""Dropless expert parallelism: (token, choice) pairs travel to the devices of their experts and back.
+"""Dropless expert parallelism: (token, choice) pairs go to their experts' devices and back.
 
 Runs inside `jax.shard_map` over the batch axes, with the expert weights split over `axis`
 ('expert', n devices, E / n experts each). Per device, with T local tokens and top-k:
@@ -54,7 +54,8 @@ def buffered_ragged_all_to_all(
     packed = jnp.where(live, operand[jnp.clip(src, 0, operand.shape[0] - 1)], 0)
     got = jax.lax.all_to_all(packed, axis_name, 0, 0, tiled=True)  # [n, max_send, ...]
     offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
-    dest = jnp.where(p[None, :] < recv_sizes[:, None], offsets[:, None] + p[None, :], output.shape[0])
+    arrived = p[None, :] < recv_sizes[:, None]
+    dest = jnp.where(arrived, offsets[:, None] + p[None, :], output.shape[0])  # else dropped
     return output.at[dest.reshape(-1)].set(got.reshape(-1, *got.shape[2:]), mode="drop")
 
 

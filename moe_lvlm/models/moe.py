@@ -284,7 +284,8 @@ class MoeFeedForward(nn.Module):
             def local(x_, ids_, comb_, *w_):
                 b_, s_ = x_.shape[:2]
                 w_ = dict(zip(weights, w_, strict=True))
-                args = (x_.reshape(b_ * s_, -1), ids_.reshape(b_ * s_, k), comb_.reshape(b_ * s_, k))
+                t_ = b_ * s_
+                args = (x_.reshape(t_, -1), ids_.reshape(t_, k), comb_.reshape(t_, k))
                 if tokens_move:
                     compute = functools.partial(
                         experts_grouped, w_, activation=self.activation, gated=self.gated,
