@@ -86,7 +86,7 @@ def tiny() -> ml_collections.ConfigDict:
             dtype="float32",
             param_dtype="float32",
             remat="none",
-            attention="xla",
+            attention="auto",
         )
     )
 
