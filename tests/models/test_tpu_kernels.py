@@ -7,6 +7,11 @@ gradients on a packed text batch of sequence 256. (Interpret mode compiles slowl
 whole-model check leaves the ViT out; its non-causal, padded attention is checked alone.)
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +59,41 @@ def test_splash_attention_matches_numpy(seq, causal):
     segments[0, seq // 3 :] = 2  # two packed sequences in row 0
     got = jax.jit(splash_attention, static_argnums=(4,))(q, k, v, segments, causal)
     np.testing.assert_allclose(got, numpy_attention(q, k, v, segments, causal), atol=2e-5)
+
+
+MESH_CHILD = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from moe_lvlm.models.splash import splash_attention
+from moe_lvlm.parallel.mesh import make_mesh
+rng = np.random.default_rng(0)
+q = rng.normal(size=(4, 128, 4, 16)).astype(np.float32)
+k, v = (rng.normal(size=(4, 128, 2, 16)).astype(np.float32) for _ in range(2))
+seg = np.ones((4, 128), np.int32)
+seg[:, 50:] = 2
+want = np.asarray(splash_attention(q, k, v, seg, True))
+out = {}
+for shape in [(2, 1, 2, 2), (2, 1, 1, 4)]:  # heads over tensor 2; kv heads 2 < tensor 4
+    got = jax.jit(lambda *a: splash_attention(*a, True, make_mesh(shape)))(q, k, v, seg)
+    out[str(shape)] = float(np.max(np.abs(np.asarray(got) - want)))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_splash_sharded_over_batch_and_heads_equals_unsharded():
+    """On 8 fake devices, inside shard_map: batch over data, heads over tensor (and kv heads
+    repeated when the tensor axis exceeds them)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = root
+    proc = subprocess.run([sys.executable, "-c", MESH_CHILD], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    diffs = json.loads(line[len("RESULT "):])
+    assert set(diffs) == {"(2, 1, 2, 2)", "(2, 1, 1, 4)"}
+    assert max(diffs.values()) < 1e-5, diffs
 
 
 def test_block_size_rule():
