@@ -6,6 +6,8 @@ on a named accelerator; and a check against the collectives of the compiled trai
         --batch=256 --seq=2048 --accelerator=v5p
     python -m benchmarks.comm_model --preset=tiny --mesh=fsdp=2,expert=2,tensor=2 --batch=8 \
         --check          # + the compiled train step on 8 fake CPU devices, side by side
+    python -m benchmarks.comm_model --preset=mixtral_8x7b_like --mesh=fsdp=4,expert=8 \
+        --batch=32 --seq=4096 --ep-compare   # dropless: weights all-gather vs ragged all-to-all
 
 The model follows what XLA's SPMD partitioner makes of this code (moe_lvlm/parallel/mesh.py
 rules), term by term. Mesh axes D (data), F (fsdp), X (expert), T (tensor); each device holds
@@ -15,11 +17,15 @@ its buffer, all-to-all (n-1)/n of its buffer. Causes:
   fsdp_gather       every parameter with a dimension on fsdp is all-gathered over F once a step
                     (its tensor and expert shards stay); with T > 1 XLA gathers the LM head and
                     the projector's fc2 again for the backward pass
-  moe_weights       expert weights entering the MoE shard_map: capacity gathers them over T and F
-                    (each expert stays on its X devices), dropless over T, F and X (every device
-                    holds all experts: dropless has no expert parallelism)
+  moe_weights       expert weights entering the MoE shard_map: gathered over T and F (each
+                    expert stays on its X devices), and with dropless `ep_dispatch=all_gather`
+                    over X too (every device holds all experts)
   expert_all_to_all capacity dispatch with X > 1: the [b, E, C, d] slots go to the experts'
-                    devices and back, forward and backward: 4 all_to_all over X per MoE layer
+                    devices and back, forward and backward: 4 all_to_all over X per MoE layer.
+                    Dropless with X > 1 (`ep_dispatch` ragged_a2a, GPU/TPU): the b*S*k rows
+                    of d values, of which (X-1)/X leave the device under balanced routing, the
+                    same 4 times; a2a_buffer (the CPU default): a fixed [X, b*S*k, d] buffer
+                    each time. The int32 counts and offsets exchanged first are not counted
   tensor_forward    all-reduce over T after each row-parallel matmul (attention out, MLP down,
                     fc2; capacity experts when X = 1), and the LM head's log-softmax sums
   tensor_backward   all-reduce over T of the input gradient of each column-parallel matmul (q, k,
@@ -27,7 +33,7 @@ its buffer, all-to-all (n-1)/n of its buffer. Causes:
                     MoE shard_map inputs, which are replicated over T
   grad_reduce       gradients of trainable parameters, summed over the batch axes that do not
                     shard them: over F on the F-gathered gradient, then over D X on the shard;
-                    MoE shard_map weights over D F T (capacity) or all devices (dropless).
+                    MoE shard_map weights over D F T (all devices for dropless all_gather).
                     `--backend=cpu` keeps XLA CPU's all-reduce + slice, tpu/gpu count the
                     reduce-scatter those backends make of it
   embed_lookup      token embeddings from the [vocab/T, embed/F] table: with T > 1, a
@@ -170,6 +176,17 @@ def _local(shape, dims, mesh) -> int:
 REGATHERED = re.compile(r"decoder/lm_head|projector/mlp/fc2/kernel")
 
 
+def ep_dispatch(moe, backend: str, expert_axis: int) -> str | None:
+    """How dropless pairs reach their experts (moe_lvlm/models/dropless_ep.py), None when they
+    do not move (capacity dispatch, or X = 1)."""
+    if moe.dispatch != "dropless" or expert_axis == 1:
+        return None
+    mode = moe.get("ep_dispatch", "auto")
+    if mode == "auto":
+        mode = "a2a_buffer" if backend == "cpu" else "ragged_a2a"
+    return mode
+
+
 def parameter_terms(setup: Setup, params, param_bytes: int, backend: str) -> list[Term]:
     """fsdp_gather, moe_weights and grad_reduce terms, one set per parameter."""
     from moe_lvlm.train.stages import is_trainable
@@ -185,9 +202,12 @@ def parameter_terms(setup: Setup, params, param_bytes: int, backend: str) -> lis
         trains = is_trainable(path, setup.trainable)
         local = _local(shape, dims, mesh) * param_bytes
         in_shard_map = "/moe/experts/" in path and (moe.dispatch == "dropless" or x > 1)
+        # Dropless without moving tokens takes every expert into its shard_map (P()).
+        all_experts = moe.dispatch == "dropless" and ep_dispatch(moe, backend, x) in (
+            None, "all_gather")
         if in_shard_map:
-            # shard_map in_specs: P('expert') (capacity) or P() (dropless) for the weights.
-            gathered = ["tensor", "fsdp"] + (["expert"] if moe.dispatch == "dropless" else [])
+            # shard_map in_specs for the weights: P('expert'), or P() with all_experts.
+            gathered = ["tensor", "fsdp"] + (["expert"] if all_experts else [])
             size = local
             for a in gathered:
                 if a in axes and mesh[a] > 1:
@@ -200,8 +220,7 @@ def parameter_terms(setup: Setup, params, param_bytes: int, backend: str) -> lis
             # split them inside it, then each device keeps its stored shard: on CPU one
             # all-reduce; on TPU/GPU (assumed) a reduce-scatter over the stored shards' axes
             # and an all-reduce of the shard over the rest.
-            reduce_over = MESH_AXES if moe.dispatch == "dropless" else (
-                "data", "fsdp", "tensor")
+            reduce_over = MESH_AXES if all_experts else ("data", "fsdp", "tensor")
             if backend == "cpu":
                 terms.append(Term("grad_reduce", "all-reduce", size, setup.size(*reduce_over),
                                   reduce_over, what=path))
@@ -246,7 +265,7 @@ def block_position(path: str) -> tuple[int, float]:
     return TOWERS.index(tower), math.inf if after else -1
 
 
-def activation_terms(setup: Setup, params) -> list[Term]:
+def activation_terms(setup: Setup, params, backend: str = "tpu") -> list[Term]:
     """tensor_forward, tensor_backward, expert_all_to_all and embed_lookup terms."""
     from moe_lvlm.config import moe_layer_indices, num_image_tokens, num_patches
     from moe_lvlm.models.moe import capacity
@@ -334,7 +353,17 @@ def activation_terms(setup: Setup, params) -> list[Term]:
                 if backward:
                     terms.append(Term("tensor_backward", "all-reduce", slots, t, tp, 2,
                                       what=f"{name} experts gate up input"))
-        elif moe.dispatch == "dropless" and backward and t > 1:
+        elif moe.dispatch == "dropless":
+            if mode := ep_dispatch(moe, backend, x):
+                pairs = rows * seq * moe.top_k * d * act
+                experts_train = any(p.startswith(f"{name}/moe/") for p in trained)
+                count = 2 + int(experts_train or backward) + int(backward)
+                if mode != "all_gather":
+                    payload = pairs * x if mode == "a2a_buffer" else pairs
+                    terms.append(Term("expert_all_to_all", "all-to-all", payload, x, ("expert",),
+                                      count, f"{name} pairs there, back ({mode})"))
+            if not (backward and t > 1):
+                continue
             payload = rows * seq * (d * act + moe.top_k * act)
             terms.append(Term("tensor_backward", "all-reduce", payload, t, tp,
                               what=f"{name} moe tokens and combine weights input"))
@@ -351,7 +380,7 @@ def model_terms(setup: Setup, backend: str) -> list[Term]:
     """Every term for `backend` ('cpu', 'tpu' or 'gpu': how gradient reductions lower)."""
     params = parameters(setup.model)
     return (parameter_terms(setup, params, BYTES[setup.model.param_dtype], backend)
-            + activation_terms(setup, params))
+            + activation_terms(setup, params, backend))
 
 
 def totals(terms: Iterable[Term], key: str = "kind") -> dict[str, float]:
@@ -583,15 +612,60 @@ def parse_mesh(text: str) -> dict[str, int]:
     return mesh
 
 
+def mixtral_8x7b_like():
+    """Mixtral-8x7B's decoder (d 4096, 32 layers, 32 q / 8 kv heads of 128, SwiGLU 14336, vocab
+    32000, 8 experts top-2 in every layer) behind MoE-LLaVA's CLIP ViT-L/14-336 tower."""
+    from configs import models
+
+    cfg = models.moe_llava_1p6bx4()
+    cfg.decoder.update(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32,
+                       num_kv_heads=8, head_dim=128, mlp_dim=14336, moe_layers="all",
+                       rope_theta=1e6, norm_eps=1e-5)
+    cfg.moe.update(num_experts=8, top_k=2)
+    return cfg
+
+
+EXTRA_PRESETS = {"mixtral_8x7b_like": mixtral_8x7b_like}
+
+
+def expert_bytes(terms: Iterable[Term]) -> float:
+    """Bytes a device sends for the expert FFNs: weights into the MoE shard_map, their gradient
+    reduction, and the pairs' all-to-all."""
+    return sum(t.sent for t in terms if t.cause in ("moe_weights", "expert_all_to_all")
+               or (t.cause == "grad_reduce" and "/moe/experts/" in t.what))
+
+
+def ep_compare(preset: str, mesh: Mapping[str, int], batch: int, seq: int,
+               stage: str = "stage3", backend: str = "tpu") -> dict[str, float]:
+    """Dropless expert bytes per device per step with `all_gather` (tokens stay, weights come)
+    and `ragged_a2a` (pairs travel, balanced routing), and the crossover: the tokens per device
+    above which moving the tokens sends more than gathering the weights. Both are linear in the
+    batch; the crossover solves a0 + a1 B = r0 + r1 B from the values at B and 2B."""
+    out: dict[str, float] = {}
+    lines = {}
+    for mode in ("all_gather", "ragged_a2a"):
+        at = [expert_bytes(model_terms(make_setup(preset, mesh, b, seq, stage, "dropless",
+                                                  mode)[0], backend)) for b in (batch, 2 * batch)]
+        out[mode] = at[0]
+        lines[mode] = (2 * at[0] - at[1], (at[1] - at[0]) / batch)  # intercept, slope per row
+    (a0, a1), (r0, r1) = lines["all_gather"], lines["ragged_a2a"]
+    crossover_rows = (a0 - r0) / (r1 - a1) if r1 > a1 else math.inf
+    out["crossover_tokens_per_device"] = crossover_rows * seq / math.prod(mesh.values())
+    out["tokens_per_device"] = batch * seq / math.prod(mesh.values())
+    return out
+
+
 def make_setup(preset: str, mesh: Mapping[str, int], batch: int, seq: int, stage: str,
-               dispatch: str | None = None):
+               dispatch: str | None = None, ep: str | None = None):
     """The Setup of `preset` in MoE-LLaVA stage `stage` (its trainable patterns), and the stage."""
     from configs import models, stages
     from moe_lvlm.train.stages import dense_variant
 
-    model = models.get(preset)
+    model = EXTRA_PRESETS[preset]() if preset in EXTRA_PRESETS else models.get(preset)
     if dispatch:
         model.moe.dispatch = dispatch
+    if ep:
+        model.moe.ep_dispatch = ep
     recipe = stages.moe_llava()
     if not recipe[stage].upcycle:
         model = dense_variant(model)
@@ -609,10 +683,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--stage", default="stage3", choices=("stage1", "stage2", "stage3"))
     parser.add_argument("--dispatch", default=None, choices=("dropless", "capacity"))
+    parser.add_argument("--ep-dispatch", default=None,
+                        choices=("auto", "all_gather", "ragged_a2a", "a2a_buffer"),
+                        help="dropless with expert > 1: how pairs reach their experts")
     parser.add_argument("--accelerator", default="v5p", choices=sorted(ACCELERATORS))
     parser.add_argument("--backend", default=None, choices=("cpu", "tpu", "gpu"),
                         help="reduce-scatter lowering (default: from --accelerator, cpu "
                              "with --check)")
+    parser.add_argument("--ep-compare", action="store_true",
+                        help="dropless expert bytes: all_gather vs ragged_a2a, and the crossover")
     parser.add_argument("--check", action="store_true",
                         help="compile the train step on fake CPU devices and compare")
     args = parser.parse_args(argv)
@@ -624,7 +703,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         import jax
 
         jax.config.update("jax_num_cpu_devices", devices)
-    setup, stage = make_setup(args.preset, mesh, args.batch, args.seq, args.stage, args.dispatch)
+    if args.ep_compare:
+        r = ep_compare(args.preset, mesh, args.batch, args.seq, args.stage,
+                       "gpu" if args.accelerator == "h100" else "tpu")
+        print(f"{args.preset} {args.stage} dropless, mesh {mesh}, batch {args.batch} x "
+              f"{args.seq} ({r['tokens_per_device']:.0f} tokens per device): expert MiB each "
+              f"device sends per step\n  all_gather (weights come) {r['all_gather'] / 2**20:10.1f}"
+              f"\n  ragged_a2a (tokens go)    {r['ragged_a2a'] / 2**20:10.1f}\n  crossover: "
+              f"ragged_a2a sends less below {r['crossover_tokens_per_device']:.0f} tokens per "
+              "device")
+        return 0
+    setup, stage = make_setup(args.preset, mesh, args.batch, args.seq, args.stage, args.dispatch,
+                              args.ep_dispatch)
     backend = args.backend or ("cpu" if args.check else
                                "gpu" if args.accelerator == "h100" else "tpu")
     terms = model_terms(setup, backend)

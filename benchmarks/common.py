@@ -50,6 +50,7 @@ GMM_CHOICES = {
     "xla-cudnn": ("xla", {"xla_gpu_experimental_use_ragged_dot_fusion": True}, False),
     "triton": ("xla", {}, True),
     "mosaic": ("mosaic", {}, False),
+    "megablox": ("megablox", {}, False),  # TPU (Pallas interpret mode elsewhere)
 }
 
 

@@ -17,9 +17,15 @@ def moe_defaults() -> ml_collections.ConfigDict:
             top_k=2,
             # 'dropless' (sort + jax.lax.ragged_dot) or 'capacity' (GShard einsum dispatch).
             dispatch="dropless",
-            # Dropless grouped matmul: 'xla' (jax.lax.ragged_dot, every platform) or 'mosaic'
-            # (Pallas Mosaic GPU kernels, Hopper only; moe_lvlm/models/grouped_matmul.py).
-            grouped_matmul="xla",
+            # Dropless grouped matmul: 'xla' (jax.lax.ragged_dot, every platform), 'mosaic'
+            # (Pallas Mosaic GPU kernels, Hopper only), 'megablox' (Pallas TPU; interpret mode
+            # elsewhere), 'auto' (megablox on TPU, else xla); moe_lvlm/models/grouped_matmul.py.
+            grouped_matmul="auto",
+            # Dropless tokens to the experts' devices when mesh.expert > 1: 'ragged_a2a'
+            # (jax.lax.ragged_all_to_all, GPU/TPU), 'a2a_buffer' (fixed-size all_to_all, any
+            # platform), 'all_gather' (tokens stay; every expert's weights gathered), 'auto'
+            # (ragged_a2a on GPU/TPU, a2a_buffer on CPU). moe_lvlm/models/dropless_ep.py.
+            ep_dispatch="auto",
             # Capacity per routing group (one sequence) = ceil(top_k * tokens / E * factor).
             capacity_factor_train=1.5,
             capacity_factor_eval=2.0,
@@ -80,7 +86,7 @@ def tiny() -> ml_collections.ConfigDict:
             dtype="float32",
             param_dtype="float32",
             remat="none",
-            attention="xla",
+            attention="auto",
         )
     )
 

@@ -3,7 +3,8 @@
 import ml_collections
 
 DISPATCH_MODES = ("dropless", "capacity")
-GROUPED_MATMULS = ("xla", "mosaic")
+GROUPED_MATMULS = ("auto", "xla", "mosaic", "megablox")
+EP_DISPATCHES = ("auto", "all_gather", "ragged_a2a", "a2a_buffer")
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -112,6 +113,10 @@ def _validate_moe(moe: ml_collections.ConfigDict, expert_axis: int) -> None:
         raise ConfigError(
             f"model.moe.grouped_matmul={moe.grouped_matmul!r} is unknown; use one of "
             f"{GROUPED_MATMULS}"
+        )
+    if moe.get("ep_dispatch", "auto") not in EP_DISPATCHES:
+        raise ConfigError(
+            f"model.moe.ep_dispatch={moe.ep_dispatch!r} is unknown; use one of {EP_DISPATCHES}"
         )
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(

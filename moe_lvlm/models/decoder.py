@@ -58,9 +58,18 @@ class DecoderBlock(nn.Module):
             norm_eps=d.norm_eps,
             rope_theta=d.rope_theta,
             implementation=self.config.attention,
+            mesh=self.mesh,
             name="attn",
             **kw,
-        )(h, positions, mask=mask, decode=self.decode, max_len=self.max_len, kv_valid=valid)
+        )(
+            h,
+            positions,
+            mask=mask,
+            decode=self.decode,
+            max_len=self.max_len,
+            kv_valid=valid,
+            segment_ids=segment_ids if mask is not None else None,
+        )
         x = x + h
         h = RMSNorm(d.norm_eps, name="ffn_norm", **kw)(x)
         metrics = None

@@ -5,10 +5,13 @@ them onto the device mesh). Parameters are created in `param_dtype` and cast to 
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from moe_lvlm.models.splash import default_attention, splash_attention
 
 Array = jax.Array
 
@@ -146,6 +149,9 @@ class Attention(nn.Module):
 
     x: [batch, seq, embed]. With `decode=True` keys/values are appended to a 'cache' collection of
     `max_len` slots; `kv_valid` [batch, seq] marks which new slots hold real (non-padding) tokens.
+    `implementation`: `xla`, `cudnn` (jax.nn.dot_product_attention), `splash` (Pallas TPU,
+    moe_lvlm/models/splash.py; takes packing from `segment_ids` instead of `mask`, sharded over
+    `mesh`; decoding uses xla) or `auto` (splash on TPU, else xla).
     """
 
     num_heads: int
@@ -158,6 +164,7 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     rope_theta: float | None = None
     implementation: str = "xla"
+    mesh: Any = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -180,6 +187,7 @@ class Attention(nn.Module):
         decode: bool = False,
         max_len: int = 0,
         kv_valid: Array | None = None,
+        segment_ids: Array | None = None,
     ) -> Array:
         q = self._proj("q", self.num_heads, x)
         k = self._proj("k", self.num_kv_heads, x)
@@ -196,14 +204,20 @@ class Attention(nn.Module):
         if decode:
             k, v, mask = self._update_cache(k, v, kv_valid, max_len)
             is_causal = False
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            is_causal=is_causal,
-            implementation=None if self.implementation == "xla" else self.implementation,
-        )
+        impl = self.implementation
+        if impl == "auto":
+            impl = default_attention(jax.default_backend())
+        if impl == "splash" and not decode:
+            out = splash_attention(q, k, v, segment_ids, self.causal, self.mesh)
+        else:
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                is_causal=is_causal,
+                implementation=None if impl in ("xla", "splash") else impl,
+            )
         out = nn.with_logical_constraint(out, BATCH_LENGTH_HEADS)
         return Projection(
             (x.shape[-1],),

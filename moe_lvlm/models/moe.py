@@ -14,8 +14,10 @@ The three steps are separate pure functions; `MoeFeedForward` owns the parameter
 
 With a mesh whose `expert` axis is > 1 the capacity path is expert-parallel: the dispatched slots
 travel to the devices that hold their experts with `all_to_all` inside `jax.shard_map` and come
-back. The dropless path runs per device inside `shard_map` on its local tokens with the expert
-weights gathered onto every device.
+back. The dropless path (moe_lvlm/models/dropless_ep.py) sends each (token, choice) pair to the
+device of its expert and back with a ragged all-to-all (`moe.ep_dispatch`); with
+`ep_dispatch='all_gather'` it runs per device on its local tokens with every expert's weights
+gathered onto every device.
 """
 
 import functools
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from moe_lvlm.models.dropless_ep import default_ep_dispatch, dropless_expert_parallel
 from moe_lvlm.models.grouped_matmul import grouped_matmul
 from moe_lvlm.models.layers import BATCH_LENGTH_EMBED, activation_fn, param_with_axes
 from moe_lvlm.parallel.mesh import BATCH_AXES
@@ -272,25 +275,34 @@ class MoeFeedForward(nn.Module):
         x = x.astype(self.dtype)
 
         if cfg.dispatch == "dropless":
+            ep = cfg.get("ep_dispatch", "auto")
+            if ep == "auto":
+                ep = default_ep_dispatch(jax.default_backend())
+            tokens_move = self.mesh is not None and self.mesh.shape["expert"] > 1
+            tokens_move = tokens_move and ep != "all_gather"
 
             def local(x_, ids_, comb_, *w_):
                 b_, s_ = x_.shape[:2]
-                y_ = dropless_moe(
-                    dict(zip(weights, w_, strict=True)),
-                    x_.reshape(b_ * s_, -1),
-                    ids_.reshape(b_ * s_, k),
-                    comb_.reshape(b_ * s_, k),
-                    self.activation,
-                    self.gated,
-                    cfg.grouped_matmul,
-                )
+                w_ = dict(zip(weights, w_, strict=True))
+                t_ = b_ * s_
+                args = (x_.reshape(t_, -1), ids_.reshape(t_, k), comb_.reshape(t_, k))
+                if tokens_move:
+                    compute = functools.partial(
+                        experts_grouped, w_, activation=self.activation, gated=self.gated,
+                        gmm=cfg.grouped_matmul,
+                    )
+                    y_ = dropless_expert_parallel(compute, *args, num_experts, "expert", ep)
+                else:
+                    y_ = dropless_moe(w_, *args, self.activation, self.gated, cfg.grouped_matmul)
                 return y_.reshape(b_, s_, -1)
 
             if self.mesh is not None:
+                # Tokens move: each device holds its experts; else every expert is gathered.
+                weight_spec = P("expert") if tokens_move else P()
                 local = jax.shard_map(
                     local,
                     mesh=self.mesh,
-                    in_specs=(P(BATCH_AXES),) * 3 + (P(),) * len(weights),
+                    in_specs=(P(BATCH_AXES),) * 3 + (weight_spec,) * len(weights),
                     out_specs=P(BATCH_AXES),
                     check_vma=False,
                 )

@@ -59,6 +59,7 @@ class VisionBlock(nn.Module):
             qkv_bias=True,
             out_bias=True,
             implementation=self.config.attention,
+            mesh=self.mesh,
             name="attn",
             **kw,
         )(h)

@@ -72,3 +72,18 @@ def test_generation_random_and_workdir(tmp_path):
         for r in rows:
             assert r["e2e_tokens_s"] == pytest.approx(r["batch"] * 4 / r["total_s"])
             assert r["prompt"] == image_tokens + 4
+
+
+def test_kernels_smoke(tmp_path):
+    """benchmarks/kernels.py on 4 fake CPU devices: splash and megablox in interpret mode and the
+    buffered expert-parallel dispatch agree with XLA (its own reference column)."""
+    out = tmp_path / "rows.json"
+    run("kernels.py", "--smoke", "--cpu_devices", "4", "--json_out", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["section"], r["impl"]) for r in rows] == [
+        ("attention", "xla"), ("attention", "splash"),
+        ("grouped matmul", "xla"), ("grouped matmul", "megablox"),
+        ("dropless dispatch", "all_gather"), ("dropless dispatch", "a2a_buffer"),
+    ]
+    for r in rows:
+        assert "error" not in r and r["ms"] > 0 and r["rel_err"] < 1e-4, r

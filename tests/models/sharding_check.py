@@ -1,17 +1,21 @@
 """Whole-model loss and gradients on 8 fake CPU devices vs one device (run by test_sharding.py).
 
-Run as `python tests/models/sharding_check.py [dispatch ...]`; it sets XLA_FLAGS itself before
-importing jax (8 host devices, and cheaper CPU codegen: compile time dominates). For each dispatch
-mode it computes loss (masked CE + 0.01 * balance + 0.001 * z-loss) and gradients once without a
-mesh, then under jit on the meshes below with params and batch sharded by the logical rules, and
-prints one line
-`RESULT {json}` with the worst tolerance ratios (<= 1 passes), whether each compiled program holds
-all-to-all / all-gather collectives, and how the expert kernels are sharded.
+Run as `python tests/models/sharding_check.py [mode ...]` with modes `capacity`, `dropless`
+(dropless expert-parallel dispatch at its CPU default, the buffered all-to-all) or
+`dropless:<ep_dispatch>`; it sets XLA_FLAGS itself before importing jax (8 host devices, and
+cheaper CPU codegen: compile time dominates). For each mode it computes loss (masked CE + 0.01 *
+balance + 0.001 * z-loss) and gradients once without a mesh, then under jit on the meshes below
+(only data2_expert4 for `dropless:<ep_dispatch>`) with params and batch sharded by the logical
+rules, and prints one line `RESULT {json}` with the worst tolerance ratios (<= 1 passes), whether
+each compiled program holds all-to-all / all-gather collectives and the shapes all-gathers
+produce, and how the expert kernels are sharded. `dropless:ragged_a2a` is only lowered (XLA:CPU
+cannot compile ragged-all-to-all): it reports the collectives of the lowered StableHLO.
 """
 
 import functools
 import json
 import os
+import re
 import sys
 
 os.environ["XLA_FLAGS"] = " ".join([
@@ -47,14 +51,14 @@ BATCH, SEQ = 8, 24
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def model_config(dispatch: str):
+def model_config(dispatch: str, ep_dispatch: str = "auto"):
     cfg = models.tiny()
     # MoE in the decoder's block 0 (SwiGLU experts) and CuMo-style in the projector (GELU experts
     # with biases, the same module as a ViT MoE block); a dense decoder block 1 and ViT block.
     cfg.vision.update(depth=1, select_layer=-1, moe_layers="none")
     cfg.decoder.update(vocab_size=128, num_layers=2, moe_layers="every_other")
     cfg.projector.moe = True
-    cfg.moe.update(dispatch=dispatch, capacity_factor_train=1.0)
+    cfg.moe.update(dispatch=dispatch, ep_dispatch=ep_dispatch, capacity_factor_train=1.0)
     cfg.image_token_id = IMAGE_TOKEN
     return cfg
 
@@ -118,10 +122,16 @@ def worst_ratio(got, want) -> float:
     return max(jax.tree_util.tree_leaves(ratios))
 
 
-def check(dispatch: str) -> dict:
+def all_gather_shapes(hlo: str) -> list[str]:
+    """Result shapes of the all-gathers in compiled HLO text, e.g. 'f32[4,128,256]'."""
+    return sorted(set(re.findall(r"= (\w+\[[\d,]*\])[^=]*? all-gather(?:-start)?\(", hlo)))
+
+
+def check(mode: str) -> dict:
     assert jax.device_count() == 8, jax.devices()
+    dispatch, _, ep_dispatch = mode.partition(":")
     rng = np.random.default_rng(0)
-    cfg = model_config(dispatch)
+    cfg = model_config(dispatch, ep_dispatch or "auto")
     batch = make_batch(rng)
     single = build_model(cfg)
     abstract = jax.eval_shape(
@@ -142,14 +152,22 @@ def check(dispatch: str) -> dict:
     )
     ref_grads = jax.tree_util.tree_map(np.asarray, ref_grads)
     out = {"loss": float(ref_loss), "dropped_fraction": np.asarray(dropped).tolist()}
-    for name, shape in MESHES.items():
+    meshes = {"data2_expert4": MESHES["data2_expert4"]} if ep_dispatch else MESHES
+    for name, shape in meshes.items():
         mesh = make_mesh(shape)
         model = build_model(cfg, mesh)
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             p = jax.device_put(params, logical_shardings(specs, mesh))
             b = jax.device_put(batch, batch_sharding(mesh))
-            step = functools.partial(grad_fn, model=model)
-            compiled = jax.jit(step).lower(p, b).compile()
+            lowered = jax.jit(functools.partial(grad_fn, model=model)).lower(p, b)
+            if ep_dispatch == "ragged_a2a":
+                text = lowered.as_text()
+                out[name] = {
+                    "ragged_all_to_all": text.count("custom_call @ragged_all_to_all"),
+                    "all_gather": "all_gather" in text,
+                }
+                continue
+            compiled = lowered.compile()
             (loss, _), grads = compiled(p, b)
         hlo = compiled.as_text()
         gate = p["decoder"]["layers_0"]["moe"]["experts"]["gate"]  # [E, d, f]
@@ -158,6 +176,7 @@ def check(dispatch: str) -> dict:
             "grad_ratio": worst_ratio(grads, ref_grads),
             "all_to_all": "all-to-all" in hlo,
             "all_gather": "all-gather" in hlo,
+            "all_gather_shapes": all_gather_shapes(hlo),
             "expert_kernel_sharding": str(gate.sharding.spec),
             "expert_kernel_shard_shape": list(gate.addressable_shards[0].data.shape),
         }

@@ -49,6 +49,14 @@ BAD = {
         lambda c: c.model.moe.update(dispatch="sinkhorn"), 1,
         ["model.moe.dispatch='sinkhorn'", "dropless", "capacity"],
     ),
+    "unknown_ep_dispatch": (
+        lambda c: c.model.moe.update(ep_dispatch="nccl"), 1,
+        ["model.moe.ep_dispatch='nccl'", "ragged_a2a", "a2a_buffer", "all_gather"],
+    ),
+    "unknown_grouped_matmul": (
+        lambda c: c.model.moe.update(grouped_matmul="cutlass"), 1,
+        ["model.moe.grouped_matmul='cutlass'", "megablox"],
+    ),
     "unknown_balance_counts": (
         lambda c: c.model.moe.update(balance_counts="top2"), 1, ["balance_counts='top2'"],
     ),
