@@ -36,6 +36,12 @@ from moe_lvlm.workdir import TrainedModel, load_trained
 TOP_PATHS = 10
 
 
+def layer_order(layer: str) -> tuple[int, int]:
+    """Sort key of MoE layer paths in the order the tokens meet them."""
+    part, _, index = layer.partition("/layers_")
+    return ("vision", "projector", "decoder").index(part), int(index or 0)
+
+
 def batches(
     trained: TrainedModel, split: str, limit: int | None, batch_size: int
 ) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
@@ -104,8 +110,7 @@ class Tally:
         real = np.arange(valid.shape[0]) < len(kinds)
         is_image = batch["input_ids"] == image_token_id
         used_image = real & is_image.any(1)  # rows whose image the model reads (one per row)
-        decoder_layers = sorted((k for k in routed if k.startswith("decoder/")),
-                                key=lambda k: int(k.rsplit("_", 1)[1]))
+        decoder_layers = sorted((k for k in routed if k.startswith("decoder/")), key=layer_order)
         for layer, ids in routed.items():
             if layer.startswith("decoder/"):
                 for modality, mask in (("image", valid & is_image), ("text", valid & ~is_image)):
@@ -125,7 +130,7 @@ class Tally:
             return (counts / max(int(counts.sum()), 1)).tolist()
 
         layers = {}
-        for layer in sorted(self.pairs):
+        for layer in sorted(self.pairs, key=layer_order):
             groups = dict(self.pairs[layer])
             top1 = dict(self.top1[layer])
             if layer.startswith("decoder/"):
@@ -188,7 +193,7 @@ def plot(result: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xlabel("expert")
         ax.set_xticks(list(experts))
     axes[0, 0].set_ylabel("fraction of routed tokens")
-    axes[0, -1].legend(fontsize=8)
+    axes[0, -1].legend(fontsize=8)  # the decoder's layers come last and show both modalities
     fig.suptitle(f"expert load by modality ({result['stage']} step {result['step']})")
     fig.tight_layout()
     written.append(_save(fig, out / "expert_load.png"))
