@@ -22,7 +22,8 @@ SHARD_SHAPES = {
 
 def test_sharded_loss_and_gradients_equal_single_device():
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "sharding_check.py"), "capacity", "dropless"],
+        [sys.executable, os.path.join(HERE, "sharding_check.py"), "capacity", "dropless",
+         "batch_shard"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -50,3 +51,8 @@ def test_sharded_loss_and_gradients_equal_single_device():
     for mesh in SHARD_SHAPES:
         assert not result["dropless"][mesh]["all_to_all"], mesh
     assert result["dropless"]["data2_expert4"]["all_gather"]
+    # capacity_group='batch_shard': one routing group per batch shard, as DeepSpeed gates each
+    # device's tokens; the sharded layer equals one device's run on each shard alone.
+    for mesh, r in result["batch_shard"].items():
+        assert r["ratio"] <= 1, (mesh, r)
+        assert max(r["dropped_fraction"]) > 0, mesh
