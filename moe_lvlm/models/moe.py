@@ -3,7 +3,7 @@
 The three steps are separate pure functions; `MoeFeedForward` owns the parameters and wires them:
 
 1. route:    fp32 router logits -> softmax -> top-k experts, combine weights by
-             `moe.combine_weights` (`COMBINE_MODES`), load-balancing loss (E * sum_e f_e P_e) and
+             `moe.combine_weights` (below), load-balancing loss (E * sum_e f_e P_e) and
              router z-loss.
 2. dispatch: `dropless` sorts the (token, choice) pairs by expert and runs the experts as one
              grouped matmul (`jax.lax.ragged_dot`); `capacity` gives every expert C slots per
