@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from moe_lvlm.config import num_image_tokens
+from moe_lvlm.config import moe_layer_indices, num_image_tokens
 from moe_lvlm.data import pipeline, sources
 from moe_lvlm.generate import make_encoder
 from moe_lvlm.models.lvlm import build_model
@@ -162,8 +162,6 @@ def analyze(trained: TrainedModel, split: str, limit: int | None = None,
         tally.add(route_batch(apply_fn, trained.params, batch), batch, kinds,
                   model_cfg.image_token_id)
         records += len(kinds)
-    if not tally.pairs:
-        raise ValueError(f"stage {trained.stage} of the workdir has no MoE layer to analyse")
     return {"stage": trained.stage, "step": trained.step, "split": split, "records": records,
             "num_experts": model_cfg.moe.num_experts, "top_k": model_cfg.moe.top_k,
             "image_tokens_per_image": num_image_tokens(model_cfg), **tally.summary()}
@@ -262,14 +260,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     split = args.split or trained.config.data.eval_source
     if ":" not in split:
         split = f"builtin:{split}"
-    result = analyze(trained, split, args.limit or None, args.batch_size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not has_moe(trained.model_config):  # e.g. the dense point of an expert-count sweep
+        result = {"stage": trained.stage, "step": trained.step, "split": split, "layers": {}}
+        print(f"{args.workdir}: stage {trained.stage} has no MoE layer; nothing to analyse")
+        plots = []
+    else:
+        result = analyze(trained, split, args.limit or None, args.batch_size)
+        plots = plot(result, out)
     (out / "routing.json").write_text(json.dumps({"workdir": str(args.workdir), **result},
                                                  indent=2) + "\n")
-    for path in [out / "routing.json", *plot(result, out)]:
+    for path in [out / "routing.json", *plots]:
         print(path)
     return result
+
+
+def has_moe(model_cfg) -> bool:
+    v, d = model_cfg.vision, model_cfg.decoder
+    return bool(model_cfg.projector.moe or moe_layer_indices(v.moe_layers, v.depth)
+                or moe_layer_indices(d.moe_layers, d.num_layers))
 
 
 if __name__ == "__main__":

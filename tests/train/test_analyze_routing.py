@@ -21,16 +21,17 @@ LIMIT, BATCH = 6, 4
 LAYERS = ("vision/layers_0", "projector", "decoder/layers_0", "decoder/layers_1")  # call order
 
 
-def routing_workdir(root, data_dir):
-    """config.json and a stage3 checkpoint of a random co-upcycled model reading `data_dir`."""
+def routing_workdir(root, data_dir, moe=True):
+    """config.json and a stage3 checkpoint of a random co-upcycled model reading `data_dir` (with
+    `moe=False`, of a dense model)."""
     root.mkdir(parents=True)
     tokenizer = tiny_tokenizer()
     tokenizer.save(str(root / "tokenizer.model"))
     cfg = demo.get_config()
     cfg.model = tiny_model_config()
-    cfg.model.decoder.moe_layers = "all"
-    cfg.model.vision.moe_layers = "0"
-    cfg.model.projector.moe = True
+    cfg.model.decoder.moe_layers = "all" if moe else "none"
+    cfg.model.vision.moe_layers = "0" if moe else "none"
+    cfg.model.projector.moe = moe
     cfg.data.update(tokenizer=str(root / "tokenizer.model"), data_dir=data_dir)
     workdir = root / "workdir"
     workdir.mkdir()
@@ -113,3 +114,12 @@ def test_routing_analysis_matches_numpy_routing(tmp_path, data_dir, monkeypatch)
         listed = {tuple(e["path"]) for e in top}
         unlisted = [n for p, n in counter.items() if p not in listed]
         assert not unlisted or max(unlisted) / total <= min(e["fraction"] for e in top)
+
+
+def test_dense_model_has_nothing_to_analyse(tmp_path, capsys):
+    """The dense point of a sweep: a note and an empty routing.json, not an error."""
+    workdir = routing_workdir(tmp_path / "root", str(tmp_path / "no_data"), moe=False)
+    analyze_routing.main([f"--workdir={workdir}", f"--out={tmp_path / 'routing'}"])
+    assert "has no MoE layer" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "routing" / "routing.json").read_text())
+    assert saved["layers"] == {} and saved["stage"] == "stage3"
