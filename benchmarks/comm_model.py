@@ -335,8 +335,12 @@ def activation_terms(setup: Setup, params, backend: str = "tpu") -> list[Term]:
                 tensor_ar("tensor_backward", f"{name} gate up input", rows, seq, d, 2)
             continue
         if moe.dispatch == "capacity":
-            cap = capacity(seq, moe.num_experts, moe.top_k, moe.capacity_factor_train)
-            slots = rows * moe.num_experts * cap * d * act
+            # Routing groups per device: its rows, or one of all its tokens (batch_shard).
+            groups, tokens = ((1, rows * seq) if moe.get("capacity_group") == "batch_shard"
+                              else (rows, seq))
+            cap = capacity(tokens, moe.num_experts, moe.top_k, moe.capacity_factor_train,
+                           moe.get("min_capacity", 0))
+            slots = groups * moe.num_experts * cap * d * act
             if x > 1:
                 # Forward dispatch and combine; backward the combine's transpose when the
                 # experts train, the dispatch's when the input gradient is needed.

@@ -26,16 +26,27 @@ def moe_defaults() -> ml_collections.ConfigDict:
             # platform), 'all_gather' (tokens stay; every expert's weights gathered), 'auto'
             # (ragged_a2a on GPU/TPU, a2a_buffer on CPU). moe_lvlm/models/dropless_ep.py.
             ep_dispatch="auto",
-            # Capacity per routing group (one sequence) = ceil(top_k * tokens / E * factor).
+            # Capacity per expert and routing group = max(min_capacity, ceil(tokens / E * top_k *
+            # factor)) (DeepSpeed's formula); the group is each 'sequence' or all tokens of a
+            # 'batch_shard' (the rows on one device, flattened: DeepSpeed's per-device gating).
             capacity_factor_train=1.5,
             capacity_factor_eval=2.0,
+            min_capacity=0,
+            capacity_group="sequence",
+            # Weights of the chosen experts' outputs: 'softmax' (raw probabilities: Switch,
+            # DeepSpeed top1gating), 'renorm_chosen' (renormalised over the k chosen: GShard),
+            # 'renorm_kept' (over the choices kept after the capacity drop: DeepSpeed
+            # top2gating), 'auto' (softmax for top-1, renorm_chosen for top-k >= 2).
+            combine_weights="auto",
             # Load-balancing loss E * sum_e f_e * P_e; f_e counts the 'top1' choice (MoE-LLaVA /
             # DeepSpeed) or all 'topk' choices (Switch-style top-k, CuMo).
             balance_loss_coef=0.01,
             balance_counts="top1",
             z_loss_coef=0.0,
-            # Gumbel noise on the second choice's logits during training (DeepSpeed top2gating).
-            second_choice_noise=False,
+            # Gumbel noise on the logits of the choices after the first (DeepSpeed top2gating's
+            # second-expert sampling): 'none', 'train' (training steps only) or 'always'
+            # (evaluation too, as DeepSpeed 0.9.5 draws it on every forward).
+            second_choice_noise="none",
             # Std of the noise added to each expert copy at upcycling (0 = exact copies).
             upcycle_noise_std=0.0,
         )
@@ -113,6 +124,10 @@ def moe_llava_1p6bx4() -> ml_collections.ConfigDict:
         rope_theta=10000.0,
         norm_eps=1e-6,
     )
+    # DeepSpeed 0.9.5 MoE as MoE-LLaVA builds it (top2gating, min_capacity=0, one routing group
+    # per device's micro-batch, second choice by Gumbel sampling on every forward).
+    cfg.moe.update(dispatch="capacity", combine_weights="renorm_kept", second_choice_noise="always",
+                   capacity_group="batch_shard", min_capacity=0)
     cfg.dtype = "bfloat16"
     cfg.remat = "full"
     return cfg

@@ -5,6 +5,10 @@ import ml_collections
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "xla", "mosaic", "megablox")
 EP_DISPATCHES = ("auto", "all_gather", "ragged_a2a", "a2a_buffer")
+# MoE routing options (configs/models.py:moe_defaults documents each; moe_lvlm/models/moe.py).
+COMBINE_MODES = ("auto", "softmax", "renorm_chosen", "renorm_kept")
+NOISE_MODES = ("none", "train", "always")
+CAPACITY_GROUPS = ("sequence", "batch_shard")
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -128,6 +132,19 @@ def _validate_moe(moe: ml_collections.ConfigDict, expert_axis: int) -> None:
             f"model.moe.num_experts={moe.num_experts} is not divisible by mesh expert axis "
             f"{expert_axis}; change mesh.expert or the number of experts"
         )
+    for name, allowed in (("combine_weights", COMBINE_MODES),
+                          ("second_choice_noise", NOISE_MODES),
+                          ("capacity_group", CAPACITY_GROUPS)):
+        if moe[name] not in allowed:
+            raise ConfigError(f"model.moe.{name}={moe[name]!r} is unknown; use one of {allowed}")
+    if moe.top_k == 1 and moe.combine_weights in ("renorm_chosen", "renorm_kept"):
+        raise ConfigError(
+            f"model.moe.combine_weights={moe.combine_weights!r} with top_k=1 weighs every output "
+            "by 1, so the router learns nothing from the loss; use 'softmax' (Switch, DeepSpeed "
+            "top1gating) or 'auto'"
+        )
+    if moe.min_capacity < 0:
+        raise ConfigError(f"model.moe.min_capacity={moe.min_capacity} must be >= 0")
     if moe.balance_counts not in ("top1", "topk"):
         raise ConfigError(f"model.moe.balance_counts={moe.balance_counts!r}: use 'top1' or 'topk'")
     for name in ("capacity_factor_train", "capacity_factor_eval"):

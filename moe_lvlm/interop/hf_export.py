@@ -7,9 +7,12 @@ The text model is the HF architecture that reproduces this decoder exactly:
   MoE in every layer, no bias   mixtral
   other MoE (e.g. qkv bias)     qwen2_moe with a zero-size shared expert
 
-All of them route as here (fp32 softmax over every expert, top-k, weights renormalised over the k
-chosen: `norm_topk_prob=True`) and compute every routed token (dropless), so a model trained with
-capacity dispatch exports too; only its dropped tokens differ. HF has no MoE in the vision tower or
+All of them route as here (fp32 softmax over every expert, top-k; weights renormalised over the k
+chosen, `norm_topk_prob=True`, or with `moe.combine_weights` resolving to 'softmax', as top-1
+does by default, the raw probabilities: `norm_topk_prob=False`, which mixtral lacks, so such a
+model exports as qwen2_moe) and compute every routed token (dropless), so a model trained with
+capacity dispatch exports too; only its dropped tokens differ ('renorm_kept' is 'renorm_chosen'
+when nothing is dropped). HF draws no second-choice noise. HF has no MoE in the vision tower or
 projector: such models are refused. Vision blocks after `vision.select_layer` are not part of this
 model; they are written as all-zero blocks (each is then the identity) and the post-layernorm as
 the identity, neither of which LLaVA's `vision_feature_layer` output reads.
@@ -55,13 +58,21 @@ def vision_kind(v: ml_collections.ConfigDict) -> str:
     )
 
 
-def text_kind(d: ml_collections.ConfigDict) -> str:
+def renormalises(moe: ml_collections.ConfigDict) -> bool:
+    """Whether the combine weights are the top-k probabilities over their sum (HF
+    `norm_topk_prob`), not the raw probabilities."""
+    mode = moe.get("combine_weights", "auto")
+    return moe.top_k > 1 if mode == "auto" else mode != "softmax"
+
+
+def text_kind(model_cfg: ml_collections.ConfigDict) -> str:
+    d = model_cfg.decoder
     moe_at = moe_layer_indices(d.moe_layers, d.num_layers)
     if not moe_at:
         return "qwen3" if d.qk_norm else ("qwen2" if d.qkv_bias else "llama")
     if d.qk_norm:
         return "qwen3_moe"
-    if len(moe_at) == d.num_layers and not d.qkv_bias:
+    if len(moe_at) == d.num_layers and not d.qkv_bias and renormalises(model_cfg.moe):
         return "mixtral"
     return "qwen2_moe"
 
@@ -86,7 +97,7 @@ def check_exportable(model_cfg: ml_collections.ConfigDict) -> None:
 
 def text_config(model_cfg: ml_collections.ConfigDict, special: dict) -> dict:
     d, moe = model_cfg.decoder, model_cfg.moe
-    kind = text_kind(d)
+    kind = text_kind(model_cfg)
     moe_at = moe_layer_indices(d.moe_layers, d.num_layers)
     cfg = dict(
         model_type=kind,
@@ -114,7 +125,7 @@ def text_config(model_cfg: ml_collections.ConfigDict, special: dict) -> dict:
             num_experts=moe.num_experts,
             num_experts_per_tok=moe.top_k,
             moe_intermediate_size=d.mlp_dim,
-            norm_topk_prob=True,
+            norm_topk_prob=renormalises(moe),
             decoder_sparse_step=1,
             mlp_only_layers=[i for i in range(d.num_layers) if i not in moe_at],
             output_router_logits=False,
@@ -175,7 +186,7 @@ def llava_config(model_cfg: ml_collections.ConfigDict, special: dict, dtype: str
 def entries(model_cfg: ml_collections.ConfigDict) -> list[layout.Entry]:
     """Every (HF key, our path) pair of the exported LLaVA, in the on-disk layout."""
     v, d = model_cfg.vision, model_cfg.decoder
-    style = "mixtral" if text_kind(d) == "mixtral" else "qwen"
+    style = "mixtral" if text_kind(model_cfg) == "mixtral" else "qwen"
     return (
         layout.vision_entries(v, VISION_PREFIX, num_layers_run(v.depth, v.select_layer))
         + layout.projector_entries(model_cfg.projector.kind, PROJECTOR_PREFIX)
@@ -216,7 +227,7 @@ def _constant_tensors(model_cfg: ml_collections.ConfigDict, dtype) -> dict[str, 
     if model_cfg.projector.kind == "linear":
         out[f"{PROJECTOR_PREFIX}linear_2.weight"] = np.eye(e, dtype=dtype)
         out[f"{PROJECTOR_PREFIX}linear_2.bias"] = np.zeros(e, dtype)
-    kind = text_kind(d)
+    kind = text_kind(model_cfg)
     moe_at = moe_layer_indices(d.moe_layers, d.num_layers)
     for i in range(d.num_layers):
         layer = f"{DECODER_PREFIX}layers.{i}."

@@ -167,10 +167,6 @@ def decoder_config(cfg: dict, where: str) -> tuple[ml_collections.ConfigDict, di
         moe_at = [i for i in range(layers) if i not in only and (i + 1) % step == 0]
         if cfg.get("num_experts", 0) == 0:
             moe_at = []
-        if moe_at and not cfg.get("norm_topk_prob", False):
-            raise CheckpointError(
-                f"{where}: norm_topk_prob=False; this MoE renormalises the top-k weights"
-            )
         if moe_at and get("moe_intermediate_size") != dec.mlp_dim and len(moe_at) < layers:
             raise CheckpointError(
                 f"{where}: moe_intermediate_size={cfg['moe_intermediate_size']} differs from "
@@ -179,11 +175,15 @@ def decoder_config(cfg: dict, where: str) -> tuple[ml_collections.ConfigDict, di
         if moe_at:
             dec.mlp_dim = get("moe_intermediate_size")
         dec.moe_layers = named_moe_layers(moe_at, layers)
-        moe = dict(num_experts=cfg.get("num_experts", 0), top_k=cfg.get("num_experts_per_tok", 0))
+        # norm_topk_prob: the top-k weights over their sum, else the raw probabilities.
+        combine = "renorm_chosen" if cfg.get("norm_topk_prob", False) else "softmax"
+        moe = dict(num_experts=cfg.get("num_experts", 0), top_k=cfg.get("num_experts_per_tok", 0),
+                   combine_weights=combine)
         return dec, (moe if moe_at else {})
     if kind == "mixtral":
         dec.moe_layers = "all"
-        return dec, dict(num_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"))
+        return dec, dict(num_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
+                         combine_weights="renorm_chosen")
     return dec, {}
 
 

@@ -2,14 +2,16 @@
 
 The three steps are separate pure functions; `MoeFeedForward` owns the parameters and wires them:
 
-1. route:    fp32 router logits -> softmax -> top-k experts, combine weights renormalised over the
-             k chosen, load-balancing loss (E * sum_e f_e P_e) and router z-loss.
+1. route:    fp32 router logits -> softmax -> top-k experts, combine weights by
+             `moe.combine_weights` (below), load-balancing loss (E * sum_e f_e P_e) and
+             router z-loss.
 2. dispatch: `dropless` sorts the (token, choice) pairs by expert and runs the experts as one
              grouped matmul (`jax.lax.ragged_dot`); `capacity` gives every expert C slots per
-             routing group (one sequence) with C = ceil(k * seq / E * factor), fills them in
-             GShard/DeepSpeed order (all first choices in position order, then all second
-             choices, ...) and drops the overflow, whose output is zero so the token is carried
-             by the residual alone.
+             routing group (`moe.capacity_group`: one sequence, or all tokens of a batch shard as
+             DeepSpeed gates a device's micro-batch) with
+             C = max(min_capacity, ceil(tokens / E * k * factor)), fills them in GShard/DeepSpeed
+             order (all first choices in position order, then all second choices, ...) and drops
+             the overflow, whose output is zero so the token is carried by the residual alone.
 3. experts:  SwiGLU (decoder) or GELU-family MLP with bias (ViT, projector) per expert.
 
 With a mesh whose `expert` axis is > 1 the capacity path is expert-parallel: the dispatched slots
@@ -22,6 +24,7 @@ gathered onto every device.
 
 import functools
 import math
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -33,18 +36,37 @@ from jax.sharding import PartitionSpec as P
 from moe_lvlm.models.dropless_ep import default_ep_dispatch, dropless_expert_parallel
 from moe_lvlm.models.grouped_matmul import grouped_matmul
 from moe_lvlm.models.layers import BATCH_LENGTH_EMBED, activation_fn, param_with_axes
-from moe_lvlm.parallel.mesh import BATCH_AXES
+from moe_lvlm.parallel.mesh import BATCH_AXES, batch_divisor
 
 Array = jax.Array
 
+# `moe.combine_weights` (moe_lvlm/config.py:COMBINE_MODES) weighs the k chosen experts' outputs:
+#   softmax        their raw router probabilities (Switch, DeepSpeed top1gating)
+#   renorm_chosen  probabilities renormalised over the k chosen (GShard)
+#   renorm_kept    renormalised over the choices that survive the capacity drop (DeepSpeed
+#                  top2gating: a token whose second choice is dropped weighs its first by 1)
+#   auto           softmax for top-1 (renormalising one weight gives 1: no router gradient
+#                  through the output), renorm_chosen for top-k >= 2
+
+
+def resolve_combine(mode: str, top_k: int) -> str:
+    """`moe.combine_weights` with 'auto' resolved for `top_k`."""
+    if mode == "auto":
+        return "softmax" if top_k == 1 else "renorm_chosen"
+    return mode
+
 
 # --------------------------------------------------------------------------- routing
-def route(logits: Array, top_k: int, noise_rng: Array | None = None) -> tuple[Array, Array, Array]:
+def route(
+    logits: Array, top_k: int, noise_rng: Array | None = None, combine: str = "renorm_chosen"
+) -> tuple[Array, Array, Array]:
     """Top-k routing. logits: [..., E] float32.
 
-    Returns expert ids [..., k] (choice order), combine weights [..., k] (renormalised over the k
-    chosen) and the softmax probabilities [..., E]. With `noise_rng`, choices after the first take
-    the argmax of logits + Gumbel noise (DeepSpeed top2gating's second-expert sampling).
+    Returns expert ids [..., k] (choice order), combine weights [..., k] and the softmax
+    probabilities [..., E]. The weights are renormalised over the k chosen for 'renorm_chosen',
+    else the chosen experts' probabilities ('renorm_kept' renormalises them after the capacity
+    drop: `renorm_over_kept`). With `noise_rng`, choices after the first take the argmax of
+    logits + Gumbel noise (DeepSpeed top2gating's second-expert sampling).
     """
     probs = jax.nn.softmax(logits, axis=-1)
     noisy = logits
@@ -56,8 +78,17 @@ def route(logits: Array, top_k: int, noise_rng: Array | None = None) -> tuple[Ar
         chosen.append(jnp.argmax(jnp.where(taken, -jnp.inf, noisy), axis=-1))
     expert_ids = jnp.stack(chosen, axis=-1).astype(jnp.int32)
     gates = jnp.take_along_axis(probs, expert_ids, axis=-1)
-    weights = gates / jnp.sum(gates, axis=-1, keepdims=True)
-    return expert_ids, weights, probs
+    if combine == "renorm_chosen":
+        gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return expert_ids, gates, probs
+
+
+def renorm_over_kept(gates: Array, kept: Array) -> Array:
+    """DeepSpeed top2gating's weights: the kept choices' probabilities over their sum (the
+    denominator clamped at eps, so a token that lost every choice weighs nothing)."""
+    gates = gates * kept
+    denom = jnp.maximum(jnp.sum(gates, axis=-1, keepdims=True), jnp.finfo(gates.dtype).eps)
+    return gates / denom
 
 
 def balance_loss(probs: Array, expert_ids: Array, valid: Array, counts: str) -> Array:
@@ -79,8 +110,12 @@ def z_loss(logits: Array, valid: Array) -> Array:
     return jnp.sum(jnp.square(lse) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
-def capacity(seq_len: int, num_experts: int, top_k: int, factor: float) -> int:
-    return max(1, math.ceil(top_k * seq_len / num_experts * factor))
+def capacity(
+    tokens: int, num_experts: int, top_k: int, factor: float, min_capacity: int = 0
+) -> int:
+    """Slots per expert per routing group: DeepSpeed's ceil(tokens / E * (k * factor)), at least
+    `min_capacity` (and 1)."""
+    return max(1, min_capacity, math.ceil(tokens / num_experts * (top_k * factor)))
 
 
 def capacity_slots(
@@ -265,9 +300,10 @@ class MoeFeedForward(nn.Module):
             self.param_dtype,
         )
         logits = jnp.einsum("bsd,de->bse", x.astype(jnp.float32), router.astype(jnp.float32))
-        noise_rng = self.make_rng("router") if (train and cfg.second_choice_noise) else None
-        expert_ids, combine, probs = route(logits, k, noise_rng)
+        combine_mode = resolve_combine(cfg.get("combine_weights", "auto"), k)
+        expert_ids, combine, probs = route(logits, k, self._noise_rng(train), combine_mode)
         combine = combine * valid[..., None]
+        self.sow("intermediates", "expert_ids", expert_ids)  # routing analysis only
         weights = ExpertWeights(
             num_experts, d_in, self.hidden_dim, d_out, self.gated, self.param_dtype, name="experts"
         )()
@@ -306,11 +342,25 @@ class MoeFeedForward(nn.Module):
                     out_specs=P(BATCH_AXES),
                     check_vma=False,
                 )
-            y = local(x, expert_ids, combine.astype(self.dtype), *weights.values())
             kept = valid[..., None] & jnp.ones_like(expert_ids, bool)
+            if combine_mode == "renorm_kept":
+                combine = renorm_over_kept(combine, kept)
+            y = local(x, expert_ids, combine.astype(self.dtype), *weights.values())
         else:
+            # Routing groups [G, T]: the sequences, or each batch shard's tokens flattened.
+            groups = batch if cfg.get("capacity_group", "sequence") == "sequence" else (
+                batch_divisor(self.mesh) if self.mesh is not None else 1)
+            if batch % groups:
+                raise ValueError(f"batch {batch} does not split into {groups} capacity groups")
+            x, expert_ids, combine, valid = (
+                a.reshape(groups, batch * seq // groups, *a.shape[2:])
+                for a in (x, expert_ids, combine, valid)
+            )
             factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
-            cap = capacity(seq, num_experts, k, factor)
+            cap = capacity(x.shape[1], num_experts, k, factor, cfg.get("min_capacity", 0))
+            if combine_mode == "renorm_kept":
+                combine = renorm_over_kept(
+                    combine, capacity_slots(expert_ids, valid, num_experts, cap)[1])
             dispatch, combine_t, kept = capacity_dispatch_tensors(
                 expert_ids, combine.astype(self.dtype), valid, num_experts, cap
             )
@@ -322,9 +372,23 @@ class MoeFeedForward(nn.Module):
                 compute = expert_parallel(compute, self.mesh, len(weights))
             ye = compute(xe, *weights.values())
             y = jnp.einsum("bsec,becd->bsd", combine_t, ye)
+            y, expert_ids, valid, kept = (
+                a.reshape(batch, seq, *a.shape[2:]) for a in (y, expert_ids, valid, kept))
         y = nn.with_logical_constraint(y, BATCH_LENGTH_EMBED)
         metrics = self._metrics(logits, probs, expert_ids, valid, kept)
         return y, metrics
+
+    def _noise_rng(self, train: bool) -> Array | None:
+        """Key of the second-choice noise, or None without noise. Outside training without a
+        'router' rng (evaluation, generation) 'always' noise is drawn from a key fixed per layer."""
+        mode = self.config.get("second_choice_noise", "none")
+        mode = {False: "none", True: "train"}.get(mode, mode)  # bool in older workdir configs
+        if mode == "none" or (mode == "train" and not train):
+            return None
+        if self.has_rng("router"):
+            return self.make_rng("router")
+        path_hash = zlib.crc32("/".join(self.path).encode()) & 0x7FFFFFFF
+        return jax.random.fold_in(jax.random.PRNGKey(0), path_hash)
 
     def _metrics(self, logits, probs, expert_ids, valid, kept) -> dict[str, Array]:
         cfg = self.config

@@ -85,6 +85,8 @@ def model_loss(
     loss = ce_sum / total_tokens + loss_scale * aux
     metrics = {"ce_sum": ce_sum, "balance_loss": balance * loss_scale, "z_loss": z * loss_scale}
     for layer, m in moe_metrics.items():
+        metrics[f"moe/{layer}/balance_loss"] = m["balance_loss"] * loss_scale
+        metrics[f"moe/{layer}/z_loss"] = m["z_loss"] * loss_scale
         metrics[f"moe/{layer}/expert_fraction"] = m["expert_fraction"] * loss_scale
         metrics[f"moe/{layer}/dropped_fraction"] = m["dropped_fraction"] * loss_scale
         metrics[f"moe/{layer}/router_entropy"] = m["router_entropy"] * loss_scale

@@ -25,6 +25,7 @@ from PIL import Image
 
 from moe_lvlm.data import builtin, image
 from moe_lvlm.models.vit import VisionEncoder
+from moe_lvlm.train.stages import dense_variant
 
 EMPTY_DIGIT = 10  # digit label of a patch over an empty cell
 EMPTY_COLOR = len(builtin.COLORS)
@@ -146,12 +147,13 @@ def pretrain(
 
 
 def pretrained_tower(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, float]]:
-    """`pretrain` as the run config `cfg` asks (`cfg.vision_pretrain`); an error with
+    """`pretrain` as the run config `cfg` asks (`cfg.vision_pretrain`), of the dense tower the
+    stages start from (upcycling, e.g. CuMo's, makes experts of its MLPs later); an error with
     `init.vision` set, which names another source for the same tower."""
     if cfg.get("init") and cfg.init.get("vision"):
         raise ValueError(f"vision_pretrain.steps={cfg.vision_pretrain.steps} and "
                          f"init.vision={cfg.init.vision} both start the vision tower; keep one")
-    return pretrain(cfg.model, cfg.vision_pretrain, cfg.data.aspect)
+    return pretrain(dense_variant(cfg.model), cfg.vision_pretrain, cfg.data.aspect)
 
 
 TOWER_FILE, REPORT_FILE = "vision_pretrain.npz", "vision_pretrain.json"
@@ -159,7 +161,8 @@ TOWER_FILE, REPORT_FILE = "vision_pretrain.npz", "vision_pretrain.json"
 
 def _recipe(cfg: ml_collections.ConfigDict) -> dict:
     """Everything the pre-trained tower depends on."""
-    return {"settings": cfg.vision_pretrain.to_dict(), "vision": cfg.model.vision.to_dict(),
+    return {"settings": cfg.vision_pretrain.to_dict(),
+            "vision": dense_variant(cfg.model).vision.to_dict(),
             "aspect": cfg.data.aspect}
 
 

@@ -25,6 +25,8 @@ CASES = {
     "qwen2_moe": (dict(moe_layers="every_other", qkv_bias=True, head_dim=16), {}, "qwen2_moe"),
     "qwen3_moe": (dict(moe_layers="every_other", qk_norm=True, qkv_bias=True), {}, "qwen3_moe"),
     "mixtral": (dict(moe_layers="all"), {}, "mixtral"),
+    # top-1 weighs by the raw probability: norm_topk_prob=False, which only qwen2_moe offers.
+    "qwen2_moe_top1": (dict(moe_layers="all"), dict(top_k=1), "qwen2_moe"),
     "llama_tied": (dict(tie_embeddings=True), {}, "llama"),
     "qwen2_siglip_linear": (dict(qkv_bias=True), dict(siglip=True, linear=True), "qwen2"),
     "qwen3_keep_cls": (dict(qk_norm=True), dict(keep_cls=True), "qwen3"),
@@ -47,6 +49,8 @@ def make_config(name):
         cfg.projector.kind = "linear"
     if other.get("keep_cls"):
         cfg.vision.update(keep_class_token=True, select_layer=1)
+    if other.get("top_k"):
+        cfg.moe.top_k = other["top_k"]
     return cfg
 
 
@@ -73,6 +77,8 @@ def test_export_logits_match_and_reimport_is_exact(tmp_path, name):
     hf_export.export(params, cfg, tmp_path, max_shard_bytes=shard)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["text_config"]["model_type"] == CASES[name][2]
+    if CASES[name][2] != "mixtral" and cfg.decoder.moe_layers != "none":
+        assert config["text_config"]["norm_topk_prob"] == (cfg.moe.top_k > 1)
     model, info = transformers.LlavaForConditionalGeneration.from_pretrained(
         tmp_path, attn_implementation="eager", output_loading_info=True
     )

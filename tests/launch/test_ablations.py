@@ -20,6 +20,7 @@ from moe_lvlm.config import ConfigError, validate
 from moe_lvlm.data import builtin
 from moe_lvlm.models.lvlm import build_model
 from moe_lvlm.train import loop
+from moe_lvlm.train import stages as stages_lib
 from moe_lvlm.train.stages import stage_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,6 +90,42 @@ def test_sweep_point_validates_and_builds_its_model(name, axis, value):
         assert params[f"decoder/layers_{i}/moe/router"] == (128, experts)
 
 
+@pytest.mark.parametrize("value", ["softmax", "renorm_chosen", "renorm_kept"])
+def test_combine_weights_sweep(value):
+    module = sweep.load_sweep_module(ABLATIONS / "combine_weights.py")
+    assert (module.AXIS, module.VALUES) == ("combine_weights", ("softmax", "renorm_chosen",
+                                                               "renorm_kept"))
+    cfg = module.get_config(f"combine_weights={value}")
+    validate(cfg, 1)
+    moe = cfg.model.moe
+    # Capacity dispatch by default: with drops, renorm_kept and renorm_chosen differ.
+    assert (moe.combine_weights, moe.top_k, moe.dispatch) == (value, 2, "capacity")
+    if value != "softmax":
+        with pytest.raises(ConfigError, match="top_k=1"):
+            validate(module.get_config(f"combine_weights={value},top_k=1"), 1)
+
+
+# recipe -> (stages run, each one's source stage, whether each trains the MoE model)
+RECIPES = {
+    "full": (["stage1", "stage2", "stage3"], [None, "stage1", "stage2"], [False, False, True]),
+    "no_stage1": (["stage2", "stage3"], [None, "stage2"], [False, True]),
+    "no_stage2": (["stage1", "stage3"], [None, "stage1"], [False, True]),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_stage_ablation_sweep(recipe):
+    module = sweep.load_sweep_module(ABLATIONS / "stages.py")
+    assert (module.AXIS, module.VALUES) == ("recipe", ("full", "no_stage1", "no_stage2"))
+    cfg = module.get_config(f"recipe={recipe}")
+    validate(cfg, 1)
+    names, sources, moe = RECIPES[recipe]
+    assert loop.stage_names(cfg) == names
+    assert [stages_lib.source_stage(cfg, names, n) for n in names] == sources
+    assert [stages_lib.is_upcycled(cfg, names, n) for n in names] == moe
+    assert stage3_params(cfg)["decoder/layers_0/moe/router"] == (128, 4)
+
+
 def test_pod_scale_and_step_scaling():
     cfg = common.ablation_config("num_experts=8,scale=pod,steps=0.5")
     assert (cfg.model.decoder.embed_dim, cfg.model.decoder.num_layers) == (2048, 24)
@@ -101,7 +138,8 @@ def test_pod_scale_and_step_scaling():
 
 @pytest.mark.parametrize("arg,message", [
     ("num_experts=0", "num_experts=0"), ("scale=huge", "scale='huge'"),
-    ("layers=all", "unknown config argument 'layers'"), ("top_k=3,num_experts=2", "top_k=3")])
+    ("layers=all", "unknown config argument 'layers'"), ("top_k=3,num_experts=2", "top_k=3"),
+    ("recipe=no_stage3", "recipe='no_stage3'")])
 def test_bad_arguments_say_what_is_wrong(arg, message):
     with pytest.raises(ConfigError, match=message):
         validate(common.ablation_config(arg), 1)

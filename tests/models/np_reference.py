@@ -91,9 +91,19 @@ def dense_ffn(p, x, activation, gated):
 
 
 # --------------------------------------------------------------------------- MoE
-def route(logits, k, noise=None):
+def combine_mode(cfg):
+    """moe.combine_weights with 'auto' spelled out: raw probabilities for top-1, else
+    renormalised over the k chosen."""
+    mode = cfg.get("combine_weights", "auto")
+    if mode == "auto":
+        return "softmax" if cfg.top_k == 1 else "renorm_chosen"
+    return mode
+
+
+def route(logits, k, noise=None, combine="renorm_chosen"):
     """Per token: first expert = argmax of logits, later ones = argmax of (logits + noise) over
-    the experts not yet taken; weights = their softmax probabilities divided by their sum."""
+    the experts not yet taken; weights = their softmax probabilities, divided by their sum for
+    'renorm_chosen' (for 'renorm_kept' see `renorm_kept`, applied once drops are known)."""
     probs = softmax(logits)
     noisy = logits if noise is None else logits + noise
     ids = np.zeros(logits.shape[:-1] + (k,), np.int64)
@@ -105,16 +115,29 @@ def route(logits, k, noise=None):
             taken.append(int(np.argmax(scores)))
         ids[idx] = taken
     gates = np.take_along_axis(probs, ids, -1)
-    return ids, gates / gates.sum(-1, keepdims=True), probs
+    if combine == "renorm_chosen":
+        gates = gates / gates.sum(-1, keepdims=True)
+    return ids, gates, probs
 
 
-def capacity(seq, num_experts, k, factor):
-    return max(1, math.ceil(k * seq / num_experts * factor))
+def renorm_kept(gates, kept):
+    """Each token's kept gates over their sum; a token with none kept gets zeros."""
+    out = np.zeros_like(gates)
+    for idx in np.ndindex(*gates.shape[:-1]):
+        total = sum(g for g, keep in zip(gates[idx], kept[idx], strict=True) if keep)
+        if total > 0:
+            out[idx] = np.where(kept[idx], gates[idx] / total, 0.0)
+    return out
+
+
+def capacity(tokens, num_experts, k, factor, min_capacity=0):
+    return max(1, min_capacity, math.ceil(tokens / num_experts * (k * factor)))
 
 
 def slots(ids, valid, num_experts, cap):
-    """GShard order per sequence: every first choice in position order, then every second one.
-    A pair takes the next free slot of its expert; pairs past `cap` are dropped; padding takes none.
+    """GShard order per routing group (row): every first choice in position order, then every
+    second one. A pair takes the next free slot of its expert; pairs past `cap` are dropped;
+    padding takes none.
     """
     batch, seq, k = ids.shape
     slot = np.full(ids.shape, -1)
@@ -130,6 +153,20 @@ def slots(ids, valid, num_experts, cap):
                 kept[b, s, j] = used[e] < cap
                 used[e] += 1
     return slot, kept
+
+
+def capacity_kept(ids, valid, cfg, train, groups=1):
+    """Which (token, choice) pairs keep a slot. The routing groups are the rows
+    (capacity_group 'sequence') or `groups` runs of whole rows flattened ('batch_shard')."""
+    batch, seq, k = ids.shape
+    if cfg.get("capacity_group", "sequence") == "sequence":
+        groups = batch
+    factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
+    tokens = batch * seq // groups
+    cap = capacity(tokens, cfg.num_experts, k, factor, cfg.get("min_capacity", 0))
+    kept = slots(ids.reshape(groups, tokens, k), valid.reshape(groups, tokens), cfg.num_experts,
+                 cap)[1]
+    return kept.reshape(ids.shape)
 
 
 def balance_loss(probs, ids, valid, counts):
@@ -159,13 +196,15 @@ def moe(params, x, valid, cfg, activation, gated, train=False):
     x = np.asarray(x, np.float64)
     logits = x @ np.asarray(params["router"], np.float64)
     num_experts, k = cfg.num_experts, cfg.top_k
-    ids, weights, probs = route(logits, k)
+    mode = combine_mode(cfg)
+    ids, weights, probs = route(logits, k, combine=mode)
     batch, seq, _ = x.shape
     if cfg.dispatch == "dropless":
         kept = np.broadcast_to(valid[..., None], ids.shape)
     else:
-        factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
-        kept = slots(ids, valid, num_experts, capacity(seq, num_experts, k, factor))[1]
+        kept = capacity_kept(ids, valid, cfg, train)
+    if mode == "renorm_kept":
+        weights = renorm_kept(weights, kept)
     d_out = (w["down"] if gated else w["fc2"]).shape[-1]
     y = np.zeros((batch, seq, d_out))
     for b, s, j in np.ndindex(batch, seq, k):

@@ -34,8 +34,10 @@ import numpy as np  # noqa: E402
 
 from configs import models  # noqa: E402
 from moe_lvlm.models.lvlm import build_model, moe_loss_sums  # noqa: E402
+from moe_lvlm.models.moe import MoeFeedForward  # noqa: E402
 from moe_lvlm.parallel.mesh import (  # noqa: E402
     LOGICAL_AXIS_RULES,
+    batch_divisor,
     batch_sharding,
     logical_shardings,
     make_mesh,
@@ -183,6 +185,38 @@ def check(mode: str) -> dict:
     return out
 
 
+def check_batch_shard() -> dict:
+    """moe.capacity_group='batch_shard' (DeepSpeed's per-device routing group): on each mesh the
+    capacity MoE layer equals one device's run of it on each batch shard's rows alone. Returns
+    the worst tolerance ratio per mesh, and the shards' dropped fractions."""
+    rng = np.random.default_rng(1)
+    cfg = models.moe_defaults()
+    cfg.update(dispatch="capacity", capacity_group="batch_shard", capacity_factor_train=0.75,
+               combine_weights="renorm_kept")
+    x = (rng.normal(size=(BATCH, SEQ, 16)) + 0.5).astype(np.float32)
+    valid = make_batch(rng)["segment_ids"] > 0
+    single = MoeFeedForward(cfg, 32)
+    params = nn.meta.unbox(single.init(jax.random.key(0), x, valid))
+    apply = jax.jit(lambda p, x_, v: single.apply(p, x_, v, train=True))
+    out = {}
+    for name, shape in MESHES.items():
+        mesh = make_mesh(shape)
+        rows = BATCH // batch_divisor(mesh)
+        parts = [apply(params, x[i:i + rows], valid[i:i + rows]) for i in range(0, BATCH, rows)]
+        want = np.concatenate([np.asarray(y) for y, _ in parts])
+        layer = MoeFeedForward(cfg, 32, mesh=mesh)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            got, _ = jax.jit(lambda p, x_, v, m=layer: m.apply(p, x_, v, train=True))(
+                params, jax.device_put(x, batch_sharding(mesh)),
+                jax.device_put(valid, batch_sharding(mesh)))
+        out[name] = {"ratio": worst_ratio(got, want),
+                     "dropped_fraction": [float(m["dropped_fraction"]) for _, m in parts]}
+    return out
+
+
 if __name__ == "__main__":
     modes = sys.argv[1:] or ["capacity", "dropless"]
-    print("RESULT " + json.dumps({m: check(m) for m in modes}), flush=True)
+    checks = {m: functools.partial(check, m) for m in modes}
+    if "batch_shard" in modes:
+        checks["batch_shard"] = check_batch_shard
+    print("RESULT " + json.dumps({m: fn() for m, fn in checks.items()}), flush=True)

@@ -156,6 +156,11 @@ def test_moe_llava_preset_has_the_paper_shape():
         2048, 24, 32, 5632, 100352,
     )
     assert (m.num_experts, m.top_k, d.moe_layers) == (4, 2, "every_other")
+    # DeepSpeed 0.9.5 as MoE-LLaVA builds it: top2gating with Gumbel second choices on every
+    # forward, weights over the kept choices, per-device capacity groups, min_capacity 0.
+    assert (m.dispatch, m.combine_weights, m.second_choice_noise, m.capacity_group) == (
+        "capacity", "renorm_kept", "always", "batch_shard")
+    assert (m.min_capacity, m.capacity_factor_train, m.capacity_factor_eval) == (0, 1.5, 2.0)
     # Decoder parameter count, by hand: embeddings and head, 24 attention blocks, 12 dense SwiGLU
     # FFNs and 12 MoE FFNs (4 experts + router), 49 RMSNorms.
     cfg.image_token_id = 3

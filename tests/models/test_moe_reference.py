@@ -165,6 +165,16 @@ CASES = {
         False, "gelu", "capacity", True, dict(capacity_factor_train=0.75), (2, 8, 12, 24, 24),
         1.0, 5,
     ),
+    "swiglu_capacity_drops_renorm_kept": (
+        True, "silu", "capacity", True,
+        dict(combine_weights="renorm_kept", capacity_factor_train=0.75), (3, 12, 16, 24, 16),
+        1.0, 6,
+    ),
+    "mlp_capacity_drops_batch_shard_min_capacity": (
+        False, "gelu", "capacity", False,
+        dict(capacity_group="batch_shard", capacity_factor_eval=0.25, min_capacity=5),
+        (3, 8, 12, 20, 12), 1.5, 7,
+    ),
 }
 
 
@@ -250,13 +260,14 @@ def np_moe_grads(params, x, valid, cotangent, cfg, activation, gated, train):
     x = np.asarray(x, np.float64)
     logits = x @ router
     num_experts, k = cfg.num_experts, cfg.top_k
-    ids, weights, probs = ref.route(logits, k)
+    mode = ref.combine_mode(cfg)
+    ids, weights, probs = ref.route(logits, k, combine=mode)
     if cfg.dispatch == "dropless":
         kept = np.broadcast_to(valid[..., None], ids.shape)
     else:
-        factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
-        cap = ref.capacity(x.shape[1], num_experts, k, factor)
-        kept = ref.slots(ids, valid, num_experts, cap)[1]
+        kept = ref.capacity_kept(ids, valid, cfg, train)
+    if mode == "renorm_kept":
+        weights = ref.renorm_kept(weights, kept)
     act, act_grad = ref.ACTIVATIONS[activation], ACTIVATION_GRADS[activation]
     grads = {name: np.zeros_like(a) for name, a in w.items()}
     d_router, dx = np.zeros_like(router), np.zeros_like(x)
@@ -292,9 +303,15 @@ def np_moe_grads(params, x, valid, cotangent, cfg, activation, gated, train):
                 grads["fc1_bias"][e] += da
                 dx[b, s] += w["fc1"][e] @ da
             d_weight[j] = g @ out
-        # weights = gates / sum(gates), gates = probs[chosen], probs = softmax(logits).
+        # gates = probs[chosen], probs = softmax(logits); weights = gates ('softmax'),
+        # gates / sum(gates) ('renorm_chosen'), or over the kept gates only ('renorm_kept').
         gates = probs[b, s, ids[b, s]]
-        d_gates = (d_weight - np.sum(d_weight * weights[b, s])) / gates.sum()
+        if mode == "softmax":
+            d_gates = d_weight
+        else:
+            over = kept[b, s] if mode == "renorm_kept" else np.ones(k, bool)
+            total = max(gates[over].sum(), 1e-30)
+            d_gates = over * (d_weight - np.sum(d_weight * weights[b, s])) / total
         d_probs = np.zeros(num_experts)
         d_probs[ids[b, s]] += d_gates
         d_logits = probs[b, s] * (d_probs - np.sum(probs[b, s] * d_probs))
@@ -311,6 +328,14 @@ GRAD_CASES = {
         True, "silu", "capacity", True, dict(capacity_factor_train=0.75), 1.0, 2
     ),
     "mlp_dropless": (False, "gelu", "dropless", False, dict(top_k=3), 0.0, 3),
+    "swiglu_capacity_top1_softmax": (
+        True, "silu", "capacity", True, dict(top_k=1, capacity_factor_train=1.0), 1.0, 4
+    ),
+    "swiglu_capacity_renorm_kept_batch_shard": (
+        True, "silu", "capacity", True,
+        dict(combine_weights="renorm_kept", capacity_group="batch_shard",
+             capacity_factor_train=0.75), 1.0, 5,
+    ),
 }
 
 

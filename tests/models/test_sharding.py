@@ -29,7 +29,7 @@ MODES = ("capacity", "dropless", "dropless:all_gather", "dropless:ragged_a2a")
 
 def test_sharded_loss_and_gradients_equal_single_device():
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "sharding_check.py"), *MODES],
+        [sys.executable, os.path.join(HERE, "sharding_check.py"), *MODES, "batch_shard"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -71,3 +71,8 @@ def test_sharded_loss_and_gradients_equal_single_device():
     ragged = result["dropless:ragged_a2a"]["data2_expert4"]
     assert ragged["ragged_all_to_all"] == 8, ragged
     assert not ragged["all_gather"]
+    # capacity_group='batch_shard': one routing group per batch shard, as DeepSpeed gates each
+    # device's tokens; the sharded layer equals one device's run on each shard alone.
+    for mesh, r in result["batch_shard"].items():
+        assert r["ratio"] <= 1, (mesh, r)
+        assert max(r["dropped_fraction"]) > 0, mesh
