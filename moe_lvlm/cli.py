@@ -61,7 +61,11 @@ def run_absl(main: Callable[[list[str]], None]) -> None:
         try:
             return flags.FLAGS(args)
         except flags.Error as e:
-            raise UserError(f"{e} (see --help)") from e
+            text = str(e)
+            if "Traceback (most recent call last)" in text:  # a config file that raised
+                text = f"{text.split(':', 1)[0]}: " + [
+                    line for line in text.splitlines() if line.strip()][-1].strip()
+            raise UserError(f"{text} (see --help)") from e
         except (AttributeError, KeyError) as e:
             override = unknown_override(args)
             if override is None:
