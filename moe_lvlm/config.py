@@ -181,7 +181,7 @@ def validate(
     """
     shape = resolve_mesh_shape(cfg.mesh, num_devices)
     validate_model(cfg.model, expert_axis=shape[MESH_AXES.index("expert")])
-    if "stages" in cfg:
+    if stage_sections(cfg):  # a training config (not a bare model or base config)
         validate_training(cfg, overrides)
     return shape
 
