@@ -81,12 +81,13 @@ class Encoder:
         cls, data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
         tokenizer: Tokenizer,
     ) -> "Encoder":
+        error = config_lib.ConfigError
         if data_cfg.bad_records not in BAD_RECORD_MODES:
-            raise config_lib.ConfigError(f"data.bad_records={data_cfg.bad_records!r}; use {BAD_RECORD_MODES}")
+            raise error(f"data.bad_records={data_cfg.bad_records!r}; use {BAD_RECORD_MODES}")
         if data_cfg.template not in conversation.TEMPLATES:
-            raise config_lib.ConfigError(f"data.template={data_cfg.template!r}; use {conversation.TEMPLATES}")
+            raise error(f"data.template={data_cfg.template!r}; use {conversation.TEMPLATES}")
         if data_cfg.aspect not in image.ASPECT_MODES:
-            raise config_lib.ConfigError(f"data.aspect={data_cfg.aspect!r}; use one of {image.ASPECT_MODES}")
+            raise error(f"data.aspect={data_cfg.aspect!r}; use one of {image.ASPECT_MODES}")
         if tokenizer.vocab_size > model_cfg.decoder.vocab_size:
             raise config_lib.ConfigError(
                 f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} pieces but "

@@ -44,7 +44,9 @@ def main(argv: list[str]) -> None:
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        # Atomically: the other processes may be reading the old one in check_resume.
+        (workdir / "config.json.tmp").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (workdir / "config.json.tmp").rename(workdir / "config.json")
     print(distributed.device_report(), f"mesh {dict(mesh.shape)}", flush=True)
     if cfg.vision_pretrain.steps > 0 and loop.starts_fresh(cfg, workdir):
         pretrained = {**pretrained, **vision_pretrain.workdir_tower(cfg, workdir, is_main)}

@@ -6,7 +6,6 @@ before the new config is accepted. Every subprocess has a timeout, so a hang fai
 import json
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
