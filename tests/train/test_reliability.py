@@ -75,6 +75,24 @@ def test_debug_shows_the_traceback(tmp_path, data_dir, compile_cache):
     assert "Traceback" in result.stderr and "ConfigError: stage2.lr=-0.001" in result.stderr
 
 
+def test_every_record_skipped_ends_training_with_one_line(tmp_path, data_dir, compile_cache):
+    """A wrong image_root: the run stops at its first batch instead of spinning."""
+    data = tmp_path / "data.json"
+    conv = [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "ok"}]
+    data.write_text(json.dumps([{"id": f"rec{i}", "image": "a.png", "conversations": conv}
+                                for i in range(3)]))
+    overrides = {**REFERENCE_OVERRIDES, "stages": "stage1", "vision_pretrain.steps": 0,
+                 "stage1.mixture": f"llava:{data}?image_root={tmp_path}",
+                 "data.max_consecutive_skips": 100}
+    workdir = tmp_path / "run"
+    result = run_cli(train_command(workdir, data_dir, REFERENCE_ARG, overrides), compile_cache)
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = error_line(result)
+    assert line.startswith(f"error: 100 records in a row were skipped and none was usable "
+                           f"(source: {data}); skipped by reason: {{'missing_image': 100}}")
+    assert checkpoint_steps(workdir / "stage1" / "checkpoints") == []
+
+
 # ----------------------------------------------------------------------- validation (in process)
 
 
