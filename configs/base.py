@@ -49,6 +49,9 @@ def data_config() -> ml_collections.ConfigDict:
             truncate=True,
             # Bad records: 'skip' (count by reason) or 'strict' (raise naming the record).
             bad_records="skip",
+            # This many skipped records in a row stop the run with an error naming the source,
+            # the reasons and the first records (e.g. a wrong image_root skips every record).
+            max_consecutive_skips=2000,
             # Shuffle training sources (each with a seed derived from `seed`).
             shuffle=True,
             # Worker processes for decoding/batching (0 = in the main process).

@@ -1,6 +1,12 @@
 """Config helpers shared by every part: argument parsing, derived sizes, start-up validation."""
 
+import math
+import os
+from collections.abc import Collection
+
 import ml_collections
+
+from moe_lvlm.cli import UserError
 
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "xla", "mosaic", "megablox")
@@ -12,9 +18,13 @@ CAPACITY_GROUPS = ("sequence", "batch_shard")
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+NAN_POLICIES = ("skip", "stop")
+BAD_RECORD_MODES = ("skip", "strict")
+# Decoder positions a row needs besides its image tokens: template, question and answer.
+MIN_TEXT_TOKENS = 16
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message says what to change."""
 
 
@@ -183,8 +193,14 @@ def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> No
     _validate_moe(model.moe, expert_axis)
 
 
-def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-    """Validates a whole run config; returns the resolved mesh shape."""
+def validate(
+    cfg: ml_collections.ConfigDict, num_devices: int, overrides: Collection[str] = ()
+) -> tuple[int, ...]:
+    """Validates a whole run config before any work; returns the resolved mesh shape.
+
+    `overrides`: the fields set on the command line (`--config.data.mixture=...`), to reject
+    overrides that the config would ignore.
+    """
     shape = resolve_mesh_shape(cfg.mesh, num_devices)
     slices = cfg.mesh.get("num_slices", 1)
     if slices < 1 or shape[0] % slices:
@@ -193,4 +209,134 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...
             "each slice holds whole data-parallel replicas; make mesh.data a multiple of it"
         )
     validate_model(cfg.model, expert_axis=shape[MESH_AXES.index("expert")])
+    if stage_sections(cfg):  # a training config (not a bare model or base config)
+        validate_training(cfg, overrides)
     return shape
+
+
+def _require(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is not allowed: {allowed}")
+
+
+def _positive(section: ml_collections.ConfigDict, prefix: str, *names: str) -> None:
+    for name in names:
+        value = section[name]
+        ok = isinstance(value, int | float) and math.isfinite(value) and value > 0
+        _require(ok, f"{prefix}.{name}", value, "it must be a positive number")
+
+
+def _at_least(section: ml_collections.ConfigDict, prefix: str, name: str, low: int) -> None:
+    _require(section[name] >= low, f"{prefix}.{name}", section[name], f"it must be >= {low}")
+
+
+def _one_of(section: ml_collections.ConfigDict, prefix: str, name: str, allowed) -> None:
+    _require(section[name] in allowed, f"{prefix}.{name}", section[name],
+             f"use one of {tuple(allowed)}")
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _check_mixture(field: str, mixture) -> None:
+    """Source specs that parse and local files that exist."""
+    from moe_lvlm.data import sources  # noqa: PLC0415  (config.py is imported by everything)
+
+    try:
+        pairs = sources.parse_mixture(mixture)
+    except ValueError as e:
+        raise ConfigError(f"{field}={mixture!r}: {e}") from None
+    for spec, _ in pairs:
+        kind, target, opts = sources.parse_spec(spec)
+        paths = {"file": target} if kind == "llava" else {}
+        if opts.get("image_root"):
+            paths["image_root"] = opts["image_root"]
+        for what, path in paths.items():
+            if _is_local(path) and not os.path.exists(os.path.expanduser(path)):
+                raise ConfigError(f"{field}={mixture!r}: {what} {path} does not exist")
+
+
+def stage_sections(cfg: ml_collections.ConfigDict) -> list[str]:
+    """Names of the config's stage sections (those with a `trainable` field)."""
+    return [k for k, v in cfg.items() if isinstance(v, ml_collections.ConfigDict)
+            and "trainable" in v]
+
+
+def validate_training(cfg: ml_collections.ConfigDict, overrides: Collection[str] = ()) -> None:
+    """Every field of a training run config that the model validation does not cover."""
+    from moe_lvlm.data import conversation, image  # noqa: PLC0415
+
+    sections = stage_sections(cfg)
+    names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    _require(bool(names), "stages", cfg.stages, f"name one or more of {sections}")
+    for name in names:
+        _require(name in sections, "stages", cfg.stages,
+                 f"{name!r} is not a stage section; stage sections: {sections}")
+    _one_of(cfg, "config", "nan_policy", NAN_POLICIES)
+    _at_least(cfg, "config", "log_every", 1)
+    _at_least(cfg.checkpoint, "checkpoint", "every", 1)
+    _at_least(cfg.checkpoint, "checkpoint", "max_to_keep", 1)
+    data = cfg.data
+    _one_of(data, "data", "bad_records", BAD_RECORD_MODES)
+    _one_of(data, "data", "template", conversation.TEMPLATES)
+    _one_of(data, "data", "aspect", image.ASPECT_MODES)
+    for name, low in (("max_images_per_row", 1), ("num_workers", 0), ("read_threads", 1),
+                      ("prefetch", 0), ("max_consecutive_skips", 1)):
+        if name in data:
+            _at_least(data, "data", name, low)
+    if data.tokenizer and _is_local(data.tokenizer):
+        _require(os.path.exists(os.path.expanduser(data.tokenizer)), "data.tokenizer",
+                 data.tokenizer, "the file does not exist")
+    for name in ("llm", "vision"):
+        path = cfg.get("init", {}).get(name, "")
+        if path and _is_local(path):
+            _require(os.path.isdir(os.path.expanduser(path)), f"init.{name}", path,
+                     "the directory does not exist")
+    pre = cfg.get("vision_pretrain")
+    if pre is not None and pre.steps != 0:
+        _at_least(pre, "vision_pretrain", "steps", 0)
+        _positive(pre, "vision_pretrain", "batch_size", "lr")
+    image_tokens = num_image_tokens(cfg.model)
+    uses_data_mixture = False
+    for name in names:
+        _validate_stage(cfg, name, image_tokens)
+        if cfg[name].mixture:
+            _check_mixture(f"{name}.mixture", cfg[name].mixture)
+        else:
+            uses_data_mixture = True
+    if uses_data_mixture:
+        _check_mixture("data.mixture", data.mixture)
+    elif "data.mixture" in overrides:
+        own = ", ".join(f"{n}.mixture={cfg[n].mixture!r}" for n in names)
+        raise ConfigError(
+            f"data.mixture={data.mixture!r} would be ignored: every stage run sets its own "
+            f"mixture ({own}); set --config.STAGE.mixture, or --config.STAGE.mixture='' for a "
+            "stage to read data.mixture")
+
+
+def _validate_stage(cfg: ml_collections.ConfigDict, name: str, image_tokens: int) -> None:
+    stage = cfg[name]
+    _positive(stage, name, "lr")
+    _at_least(stage, name, "batch_size", 1)
+    _at_least(stage, name, "grad_accum", 1)
+    _require(stage.batch_size % stage.grad_accum == 0, f"{name}.batch_size", stage.batch_size,
+             f"it must be divisible by {name}.grad_accum={stage.grad_accum}")
+    _require(0 <= stage.warmup_fraction <= 1, f"{name}.warmup_fraction", stage.warmup_fraction,
+             "it must be between 0 and 1")
+    for field in ("final_lr_fraction", "weight_decay", "num_epochs", "seq_len"):
+        if field in stage:
+            _at_least(stage, name, field, 0)
+    _positive(stage, name, "clip_norm")
+    if stage.get("num_epochs", 0) <= 0:
+        _at_least(stage, name, "num_steps", 1)
+    seq_len = stage.get("seq_len", 0) or cfg.data.seq_len
+    field = f"{name}.seq_len" if stage.get("seq_len", 0) else "data.seq_len"
+    need = image_tokens + MIN_TEXT_TOKENS
+    _require(seq_len >= need, field, seq_len,
+             f"a row must hold the {image_tokens} image tokens and at least {MIN_TEXT_TOKENS} "
+             f"text tokens (question and answer): use >= {need}")
+    init_from = stage.get("init_from", "")
+    _require(init_from in ("", "none", *[s for s in stage_sections(cfg) if s != name]),
+             f"{name}.init_from", init_from,
+             "use '' (the previous stage), 'none' (fresh) or another stage section's name")

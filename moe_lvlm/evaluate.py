@@ -28,13 +28,14 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from moe_lvlm import cli
 from moe_lvlm.data import sources
 from moe_lvlm.evaluation import runner, scorers
 from moe_lvlm.evaluation.answers import read_all_answers
 from moe_lvlm.evaluation.benchmarks import BENCHMARKS, Record
 from moe_lvlm.generate import BatchGenerator, encode_question, generator_for, make_encoder
 from moe_lvlm.parallel import distributed
-from moe_lvlm.workdir import TrainedModel, load_trained
+from moe_lvlm.workdir import TrainedModel, WorkdirError, load_trained
 
 
 def split_records(
@@ -71,7 +72,7 @@ def split_records(
                 "question_type": record["question_type"] or "none",
             })  # fmt: skip
     if not records:
-        raise ValueError(f"{split}: no record with a reference answer to score "
+        raise sources.DataError(f"{split}: no record with a reference answer to score "
                          f"(skipped: {dict(skipped)})")
     runner.check_unique(records, split)
     return records, dict(skipped)
@@ -168,6 +169,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               max_new_tokens=args.max_new_tokens)
     name = args.benchmark or args.split or trained.config.data.eval_source
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.workdir, name, trained)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        hint = "" if args.out_dir else " (a read-only workdir?); pass --out_dir=DIR"
+        raise WorkdirError(f"cannot write answers to {out_dir}: {e.strerror}{hint}") from None
     start = time.perf_counter()
     head: dict[str, Any] = {"workdir": str(args.workdir), "stage": trained.stage,
                             "step": trained.step}
@@ -189,4 +195,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

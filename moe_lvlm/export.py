@@ -13,6 +13,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from moe_lvlm import cli
 from moe_lvlm.interop import hf_export
 from moe_lvlm.workdir import load_trained
 
@@ -61,4 +62,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

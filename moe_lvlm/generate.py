@@ -24,6 +24,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moe_lvlm import cli
 from moe_lvlm.data import conversation, image, pipeline
 from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from moe_lvlm.workdir import TrainedModel, load_trained
@@ -225,19 +226,40 @@ def make_encoder(trained: TrainedModel) -> pipeline.Encoder:
 def encode_question(
     encoder: pipeline.Encoder, question: str, image_path: str | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Prompt ids of one user turn (`<image>` first when there is an image, as LLaVA and the
-    built-in data put it) and the preprocessed image [H, W, 3], exactly as in training."""
-    text = f"{IMAGE_TOKEN}\n{question}" if image_path is not None else question
+    """Prompt ids of one user turn (`<image>` first when there is an image and the question has
+    no `<image>` of its own, as LLaVA and the built-in data put it) and the preprocessed image
+    [H, W, 3], exactly as in training. A question training would reject raises PromptError."""
+    check_prompt(question, image_path)
+    has_placeholder = IMAGE_TOKEN in question
+    text = f"{IMAGE_TOKEN}\n{question}" if image_path and not has_placeholder else question
     ids = encoder.prompt({"turns": [("user", text)]})
     if image_path is None:
         return ids, None
     try:
         picture = encoder.load_image(image_path)
     except conversation.BadRecord as e:
-        raise ValueError(f"{image_path}: {e}") from None
+        raise PromptError(f"--image={image_path}: {e}") from None
     pixels = image.preprocess(picture, encoder.image_size, encoder.mean, encoder.std,
                               encoder.aspect)
     return ids, pixels
+
+
+class PromptError(cli.UserError, ValueError):
+    """A question (and image) that training would reject as a record."""
+
+
+def check_prompt(question: str, image_path: str | None) -> None:
+    """The checks training makes of a record's text: not empty, at most one `<image>`, and an
+    `<image>` only with an image."""
+    if not question.strip():
+        raise PromptError("the prompt is empty; give a question or instruction")
+    placeholders = question.count(IMAGE_TOKEN)
+    if placeholders > 1:
+        raise PromptError(f"the prompt holds {placeholders} {IMAGE_TOKEN} placeholders; one "
+                          "image per prompt is supported")
+    if placeholders and image_path is None:
+        raise PromptError(f"the prompt holds {IMAGE_TOKEN} but no --image was given; pass "
+                          f"--image=FILE or drop {IMAGE_TOKEN}")
 
 
 def generator_for(trained: TrainedModel, **kwargs) -> BatchGenerator:
@@ -261,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stage", default=None, help="stage to load (default: the last trained)")
     parser.add_argument("--step", type=int, default=None, help="step (default: the newest)")
     args = parser.parse_args(argv)
+    check_prompt(args.prompt, args.image)
     logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
     trained = load_trained(args.workdir, args.stage, args.step)
     ids, pixels = encode_question(make_encoder(trained), args.prompt, args.image)
@@ -273,4 +296,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_argparse(main)

@@ -7,6 +7,7 @@ Used by evaluation, generation and export. Layout written by `python -m moe_lvlm
 
 import dataclasses
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,15 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from moe_lvlm.cli import UserError
 from moe_lvlm.data import pipeline
 from moe_lvlm.models.lvlm import LVLM, build_model
 from moe_lvlm.train import stages as stages_lib
+from moe_lvlm.train.checkpoint import is_resource_error, short
 from moe_lvlm.train.loop import stage_names
 
 
-class WorkdirError(FileNotFoundError):
+class WorkdirError(UserError, FileNotFoundError):
     """The workdir lacks a config or a checkpoint that was asked for."""
 
 
@@ -67,7 +70,7 @@ def load_trained(
     cfg = read_config(workdir)
     names = stage_names(cfg)
     stage, latest = latest_checkpoint(workdir, stage)
-    step = latest if step is None else step
+    explicit, step = step, latest if step is None else step
     directory = (workdir / stage / "checkpoints").absolute()
     if step not in ocp.utils.checkpoint_steps(directory):
         raise WorkdirError(f"{directory} has no checkpoint {step}; it has "
@@ -75,14 +78,33 @@ def load_trained(
     tokenizer = pipeline.load_tokenizer(cfg.data)
     model_cfg = stages_lib.stage_model_config(cfg, names, names.index(stage))
     model_cfg.image_token_id = tokenizer.image_token_id
-    with ocp.CheckpointManager(directory) as manager, warnings.catch_warnings():
-        # Restoring onto the default device is what we want; orbax warns that no target sharding
-        # was given.
-        warnings.filterwarnings("ignore", message="Sharding info not provided")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-    params = jax.tree.map(jax.numpy.asarray, restored["state"]["params"])
+    # The newest checkpoint that restores, unless a step was asked for (a training restart moves
+    # the others aside; this only reads).
+    candidates = sorted((s for s in ocp.utils.checkpoint_steps(directory) if s <= step),
+                        reverse=True) if explicit is None else [step]
+    for candidate in candidates:
+        try:
+            params = _restore_params(directory, candidate)
+            step = candidate
+            break
+        except Exception as e:
+            if is_resource_error(e):
+                raise
+            if explicit is not None or candidate == candidates[-1]:
+                raise WorkdirError(f"checkpoint {candidate} in {directory} does not restore "
+                                   f"({short(e)})") from e
+            print(f"warning: checkpoint {candidate} in {directory} does not restore "
+                  f"({short(e)}); using an older one", file=sys.stderr, flush=True)
     return TrainedModel(
         config=cfg, model_config=model_cfg, model=build_model(model_cfg), params=params,
         tokenizer=tokenizer, stage=stage, step=step,
     )
 
+
+def _restore_params(directory: Path, step: int) -> Any:
+    with ocp.CheckpointManager(directory) as manager, warnings.catch_warnings():
+        # Restoring onto the default device is what we want; orbax warns that no target sharding
+        # was given.
+        warnings.filterwarnings("ignore", message="Sharding info not provided")
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    return jax.tree.map(jax.numpy.asarray, restored["state"]["params"])

@@ -280,4 +280,7 @@ def load_tokenizer(data_dir: str) -> Tokenizer:
 
 
 if __name__ == "__main__":
-    print(ensure_built(sys.argv[1] if len(sys.argv) > 1 else "~/tensorflow_datasets"))
+    from moe_lvlm import cli
+
+    argv, debug = cli.take_debug_flag(sys.argv[1:])
+    print(cli.run(lambda: ensure_built(argv[0] if argv else "~/tensorflow_datasets"), debug))

@@ -44,11 +44,11 @@ SKIP_REASONS = (
 )
 # Counted with the skips but not skips: samples cut to seq_len (their image tokens kept).
 COUNTERS = SKIP_REASONS + ("truncated",)
-BAD_RECORD_MODES = ("skip", "strict")
-
-
-class DataError(ValueError):
-    """A bad record in strict mode; the message names the record, its origin and the problem."""
+BAD_RECORD_MODES = config_lib.BAD_RECORD_MODES
+# Consecutive skipped records that end the pipeline with an error (data.max_consecutive_skips).
+DEFAULT_MAX_SKIPS = 2000
+# A bad record in strict mode, a source that yields nothing usable, an unreadable file.
+DataError = sources.DataError
 
 
 def load_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
@@ -81,14 +81,15 @@ class Encoder:
         cls, data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
         tokenizer: Tokenizer,
     ) -> "Encoder":
+        error = config_lib.ConfigError
         if data_cfg.bad_records not in BAD_RECORD_MODES:
-            raise ValueError(f"data.bad_records={data_cfg.bad_records!r}; use {BAD_RECORD_MODES}")
+            raise error(f"data.bad_records={data_cfg.bad_records!r}; use {BAD_RECORD_MODES}")
         if data_cfg.template not in conversation.TEMPLATES:
-            raise ValueError(f"data.template={data_cfg.template!r}; use {conversation.TEMPLATES}")
+            raise error(f"data.template={data_cfg.template!r}; use {conversation.TEMPLATES}")
         if data_cfg.aspect not in image.ASPECT_MODES:
-            raise ValueError(f"data.aspect={data_cfg.aspect!r}; use one of {image.ASPECT_MODES}")
+            raise error(f"data.aspect={data_cfg.aspect!r}; use one of {image.ASPECT_MODES}")
         if tokenizer.vocab_size > model_cfg.decoder.vocab_size:
-            raise ValueError(
+            raise config_lib.ConfigError(
                 f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} pieces but "
                 f"model.decoder.vocab_size={model_cfg.decoder.vocab_size}; raise the vocab size"
             )
@@ -116,7 +117,7 @@ class Encoder:
                 raise DataError(
                     f"record {record['id']!r} in {record['origin']}: {e.reason}: {e}"
                 ) from None
-            return {"skip": e.reason}
+            return {"skip": e.reason, "id": str(record.get("id")), "origin": record.get("origin")}
 
     def encode(self, record: dict) -> dict:
         enc = conversation.encode(
@@ -196,23 +197,50 @@ class PackBatchDataset(grain.IterDataset):
 
     Each batch also carries '_counts' (skips and truncations since the previous batch, in COUNTERS
     order) and '_rows' (rows holding samples; 0 only for a last batch that just reports counts).
+    `max_skips` consecutive skipped records raise DataError (the data cannot give a batch).
     """
 
     def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, pack: bool,
-                 max_images: int, image_size: int):
+                 max_images: int, image_size: int, max_skips: int = DEFAULT_MAX_SKIPS):
         super().__init__(parent)
         self.shape = dict(batch_size=batch_size, seq_len=seq_len, max_images=max_images,
                           image_size=image_size)
-        self.pack = pack
+        self.pack, self.max_skips = pack, max_skips
 
     def __iter__(self) -> "PackBatchIterator":
-        return PackBatchIterator(self._parent.__iter__(), self.shape, self.pack)
+        return PackBatchIterator(self._parent.__iter__(), self.shape, self.pack, self.max_skips)
+
+
+class SkipRun:
+    """Consecutive skipped records; too many of them is an error, not an endless search."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.reset()
+
+    def reset(self) -> None:
+        self.n, self.reasons, self.first, self.origins = 0, {}, [], {}
+
+    def add(self, skip: dict) -> None:
+        self.n += 1
+        self.reasons[skip["skip"]] = self.reasons.get(skip["skip"], 0) + 1
+        self.origins[str(skip.get("origin"))] = None
+        if len(self.first) < 5:
+            self.first.append(skip.get("id"))
+        if self.n >= self.limit:
+            raise DataError(
+                f"{self.n} records in a row were skipped and none was usable (source: "
+                f"{', '.join(self.origins)}); skipped by reason: {self.reasons}; first records: "
+                f"{self.first}; check the data paths (image_root), data.seq_len and "
+                f"data.truncate (this bound is data.max_consecutive_skips={self.limit})")
 
 
 class PackBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, shape: dict, pack: bool):
+    def __init__(self, parent: grain.DatasetIterator, shape: dict, pack: bool,
+                 max_skips: int = DEFAULT_MAX_SKIPS):
         super().__init__(parent)
         self._shape, self._pack = shape, pack
+        self._skips = SkipRun(max_skips)
         # A sample read but not placed (it did not fit in the last row) and the parent's state
         # before it was read: get_state reports that state so the sample is read again.
         self._pending: dict | None = None
@@ -240,7 +268,9 @@ class PackBatchIterator(grain.DatasetIterator):
                     break
                 if "skip" in ex:
                     counts[COUNTERS.index(ex["skip"])] += 1
+                    self._skips.add(ex)
                     continue
+                self._skips.reset()
             n, m = len(ex["ids"]), int(ex["image"] is not None)
             fits = self._pack and used_len + n <= seq_len and used_images + m <= max_images
             if rows[-1] and not fits:
@@ -391,6 +421,7 @@ def make_iterator(
         it_ds, batch_size=global_batch_size // process_count, seq_len=data_cfg.seq_len,
         pack=data_cfg.packing, max_images=data_cfg.max_images_per_row if data_cfg.packing else 1,
         image_size=model_cfg.vision.image_size,
+        max_skips=data_cfg.get("max_consecutive_skips", DEFAULT_MAX_SKIPS),
     )
     if data_cfg.num_workers > 0:
         if not flags.FLAGS.is_parsed():

@@ -22,9 +22,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from moe_lvlm.cli import UserError
 from moe_lvlm.data.conversation import BadRecord, count_image_placeholders, turns_from_llava
 
 KINDS = ("llava", "tfds", "builtin")
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be read or used; the message names the file or record and the problem."""
 
 
 def bad(record_id: str, origin: str, reason: str, message: str) -> dict:
@@ -61,27 +66,38 @@ def make_record(
 class LlavaJsonSource:
     """LLaVA records from a JSON array or a JSONL file; images under `image_root`.
 
-    JSONL lines are parsed when read, so a malformed line is one bad record; a JSON array file
-    that does not parse is an error for the whole file.
+    JSONL lines are parsed when read, so a malformed line (bad JSON or not UTF-8) is one bad
+    record; a JSON array file that does not parse is an error for the whole file.
     """
 
     def __init__(self, path: str, image_root: str = ""):
         self.path = os.path.expanduser(path)
         self.image_root = os.path.expanduser(image_root)
-        with open(self.path, encoding="utf-8") as f:
-            if self.path.endswith(".jsonl"):
-                self._items = [(i + 1, line) for i, line in enumerate(f) if line.strip()]
-                self._jsonl = True
-                return
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise DataError(f"cannot read {self.path}: {e.strerror}") from None
+        if self.path.endswith(".jsonl"):
+            self._items = [(i + 1, line) for i, line in enumerate(raw.split(b"\n"))
+                           if line.strip()]
+            self._jsonl = True
+        else:
             try:
-                items = json.load(f)
+                items = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{self.path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                                "save it as UTF-8, or as JSONL to skip bad lines one by one"
+                                ) from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{self.path} is not valid JSON ({e}); use JSONL to skip bad "
-                                 "lines one by one") from e
-        if not isinstance(items, list):
-            raise ValueError(f"{self.path} must hold a JSON array of records")
-        self._items = items
-        self._jsonl = False
+                raise DataError(f"{self.path} is not valid JSON ({e}); use JSONL to skip bad "
+                                "lines one by one") from None
+            if not isinstance(items, list):
+                raise DataError(f"{self.path} must hold a JSON array of records")
+            self._items = items
+            self._jsonl = False
+        if not self._items:
+            raise DataError(f"{self.path} holds no records")
 
     def __len__(self) -> int:
         return len(self._items)
@@ -92,7 +108,10 @@ class LlavaJsonSource:
             line_no, line = self._items[index]
             fallback = f"{name}:{line_no}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                return bad(fallback, self.path, "malformed_record",
+                           f"line {line_no}: not UTF-8 (byte {e.start}: {e.reason})")
             except json.JSONDecodeError as e:
                 return bad(fallback, self.path, "malformed_record",
                            f"line {line_no}: bad JSON ({e})")
@@ -140,7 +159,7 @@ class TfdsSource:
         self._keys = dict(image=image_key, conversations=conversations_key,
                           question=question_key, answer=answer_key, id=id_key)
         if conversations_key not in features and not (question_key and answer_key):
-            raise ValueError(f"{self.origin} has no feature {conversations_key!r}; set "
+            raise DataError(f"{self.origin} has no feature {conversations_key!r}; set "
                              f"conversations_key or question_key and answer_key "
                              f"(features: {sorted(features)})")
 
@@ -172,7 +191,7 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     """'kind:target?k=v&...' -> (kind, target, options)."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in KINDS:
-        raise ValueError(f"source spec {spec!r} must start with one of {[k + ':' for k in KINDS]}")
+        raise DataError(f"source spec {spec!r} must start with one of {[k + ':' for k in KINDS]}")
     target, _, query = rest.partition("?")
     return kind, target, dict(urllib.parse.parse_qsl(query, strict_parsing=bool(query)))
 
@@ -181,15 +200,19 @@ def open_source(spec: str, data_dir: str):
     """The random-access source named by `spec`; `data_dir` is the TFDS data dir by default."""
     kind, target, opts = parse_spec(spec)
     if kind == "llava":
-        return LlavaJsonSource(target, **opts)
-    if kind == "tfds":
+        source = LlavaJsonSource(target, **opts)
+    elif kind == "tfds":
         opts.setdefault("data_dir", data_dir)
         opts.setdefault("split", "train")
-        return TfdsSource(target, **opts)
-    from moe_lvlm.data import builtin  # imports tensorflow_datasets
+        source = TfdsSource(target, **opts)
+    else:
+        from moe_lvlm.data import builtin  # imports tensorflow_datasets
 
-    builtin.ensure_built(data_dir)
-    return TfdsSource(builtin.NAME, split=target, data_dir=data_dir)
+        builtin.ensure_built(data_dir)
+        source = TfdsSource(builtin.NAME, split=target, data_dir=data_dir)
+    if len(source) == 0:
+        raise DataError(f"source {spec} holds no records")
+    return source
 
 
 def parse_mixture(mixture: str | Sequence) -> list[tuple[str, float]]:
@@ -202,9 +225,9 @@ def parse_mixture(mixture: str | Sequence) -> list[tuple[str, float]]:
     else:
         pairs = [(str(spec), float(weight)) for spec, weight in mixture]
     if not pairs:
-        raise ValueError("the data mixture is empty; give at least one source spec")
+        raise DataError("the data mixture is empty; give at least one source spec")
     for spec, weight in pairs:
         parse_spec(spec)
         if weight <= 0:
-            raise ValueError(f"mixture weight of {spec!r} is {weight}; weights must be positive")
+            raise DataError(f"mixture weight of {spec!r} is {weight}; weights must be positive")
     return pairs

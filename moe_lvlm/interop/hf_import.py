@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from configs import models
+from moe_lvlm.cli import UserError
 from moe_lvlm.config import moe_layer_indices, num_image_tokens
 from moe_lvlm.interop import layout
 from moe_lvlm.interop.safetensors_io import Checkpoint
@@ -71,7 +72,7 @@ DECODER_DEFAULTS = dict(hidden_act="silu", rms_norm_eps=1e-6, tie_word_embedding
 ROPE_THETA_DEFAULT = {"mixtral": 1e6}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be imported; the message names the file, key and reason."""
 
 

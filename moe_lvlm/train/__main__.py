@@ -1,15 +1,18 @@
 """Train: python -m moe_lvlm.train --config=configs/demo.py --workdir=runs/demo
 
 Runs the stages of `config.stages` in order (`--config.stages=stage3` for one). Re-running the
-same command resumes from the last checkpoint, in the right stage.
+same command resumes from the last checkpoint, in the right stage. The config is validated, and
+checked against the workdir's config.json (train/resume.py), before anything is written; a user
+mistake ends with one line `error: ...` and exit code 2 (`--debug` for the traceback).
 """
 
 import json
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from moe_lvlm import cli
 from moe_lvlm.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py:arg).")
@@ -28,16 +31,22 @@ def main(argv: list[str]) -> None:
     from moe_lvlm.data import pipeline  # noqa: PLC0415
     from moe_lvlm.interop import hf_import  # noqa: PLC0415
     from moe_lvlm.parallel.mesh import make_mesh  # noqa: PLC0415
-    from moe_lvlm.train import loop, vision_pretrain  # noqa: PLC0415
+    from moe_lvlm.train import loop, resume, vision_pretrain  # noqa: PLC0415
 
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    validate(_CONFIG.value, jax.device_count(), overrides)
     cfg, pretrained = hf_import.pretrained_init(_CONFIG.value)
     mesh = make_mesh(validate(cfg, jax.device_count()))
-    tokenizer = pipeline.load_tokenizer(cfg.data)
     workdir = Path(_WORKDIR.value)
+    for line in resume.check_resume(workdir, cfg):
+        print(line, flush=True)
+    tokenizer = pipeline.load_tokenizer(cfg.data)
     is_main = jax.process_index() == 0
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        # Atomically: the other processes may be reading the old one in check_resume.
+        (workdir / "config.json.tmp").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (workdir / "config.json.tmp").rename(workdir / "config.json")
     print(distributed.device_report(), f"mesh {dict(mesh.shape)}", flush=True)
     if cfg.vision_pretrain.steps > 0 and loop.starts_fresh(cfg, workdir):
         pretrained = {**pretrained, **vision_pretrain.workdir_tower(cfg, workdir, is_main)}
@@ -48,4 +57,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -4,9 +4,14 @@ Layout: `{workdir}/{stage}/checkpoints/{step}/{state,data,config}`. orbax writes
 temporary directory and renames it when complete, so a save killed half-way leaves the previous
 checkpoints usable. The data iterator's position is captured when `save` is called (before the
 asynchronous write) and stored per process, as grain does it.
+
+A checkpoint that does not restore (a truncated or zeroed data file, a missing manifest or state
+folder) is moved aside to `{workdir}/{stage}/checkpoints_corrupt/{step}`, with one line saying so,
+and the newest one that restores is used (`restore_newest`). Nothing is deleted.
 """
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +19,19 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+def is_resource_error(error: Exception) -> bool:
+    """Out of memory: the machine's problem, not the checkpoint's."""
+    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error)
+
+
+def short(error: Exception, limit: int = 200) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class IteratorSnapshot:
@@ -79,6 +97,37 @@ class StageCheckpoints:
         if iterator is not None:
             decode_iterator_state(iterator, snapshot.state)
         return restored["state"]
+
+    def restore_newest(self, abstract_state: Any, iterator: Any = None) -> tuple[int | None, Any]:
+        """(step, state) of the newest checkpoint that restores, (None, None) if none does. Each
+        newer one that fails to restore is moved aside (`move_aside`)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, self.restore(step, abstract_state, iterator)
+            except Exception as e:
+                if is_resource_error(e):
+                    raise
+                self.move_aside(step, e)
+        return None, None
+
+    def move_aside(self, step: int, error: Exception) -> Path:
+        """Moves checkpoint `step` to `{stage}/checkpoints_corrupt/{step}` (process 0; every
+        process waits for it) and says so in one line."""
+        target = self.directory.parent / CORRUPT_DIR / str(step)
+        if jax.process_index() == 0:
+            if target.exists():
+                target = target.with_name(f"{step}.{int(time.time())}")
+            print(f"warning: checkpoint {step} in {self.directory} does not restore "
+                  f"({short(error)}); moved it to {target}", flush=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"moe_lvlm.move_aside.{step}")
+        self.manager.reload()
+        return target
+
+    def delete(self, step: int) -> None:
+        self.manager.delete(step)
 
     def restore_config(self, step: int) -> ml_collections.ConfigDict:
         args = ocp.args.Composite(config=ocp.args.JsonRestore())

@@ -2,9 +2,10 @@
 
 Per stage, top to bottom: model, data, state (fresh / from the `init_from` stage, upcycled /
 restored), sharding, jit step, loop with metrics and checkpoints, end-of-stage checkpoint and
-plot. A stage whose final checkpoint exists is not run again. Re-running the same command after
-a crash restores the newest complete checkpoint of the stage in progress (parameters, optimizer
-state, step, RNG and data iterator position), so the losses continue exactly as if uninterrupted.
+plot. A stage whose final checkpoint restores is not run again. Re-running the same command after
+a crash restores the newest checkpoint of the stage in progress that restores (parameters,
+optimizer state, step, RNG and data iterator position), so the losses continue exactly as if
+uninterrupted; newer ones that do not restore are moved aside (train/checkpoint.py).
 """
 
 import functools
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from moe_lvlm import config as config_lib
+from moe_lvlm.cli import UserError
 from moe_lvlm.data import pipeline, sources
 from moe_lvlm.models.lvlm import build_model
 from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, batch_divisor, logical_shardings
@@ -28,11 +31,15 @@ from moe_lvlm.train.checkpoint import StageCheckpoints, abstract_with_shardings,
 from moe_lvlm.train.reporting import MetricsWriter, plot_stage, read_metrics
 from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
 
-NAN_POLICIES = ("skip", "stop")
+NAN_POLICIES = config_lib.NAN_POLICIES
 
 
 class NonFiniteLoss(RuntimeError):
     """Raised under nan_policy='stop'; the state before the bad step is checkpointed."""
+
+
+class IncompleteStage(UserError):
+    """A stage that another one starts from has no final checkpoint that restores."""
 
 
 def stage_names(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -137,17 +144,24 @@ class StageRunner:
         self.ckpt = StageCheckpoints(self.dir / "checkpoints", cfg.checkpoint.max_to_keep,
                                      cfg.checkpoint.async_save)
 
-    def finished(self) -> bool:
-        return self.ckpt.latest_step() == self.total_steps
+    def restore(self, data: Any = None) -> tuple[int, dict | None]:
+        """(step, state) of the newest checkpoint that restores; (0, None) when there is none."""
+        step, state = self.ckpt.restore_newest(self.abstract, data)
+        if step is not None and step > self.total_steps:
+            print(f"warning: {self.name} has checkpoint {step}, past the {self.total_steps} "
+                  f"steps asked ({self.name}.num_steps); nothing to train in it: it counts as "
+                  "complete (raise the steps to train on, or use a new workdir)", flush=True)
+        return (0, None) if step is None else (step, state)
 
     def final_params(self) -> Any:
-        if not self.finished():
-            raise FileNotFoundError(
-                f"{self.name} has no final checkpoint (step {self.total_steps}) in "
+        step, state = self.restore()
+        if step < self.total_steps:
+            raise IncompleteStage(
+                f"{self.name} has no final checkpoint (step {self.total_steps}) that restores in "
                 f"{self.ckpt.directory} (it has {self.ckpt.manager.all_steps()}); run it first, "
                 f"or change the init_from of the stage that starts from it"
             )
-        return self.ckpt.restore(self.total_steps, self.abstract)["params"]
+        return state["params"]
 
     def fresh_state(self, init_params: Any | None) -> dict:
         """Initialised state; with `init_params` (a previous stage's, or pretrained ones) every
@@ -176,14 +190,13 @@ class StageRunner:
             global_batch_size=self.stage.batch_size, mixture=self.stage.mixture or None,
         )
 
-    def run(self, init_params: Any | None, data: pipeline.DataIterator, is_main: bool) -> Any:
-        """Trains from the newest checkpoint (or a fresh state from `init_params`) to the end."""
-        start = self.ckpt.latest_step()
-        if start is None:
+    def run(self, init_params: Any | None, data: pipeline.DataIterator, is_main: bool,
+            start: int = 0, state: dict | None = None) -> Any:
+        """Trains from `state` at step `start` (a restored checkpoint; None: a fresh state from
+        `init_params`) to the end."""
+        if state is None:
             state = self.fresh_state(init_params)
-            start = 0
         else:
-            state = self.ckpt.restore(start, self.abstract, data)
             print(f"{self.name}: resuming from checkpoint {start}", flush=True)
         step_fn = functools.partial(
             train_step, model=self.model, moe_cfg=self.model_cfg.moe, optimizer=self.optimizer,
@@ -228,10 +241,13 @@ class StageRunner:
     def _save_before_bad_step(self, step: int, new_state: dict, data) -> None:
         """A non-finite step changed only the step counter: saved with it set back, the state is
         the one before the step. The data iterator has consumed the bad batch, so a restart
-        from this checkpoint trains on the batches after it."""
-        if self.ckpt.latest_step() != step - 1:
-            kept = {**new_state, "step": jnp.asarray(step - 1, jnp.int32)}
-            self.ckpt.save(step - 1, kept, data, self.cfg)
+        from this checkpoint trains on the batches after it: a checkpoint of step - 1 already
+        there (a regular one, or this policy's after an earlier bad batch) is replaced."""
+        self.ckpt.wait()
+        if self.ckpt.latest_step() == step - 1:
+            self.ckpt.delete(step - 1)
+        kept = {**new_state, "step": jnp.asarray(step - 1, jnp.int32)}
+        self.ckpt.save(step - 1, kept, data, self.cfg)
         self.ckpt.wait()
 
     def close(self) -> None:
@@ -258,21 +274,37 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer,
     names = stage_names(cfg)
     is_main = jax.process_index() == 0
     held: dict[str, Any] = {}  # final parameters of the stage just trained, by name
-    for name in names:
+    for i, name in enumerate(names):
         total_steps = stage_num_steps(cfg, name)
-        if latest_step(workdir / name / "checkpoints") == total_steps:
+        if consumed(cfg, names, i, workdir) and (
+                latest_step(workdir / name / "checkpoints") or 0) >= total_steps:
             print(f"{name}: already complete ({total_steps} steps), skipping", flush=True)
             continue
         runner = StageRunner(cfg, name, names, workdir, mesh, tokenizer)
-        source = stages_lib.source_stage(cfg, names, name)
-        init_params = pretrained if source is None else None
-        if source is not None and runner.ckpt.latest_step() is None:
-            init_params = held.pop(source, None)
-            if init_params is None:
-                source_runner = StageRunner(cfg, source, names, workdir, mesh, tokenizer)
-                init_params = source_runner.final_params()
-                source_runner.close()
         try:
-            held = {name: runner.run(init_params, runner.make_data(tokenizer), is_main)}
+            data = runner.make_data(tokenizer)
+            start, state = runner.restore(data)
+            if start >= total_steps:
+                print(f"{name}: already complete ({total_steps} steps), skipping", flush=True)
+                held = {name: state["params"]}
+                continue
+            source = stages_lib.source_stage(cfg, names, name)
+            init_params = pretrained if source is None else None
+            if source is not None and state is None:
+                init_params = held.pop(source, None)
+                if init_params is None:
+                    source_runner = StageRunner(cfg, source, names, workdir, mesh, tokenizer)
+                    init_params = source_runner.final_params()
+                    source_runner.close()
+            held = {name: runner.run(init_params, data, is_main, start, state)}
         finally:
             runner.close()
+
+
+def consumed(cfg: ml_collections.ConfigDict, names: list[str], index: int, workdir: Path) -> bool:
+    """Whether every later stage that starts from stage `names[index]` has started (has a
+    checkpoint): its final parameters are then needed by none, and are not read to verify it."""
+    later = [n for n in names[index + 1:]
+             if stages_lib.source_stage(cfg, names, n) == names[index]]
+    return bool(later) and all(latest_step(workdir / n / "checkpoints") is not None
+                               for n in later)
