@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     validate(_CONFIG.value, jax.device_count(), overrides)
     cfg, pretrained = hf_import.pretrained_init(_CONFIG.value)
-    mesh = make_mesh(validate(cfg, jax.device_count()))
+    mesh = make_mesh(validate(cfg, jax.device_count()), num_slices=cfg.mesh.num_slices)
     workdir = Path(_WORKDIR.value)
     for line in resume.check_resume(workdir, cfg):
         print(line, flush=True)
