@@ -2,22 +2,22 @@
 
 Used by evaluation, generation and export. Layout written by `python -m moe_lvlm.train`:
 `{workdir}/config.json` and `{workdir}/{stage}/checkpoints/{step}/...` for each stage of
-`config.stages`.
+`config.stages`; local or gs:// (`moe_lvlm.paths`). A checkpoint written by any mesh and
+process count loads onto this process's first device.
 """
 
 import dataclasses
 import json
-import warnings
-from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from moe_lvlm import paths
 from moe_lvlm.data import pipeline
 from moe_lvlm.models.lvlm import LVLM, build_model
 from moe_lvlm.train import stages as stages_lib
+from moe_lvlm.train.checkpoint import restore_params
 from moe_lvlm.train.loop import stage_names
 
 
@@ -36,16 +36,16 @@ class TrainedModel:
     step: int
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
+def read_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
+    path = paths.path(workdir) / "config.json"
     if not path.exists():
         raise WorkdirError(f"{path} not found: is {workdir} a `python -m moe_lvlm.train` workdir?")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def latest_checkpoint(workdir: str | Path, stage: str | None = None) -> tuple[str, int]:
+def latest_checkpoint(workdir: paths.PathLike, stage: str | None = None) -> tuple[str, int]:
     """(stage, step) of the newest checkpoint: in `stage`, else in the last stage with one."""
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     names = stage_names(read_config(workdir))
     candidates = [stage] if stage else list(reversed(names))
     for name in candidates:
@@ -60,27 +60,22 @@ def latest_checkpoint(workdir: str | Path, stage: str | None = None) -> tuple[st
 
 
 def load_trained(
-    workdir: str | Path, stage: str | None = None, step: int | None = None
+    workdir: paths.PathLike, stage: str | None = None, step: int | None = None
 ) -> TrainedModel:
-    """The model and parameters of a checkpoint (default: the newest), on the default device."""
-    workdir = Path(workdir)
+    """The model and parameters of a checkpoint (default: the newest), on the first device."""
+    workdir = paths.path(workdir)
     cfg = read_config(workdir)
     names = stage_names(cfg)
     stage, latest = latest_checkpoint(workdir, stage)
     step = latest if step is None else step
-    directory = (workdir / stage / "checkpoints").absolute()
+    directory = workdir / stage / "checkpoints"
     if step not in ocp.utils.checkpoint_steps(directory):
         raise WorkdirError(f"{directory} has no checkpoint {step}; it has "
                            f"{sorted(ocp.utils.checkpoint_steps(directory))}")
     tokenizer = pipeline.load_tokenizer(cfg.data)
     model_cfg = stages_lib.stage_model_config(cfg, names, names.index(stage))
     model_cfg.image_token_id = tokenizer.image_token_id
-    with ocp.CheckpointManager(directory) as manager, warnings.catch_warnings():
-        # Restoring onto the default device is what we want; orbax warns that no target sharding
-        # was given.
-        warnings.filterwarnings("ignore", message="Sharding info not provided")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-    params = jax.tree.map(jax.numpy.asarray, restored["state"]["params"])
+    params = restore_params(directory, step)
     return TrainedModel(
         config=cfg, model_config=model_cfg, model=build_model(model_cfg), params=params,
         tokenizer=tokenizer, stage=stage, step=step,

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_lvlm import config as config_lib
+from moe_lvlm import paths
 from moe_lvlm.data import conversation, image, sources
 from moe_lvlm.data.tokenizer import Tokenizer
 from moe_lvlm.parallel.mesh import BATCH_AXES
@@ -147,11 +148,10 @@ class Encoder:
         """A path, encoded bytes or an array -> RGB PIL image; BadRecord when missing/corrupt."""
         if isinstance(source, str):
             try:
-                with open(source, "rb") as f:
-                    source = f.read()
+                source = paths.read_bytes(source)
             except OSError as e:
                 raise conversation.BadRecord(
-                    "missing_image", f"cannot read image {source}: {e.strerror}"
+                    "missing_image", f"cannot read image {source}: {e.strerror or e}"
                 ) from None
         try:
             return image.decode(source)

@@ -3,17 +3,21 @@
 Layout: `{workdir}/{stage}/checkpoints/{step}/{state,data,config}`. orbax writes each step to a
 temporary directory and renames it when complete, so a save killed half-way leaves the previous
 checkpoints usable. The data iterator's position is captured when `save` is called (before the
-asynchronous write) and stored per process, as grain does it.
+asynchronous write) and stored per process, as grain does it (`data/process_{i}-of-{n}.json`):
+it restores only with the same process count (`has_data_position`). The train state restores
+onto any mesh and process count (`restore` with target shardings, `restore_single_device`).
+Directories go through `moe_lvlm.paths` (local or gs://).
 """
 
 import json
-from pathlib import Path
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from moe_lvlm import paths
 
 
 class IteratorSnapshot:
@@ -48,13 +52,13 @@ def decode_iterator_state(iterator: Any, state: bytes) -> None:
 class StageCheckpoints:
     """Saves and restores one stage's checkpoints."""
 
-    def __init__(self, directory: str | Path, max_to_keep: int, async_save: bool = True):
-        self.directory = Path(directory)
+    def __init__(self, directory: paths.PathLike, max_to_keep: int, async_save: bool = True):
+        self.directory = paths.path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # what a save killed half-way left behind
         )
-        self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -68,6 +72,11 @@ class StageCheckpoints:
             snapshot = IteratorSnapshot(encode_iterator_state(iterator))
             args["data"] = grain.checkpoint.CheckpointSave(snapshot)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def has_data_position(self, step: int) -> bool:
+        """Whether `step` holds this process's data position under this process count."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return (self.directory / str(step) / "data" / name).exists()
 
     def restore(self, step: int, abstract_state: Any, iterator: Any = None) -> Any:
         """State at `step`, placed as `abstract_state` says (its shardings may be another mesh)."""
@@ -92,11 +101,27 @@ class StageCheckpoints:
         self.manager.close()
 
 
-def latest_step(directory: str | Path) -> int | None:
+def latest_step(directory: paths.PathLike) -> int | None:
     """The newest complete checkpoint step in `directory` (None if there is none)."""
-    directory = Path(directory)
-    steps = ocp.utils.checkpoint_steps(directory.absolute()) if directory.exists() else []
+    directory = paths.path(directory)
+    steps = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
     return max(steps, default=None)
+
+
+def restore_params(directory: paths.PathLike, step: int) -> Any:
+    """The parameters of checkpoint `step` (not the optimizer state), every array whole on this
+    process's first device, whatever mesh and process count wrote them: the target shapes and
+    dtypes come from the checkpoint's metadata."""
+    path = paths.path(directory) / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = {"params": jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)
+        return checkpointer.restore(path, args=args)["params"]
 
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
