@@ -1,15 +1,18 @@
 """Train: python -m moe_lvlm.train --config=configs/demo.py --workdir=runs/demo
 
 Runs the stages of `config.stages` in order (`--config.stages=stage3` for one). Re-running the
-same command resumes from the last checkpoint, in the right stage.
+same command resumes from the last checkpoint, in the right stage, on any mesh and process count.
+The workdir may be local or gs://. Preempted (SIGTERM, or the cloud's notice), every process saves
+the same step and the command exits with `exit_codes.EXIT_PREEMPTED` (75).
 """
 
 import json
-from pathlib import Path
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moe_lvlm import exit_codes, paths
 from moe_lvlm.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py:arg).")
@@ -33,11 +36,10 @@ def main(argv: list[str]) -> None:
     cfg, pretrained = hf_import.pretrained_init(_CONFIG.value)
     mesh = make_mesh(validate(cfg, jax.device_count()))
     tokenizer = pipeline.load_tokenizer(cfg.data)
-    workdir = Path(_WORKDIR.value)
+    workdir = paths.path(_WORKDIR.value)
     is_main = jax.process_index() == 0
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        paths.write_text(workdir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     print(distributed.device_report(), f"mesh {dict(mesh.shape)}", flush=True)
     if cfg.vision_pretrain.steps > 0 and loop.starts_fresh(cfg, workdir):
         pretrained = {**pretrained, **vision_pretrain.workdir_tower(cfg, workdir, is_main)}
@@ -45,6 +47,9 @@ def main(argv: list[str]) -> None:
         loop.run(cfg, workdir, mesh, tokenizer, pretrained or None)
     except loop.NonFiniteLoss as e:
         raise SystemExit(f"stopped (nan_policy='stop'): {e}") from None
+    except loop.Preempted as e:
+        print(e, flush=True)
+        sys.exit(exit_codes.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

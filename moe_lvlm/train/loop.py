@@ -5,13 +5,15 @@ restored), sharding, jit step, loop with metrics and checkpoints, end-of-stage c
 plot. A stage whose final checkpoint exists is not run again. Re-running the same command after
 a crash restores the newest complete checkpoint of the stage in progress (parameters, optimizer
 state, step, RNG and data iterator position), so the losses continue exactly as if uninterrupted.
+The mesh and process count may change between runs: the state is restored onto the current
+mesh, and with another process count the data position is rebuilt from the step (docs/training.md).
+A preemption notice stops every process at the same step with a checkpoint (`preemption`).
 """
 
 import functools
 import math
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -20,11 +22,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from moe_lvlm import paths
 from moe_lvlm.data import pipeline, sources
 from moe_lvlm.models.lvlm import build_model
 from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, batch_divisor, logical_shardings
 from moe_lvlm.train import stages as stages_lib
 from moe_lvlm.train.checkpoint import StageCheckpoints, abstract_with_shardings, latest_step
+from moe_lvlm.train.preemption import Preempted, PreemptionWatch
 from moe_lvlm.train.reporting import MetricsWriter, plot_stage, read_metrics
 from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
 
@@ -43,13 +47,13 @@ def stage_names(cfg: ml_collections.ConfigDict) -> list[str]:
     return names
 
 
-def starts_fresh(cfg: ml_collections.ConfigDict, workdir: str | Path) -> bool:
+def starts_fresh(cfg: ml_collections.ConfigDict, workdir: paths.PathLike) -> bool:
     """Whether a stage of `cfg` has yet to start with no stage to start from: only such a stage
     takes pretrained parameters."""
     names = stage_names(cfg)
     return any(
         stages_lib.source_stage(cfg, names, name) is None
-        and latest_step(Path(workdir) / name / "checkpoints") is None
+        and latest_step(paths.path(workdir) / name / "checkpoints") is None
         for name in names
     )
 
@@ -112,10 +116,11 @@ def stage_data_config(cfg, name: str) -> ml_collections.ConfigDict:
 class StageRunner:
     """Everything one stage needs, built once; `run` trains it to the end and returns params."""
 
-    def __init__(self, cfg, name: str, names: list[str], workdir: Path, mesh, tokenizer):
-        self.cfg, self.name, self.mesh = cfg, name, mesh
+    def __init__(self, cfg, name: str, names: list[str], workdir: paths.PathLike, mesh,
+                 tokenizer):
+        self.cfg, self.name, self.mesh, self.tokenizer = cfg, name, mesh, tokenizer
         self.stage = cfg[name]
-        self.dir = workdir / name
+        self.dir = paths.path(workdir) / name
         self.model_cfg = stages_lib.stage_model(cfg, names, name)
         self.model_cfg.image_token_id = tokenizer.image_token_id
         self.model = build_model(self.model_cfg, mesh)
@@ -170,21 +175,29 @@ class StageRunner:
             state["params"] = jax.device_put(params, self.shardings["params"])
         return state
 
-    def make_data(self, tokenizer) -> pipeline.DataIterator:
+    def make_data(self, tokenizer, start_record: int = 0) -> pipeline.DataIterator:
         return pipeline.make_iterator(
             self.data_cfg, self.model_cfg, tokenizer, self.mesh,
             global_batch_size=self.stage.batch_size, mixture=self.stage.mixture or None,
+            start_record=start_record,
         )
 
-    def run(self, init_params: Any | None, data: pipeline.DataIterator, is_main: bool) -> Any:
-        """Trains from the newest checkpoint (or a fresh state from `init_params`) to the end."""
+    def run(self, init_params: Any | None, data: pipeline.DataIterator, is_main: bool,
+            preemption: PreemptionWatch | None = None) -> Any:
+        """Trains from the newest checkpoint (or a fresh state from `init_params`) to the end;
+        raises `Preempted` after saving the step where `preemption` says to stop."""
         start = self.ckpt.latest_step()
         if start is None:
             state = self.fresh_state(init_params)
             start = 0
-        else:
+        elif self.ckpt.has_data_position(start):
             state = self.ckpt.restore(start, self.abstract, data)
             print(f"{self.name}: resuming from checkpoint {start}", flush=True)
+        else:  # saved by another process count: the data position follows from the step
+            state = self.ckpt.restore(start, self.abstract)
+            data = self.make_data(self.tokenizer, start * self.stage.batch_size)
+            print(f"{self.name}: resuming from checkpoint {start} (saved by another process "
+                  f"count: data from record {start * self.stage.batch_size})", flush=True)
         step_fn = functools.partial(
             train_step, model=self.model, moe_cfg=self.model_cfg.moe, optimizer=self.optimizer,
             schedule=self.schedule, trainable=tuple(self.stage.trainable),
@@ -217,8 +230,15 @@ class StageRunner:
                     writer.write(step, metrics)
                     tokens, nonfinite, since = 0, jnp.zeros((), jnp.int32), step
                     t0 = time.perf_counter()
-                if step % save_every == 0 or step == self.total_steps:
+                saved = step % save_every == 0 or step == self.total_steps
+                if saved:
                     self.ckpt.save(step, state, data, self.cfg)
+                if preemption is not None and preemption.reached():
+                    if not saved:
+                        self.ckpt.save(step, state, data, self.cfg)
+                    self.ckpt.wait()
+                    writer.close()
+                    raise Preempted(self.name, step)
         self.ckpt.wait()
         writer.close()
         if is_main:
@@ -245,16 +265,25 @@ def skipped(data: pipeline.DataIterator) -> dict[str, int]:
     return out
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer,
+def run(cfg: ml_collections.ConfigDict, workdir: paths.PathLike, mesh, tokenizer,
         pretrained: dict | None = None) -> None:
     """Runs every configured stage in order, each from its newest checkpoint or its start.
 
     `pretrained` (params from `hf_import.pretrained_init`) starts every stage that starts fresh
-    (no `init_from` source); dense FFNs it holds become experts where the stage is MoE.
+    (no `init_from` source); dense FFNs it holds become experts where the stage is MoE. Raises
+    `Preempted` when a preemption notice stopped training (its checkpoint saved).
     """
     if cfg.nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={cfg.nan_policy!r}; use one of {NAN_POLICIES}")
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
+    preemption = PreemptionWatch()
+    try:
+        _run_stages(cfg, workdir, mesh, tokenizer, pretrained, preemption)
+    finally:
+        preemption.close()
+
+
+def _run_stages(cfg, workdir, mesh, tokenizer, pretrained, preemption) -> None:
     names = stage_names(cfg)
     is_main = jax.process_index() == 0
     held: dict[str, Any] = {}  # final parameters of the stage just trained, by name
@@ -273,6 +302,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer,
                 init_params = source_runner.final_params()
                 source_runner.close()
         try:
-            held = {name: runner.run(init_params, runner.make_data(tokenizer), is_main)}
+            held = {name: runner.run(init_params, runner.make_data(tokenizer), is_main,
+                                     preemption)}
         finally:
             runner.close()

@@ -10,8 +10,8 @@ selected layer's patch features train with the tower and are then dropped; the t
 parameters start the first stage as pretrained ones do (`init.vision`).
 """
 
-import json
 import io
+import json
 from typing import Any
 
 import flax.linen as nn
