@@ -5,7 +5,10 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from moe_lvlm import paths
+from moe_lvlm.data.conversation import BadRecord
 from moe_lvlm.train.reporting import MetricsWriter, read_metrics
 from tests.train.test_metrics import tensorboard_scalars
 
@@ -51,3 +54,27 @@ def test_metrics_and_tensorboard_in_gcs(gcs, tmp_path, monkeypatch):
     assert scalars["stage1/loss", 3] == 9.0  # the resumed run's, written last
     assert scalars["stage1/layer/expert_fraction/1", 2] == 0.75
     assert not (tmp_path / "gs:").exists()
+
+
+def test_llava_records_and_images_in_gcs(gcs):
+    import io
+
+    from PIL import Image
+
+    from moe_lvlm.data import pipeline, sources
+
+    root = f"{gcs}/llava_test"
+    png = io.BytesIO()
+    Image.new("RGB", (6, 4), (200, 30, 30)).save(png, format="PNG")
+    paths.write_bytes(f"{root}/img/a.png", png.getvalue())
+    row = {"id": "r0", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]}
+    paths.write_text(f"{root}/data.jsonl", json.dumps(row) + "\n")
+    source = sources.open_source(f"llava:{root}/data.jsonl?image_root={root}/img", "")
+    record = source[0]
+    assert record["id"] == "r0" and record["image"] == f"{root}/img/a.png"
+    image = pipeline.Encoder.load_image(record["image"])
+    assert image.size == (6, 4) and image.getpixel((0, 0)) == (200, 30, 30)
+    with pytest.raises(BadRecord, match="gone.png") as missing:  # a counted bad record
+        pipeline.Encoder.load_image(f"{root}/img/gone.png")
+    assert missing.value.reason == "missing_image"

@@ -8,6 +8,7 @@ new object once one reaches `EVENT_PART_BYTES`.
 
 import io
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -82,8 +83,11 @@ class MetricsWriter:
             self.lines = [json.dumps(r) + "\n" for r in kept]
             paths.write_text(self.path, "".join(self.lines))
             # purge_step: TensorBoard discards the earlier run's events from that step on.
+            # The suffix keeps two writers started in the same second (the file name's time)
+            # from writing one file.
             self.tb = SummaryWriter(str(paths.path(directory) / "tensorboard"),
-                                    purge_step=start_step + 1)
+                                    purge_step=start_step + 1,
+                                    filename_suffix=f".{os.getpid()}.{start_step}")
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
