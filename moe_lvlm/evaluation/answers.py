@@ -113,13 +113,13 @@ class AnswerWriter:
             return
         if self.path.exists():
             keep = _complete_lines(self.path)[1]
-            with self.path.open("r+b") as f:
+            with open(self.path, "r+b") as f:  # epath has no r+
                 f.truncate(keep)
                 if keep:
                     f.seek(keep - 1)
                     if f.read(1) != b"\n":
                         f.write(b"\n")
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close)
 
     def write(self, records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> None:
         """Appends one line per (record, answer) and makes it durable."""
