@@ -103,6 +103,7 @@ def test_two_process_checkpoint_on_one_device(workdirs, tmp_path, capsys, image)
     assert answers(tmp_path / single.name) == answers(tmp_path / multi.name)
 
 
+@pytest.mark.slow
 def test_one_device_checkpoint_on_four_devices(workdirs, tmp_path, image):
     single, _ = workdirs
     env = {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": XLA_FLAGS}
