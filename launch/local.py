@@ -7,13 +7,16 @@ Everything after the module name goes to it unchanged. Process i gets
 `MOE_LVLM_COORDINATOR=127.0.0.1:<free port>`, `MOE_LVLM_NUM_PROCESSES=N`, `MOE_LVLM_PROCESS_ID=i`
 (read by `moe_lvlm.parallel.distributed.initialize_from_env`) and its own K fake CPU devices
 (`JAX_PLATFORMS=cpu`, `JAX_NUM_CPU_DEVICES=K`). Output lines are prefixed `[pI]`; if one process
-fails the others are stopped, and the exit status is the first failure's. `--dry-run` prints the
-commands instead. From Python (tests): `run_local(module, args, num_processes, ...)`.
+fails the others are stopped, and the exit status is the first failure's. A SIGTERM to this
+launcher is forwarded to every process (a preemption: they save the same step and exit with
+EXIT_PREEMPTED = 75, which is then this launcher's status too). `--dry-run` prints the commands
+instead. From Python (tests): `run_local(module, args, num_processes, ...)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -26,6 +29,9 @@ import time
 from collections.abc import Mapping, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # moe_lvlm, when run as `python launch/local.py`
+
+from moe_lvlm.exit_codes import EXIT_PREEMPTED  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,13 @@ def _pump(i: int, stream, chunks: list[str], echo: bool, lock: threading.Lock) -
                 sys.stdout.flush()
 
 
+def _signal_all(procs: Sequence[subprocess.Popen], signum: int) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # exited meanwhile
+                os.killpg(proc.pid, signum)
+
+
 def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     if proc.poll() is not None:
         return
@@ -91,7 +104,9 @@ def run_local(module: str, args: Sequence[str] = (), num_processes: int = 2,
               env: Mapping[str, str] | None = None, echo: bool = True) -> list[ProcessResult]:
     """Run the job to the end; one result per process, in process order.
 
-    A failing process stops the others (SIGTERM to their process groups); so does `timeout_s`."""
+    A failing process stops the others (SIGTERM to their process groups); so does `timeout_s`.
+    A process that exits with EXIT_PREEMPTED is not a failure: the others are preempted too and
+    are left to save and exit. A SIGTERM to this process (main thread) goes to every process."""
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(f"num_processes={num_processes} and devices_per_process="
                          f"{devices_per_process} must both be >= 1")
@@ -99,6 +114,9 @@ def run_local(module: str, args: Sequence[str] = (), num_processes: int = 2,
     base_env = dict(os.environ if env is None else env)
     procs, outputs, pumps = [], [], []
     lock = threading.Lock()
+    forward = threading.current_thread() is threading.main_thread()
+    previous = (signal.signal(signal.SIGTERM, lambda *_: _signal_all(procs, signal.SIGTERM))
+                if forward else None)
     try:
         for i in range(num_processes):
             child_env = {**base_env,
@@ -115,11 +133,13 @@ def run_local(module: str, args: Sequence[str] = (), num_processes: int = 2,
             pumps.append(pump)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while any(p.poll() is None for p in procs):
-            failed = any(p.poll() not in (None, 0) for p in procs)
+            failed = any(p.poll() not in (None, 0, EXIT_PREEMPTED) for p in procs)
             if failed or (deadline is not None and time.monotonic() > deadline):
                 break
             time.sleep(0.05)
     finally:
+        if forward:
+            signal.signal(signal.SIGTERM, previous)
         for proc in procs:
             _stop(proc)
         for pump in pumps:
@@ -128,9 +148,12 @@ def run_local(module: str, args: Sequence[str] = (), num_processes: int = 2,
 
 
 def exit_status(results: Sequence[ProcessResult]) -> int:
-    """0 if every process succeeded, else the first positive failure code (or 1)."""
+    """0 if every process succeeded; EXIT_PREEMPTED if every other one was preempted; else the
+    first positive failure code (or 1)."""
     codes = [r.returncode for r in results if r.returncode != 0]
-    return next((c for c in codes if c > 0), 1) if codes else 0
+    if codes and all(c == EXIT_PREEMPTED for c in codes):
+        return EXIT_PREEMPTED
+    return next((c for c in codes if c > 0 and c != EXIT_PREEMPTED), 1) if codes else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,14 +21,14 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from moe_lvlm import cli
+from moe_lvlm import cli, paths
 from moe_lvlm.data import sources
 from moe_lvlm.evaluation import runner, scorers
 from moe_lvlm.evaluation.answers import read_all_answers
@@ -99,7 +99,7 @@ def benchmark_answer_fn(generator: BatchGenerator, trained: TrainedModel) -> run
 def evaluate_split(
     records: Sequence[Record],
     answer_fn: runner.AnswerFn,
-    out_dir: str | Path,
+    out_dir: paths.PathLike,
     batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
@@ -114,14 +114,14 @@ def evaluate_split(
         barrier()
     summary, per_item = scorers.score_short_answers(read_all_answers(out_dir), records)
     if process_index == 0:
-        runner.write_jsonl(Path(out_dir) / "per_item.jsonl", per_item)
+        runner.write_jsonl(paths.path(out_dir) / "per_item.jsonl", per_item)
     return summary
 
 
-def default_out_dir(workdir: str | Path, name: str, trained: TrainedModel) -> Path:
+def default_out_dir(workdir: paths.PathLike, name: str, trained: TrainedModel) -> epath.Path:
     """`{workdir}/eval/{name}/{stage}_{step}`, with `name` made a safe folder name."""
     folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:100]
-    return Path(workdir) / "eval" / folder / f"{trained.stage}_{trained.step}"
+    return paths.path(workdir) / "eval" / folder / f"{trained.stage}_{trained.step}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -168,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     generator = generator_for(trained, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens)
     name = args.benchmark or args.split or trained.config.data.eval_source
-    out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.workdir, name, trained)
+    out_dir = (paths.path(args.out_dir) if args.out_dir
+               else default_out_dir(args.workdir, name, trained))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

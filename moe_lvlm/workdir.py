@@ -2,25 +2,24 @@
 
 Used by evaluation, generation and export. Layout written by `python -m moe_lvlm.train`:
 `{workdir}/config.json` and `{workdir}/{stage}/checkpoints/{step}/...` for each stage of
-`config.stages`.
+`config.stages`; local or gs:// (`moe_lvlm.paths`). A checkpoint written by any mesh and
+process count loads onto this process's first device.
 """
 
 import dataclasses
 import json
 import sys
-import warnings
-from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from moe_lvlm import paths
 from moe_lvlm.cli import UserError
 from moe_lvlm.data import pipeline
 from moe_lvlm.models.lvlm import LVLM, build_model
 from moe_lvlm.train import stages as stages_lib
-from moe_lvlm.train.checkpoint import is_resource_error, short
+from moe_lvlm.train.checkpoint import is_resource_error, restore_params, short
 from moe_lvlm.train.loop import stage_names
 
 
@@ -39,16 +38,16 @@ class TrainedModel:
     step: int
 
 
-def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
+def read_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
+    path = paths.path(workdir) / "config.json"
     if not path.exists():
         raise WorkdirError(f"{path} not found: is {workdir} a `python -m moe_lvlm.train` workdir?")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def latest_checkpoint(workdir: str | Path, stage: str | None = None) -> tuple[str, int]:
+def latest_checkpoint(workdir: paths.PathLike, stage: str | None = None) -> tuple[str, int]:
     """(stage, step) of the newest checkpoint: in `stage`, else in the last stage with one."""
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     names = stage_names(read_config(workdir))
     candidates = [stage] if stage else list(reversed(names))
     for name in candidates:
@@ -63,15 +62,15 @@ def latest_checkpoint(workdir: str | Path, stage: str | None = None) -> tuple[st
 
 
 def load_trained(
-    workdir: str | Path, stage: str | None = None, step: int | None = None
+    workdir: paths.PathLike, stage: str | None = None, step: int | None = None
 ) -> TrainedModel:
-    """The model and parameters of a checkpoint (default: the newest), on the default device."""
-    workdir = Path(workdir)
+    """The model and parameters of a checkpoint (default: the newest), on the first device."""
+    workdir = paths.path(workdir)
     cfg = read_config(workdir)
     names = stage_names(cfg)
     stage, latest = latest_checkpoint(workdir, stage)
     explicit, step = step, latest if step is None else step
-    directory = (workdir / stage / "checkpoints").absolute()
+    directory = workdir / stage / "checkpoints"
     if step not in ocp.utils.checkpoint_steps(directory):
         raise WorkdirError(f"{directory} has no checkpoint {step}; it has "
                            f"{sorted(ocp.utils.checkpoint_steps(directory))}")
@@ -84,7 +83,7 @@ def load_trained(
                         reverse=True) if explicit is None else [step]
     for candidate in candidates:
         try:
-            params = _restore_params(directory, candidate)
+            params = restore_params(directory, candidate)
             step = candidate
             break
         except Exception as e:
@@ -99,12 +98,3 @@ def load_trained(
         config=cfg, model_config=model_cfg, model=build_model(model_cfg), params=params,
         tokenizer=tokenizer, stage=stage, step=step,
     )
-
-
-def _restore_params(directory: Path, step: int) -> Any:
-    with ocp.CheckpointManager(directory) as manager, warnings.catch_warnings():
-        # Restoring onto the default device is what we want; orbax warns that no target sharding
-        # was given.
-        warnings.filterwarnings("ignore", message="Sharding info not provided")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-    return jax.tree.map(jax.numpy.asarray, restored["state"]["params"])

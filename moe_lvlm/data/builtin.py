@@ -20,11 +20,13 @@ import io
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from moe_lvlm import paths
 from moe_lvlm.data import conversation
 from moe_lvlm.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -259,7 +261,7 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
         corpus = tokenizer_corpus(ex for s in ("stage1", "stage2", "stage3") for _, ex in splits[s])
         # BPE: on this small, repetitive corpus unigram keeps mostly letters ("What" in 3 pieces).
         tokenizer = train_tokenizer(corpus, VOCAB_SIZE, model_type="bpe")
-        tokenizer.save(os.path.join(self.data_dir, TOKENIZER_FILE))
+        tokenizer.save(paths.join(self.data_dir, TOKENIZER_FILE))
         return {split: self._generate_examples(ex) for split, ex in splits.items()}
 
     def _generate_examples(self, examples):
@@ -268,15 +270,20 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
 
 def ensure_built(data_dir: str) -> str:
     """Builds the dataset into `data_dir` unless it is there; returns its version directory."""
-    builder = DigitScenes(data_dir=os.path.expanduser(data_dir), file_format="array_record")
+    builder = DigitScenes(data_dir=os.fspath(paths.path(data_dir)), file_format="array_record")
     if not builder.is_prepared():
-        builder.download_and_prepare()
+        if paths.is_remote(data_dir):  # ArrayRecord writes local files: build here, upload
+            with tempfile.TemporaryDirectory() as local:
+                ensure_built(local)
+                paths.upload(local, data_dir)
+        else:
+            builder.download_and_prepare()
     return builder.data_dir
 
 
 def load_tokenizer(data_dir: str) -> Tokenizer:
     """The built-in tokenizer (building the dataset first if needed)."""
-    return Tokenizer.from_file(os.path.join(ensure_built(data_dir), TOKENIZER_FILE))
+    return Tokenizer.from_file(paths.join(ensure_built(data_dir), TOKENIZER_FILE))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_lvlm import config as config_lib
+from moe_lvlm import paths
 from moe_lvlm.data import conversation, image, sources
 from moe_lvlm.data.tokenizer import Tokenizer
 from moe_lvlm.parallel.mesh import BATCH_AXES
@@ -148,11 +149,10 @@ class Encoder:
         """A path, encoded bytes or an array -> RGB PIL image; BadRecord when missing/corrupt."""
         if isinstance(source, str):
             try:
-                with open(source, "rb") as f:
-                    source = f.read()
+                source = paths.read_bytes(source)
             except OSError as e:
                 raise conversation.BadRecord(
-                    "missing_image", f"cannot read image {source}: {e.strerror}"
+                    "missing_image", f"cannot read image {source}: {e.strerror or e}"
                 ) from None
         try:
             return image.decode(source)
@@ -363,10 +363,10 @@ def skip_counts(iterator: DataIterator) -> dict[str, int]:
 
 def record_dataset(
     mixture: str | Sequence, data_dir: str, *, seed: int, shuffle: bool, num_epochs: int | None,
-    process_index: int, process_count: int,
+    process_index: int, process_count: int, start_record: int = 0,
 ) -> grain.MapDataset:
     """The records this process reads: each source shuffled (own seed) and repeated, then mixed
-    by weight, then every process_count-th element from process_index."""
+    by weight, then every process_count-th element from `start_record + process_index`."""
     pairs = sources.parse_mixture(mixture)
     parts = []
     for i, (spec, _) in enumerate(pairs):
@@ -375,7 +375,7 @@ def record_dataset(
             ds = ds.shuffle(seed=(seed * 1_000_003 + i) % 2**32)
         parts.append(ds.repeat(num_epochs))
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, [w for _, w in pairs])
-    return ds[process_index::process_count]
+    return ds[start_record + process_index::process_count]
 
 
 def make_iterator(
@@ -390,12 +390,14 @@ def make_iterator(
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    start_record: int = 0,
 ) -> DataIterator:
     """The batch iterator of `mixture` (default `data.mixture`).
 
     train=True: shuffled (if data.shuffle), repeated forever unless `num_epochs` is given.
     train=False: in order, one epoch, the last batch padded with empty rows.
     process_index/process_count default to JAX's (override them to simulate several hosts).
+    start_record: the mixed record stream starts there (a resume onto another process count).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -412,7 +414,7 @@ def make_iterator(
         data_cfg.mixture if mixture is None else mixture, data_cfg.data_dir,
         seed=data_cfg.seed, shuffle=train and data_cfg.shuffle,
         num_epochs=(None if train else 1) if num_epochs is None else num_epochs,
-        process_index=process_index, process_count=process_count,
+        process_index=process_index, process_count=process_count, start_record=start_record,
     )
     it_ds = ds.map(encoder).to_iter_dataset(
         grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64)

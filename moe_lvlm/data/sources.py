@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from moe_lvlm import paths
 from moe_lvlm.cli import UserError
 from moe_lvlm.data.conversation import BadRecord, count_image_placeholders, turns_from_llava
 
@@ -71,13 +72,12 @@ class LlavaJsonSource:
     """
 
     def __init__(self, path: str, image_root: str = ""):
-        self.path = os.path.expanduser(path)
-        self.image_root = os.path.expanduser(image_root)
+        self.path = os.fspath(paths.path(path))
+        self.image_root = os.fspath(paths.path(image_root)) if image_root else ""
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read()
+            raw = paths.read_bytes(self.path)
         except OSError as e:
-            raise DataError(f"cannot read {self.path}: {e.strerror}") from None
+            raise DataError(f"cannot read {self.path}: {e.strerror or e}") from None
         if self.path.endswith(".jsonl"):
             self._items = [(i + 1, line) for i, line in enumerate(raw.split(b"\n"))
                            if line.strip()]
@@ -124,7 +124,7 @@ class LlavaJsonSource:
         if image is not None and not isinstance(image, str):
             return bad(record_id, self.path, "malformed_record", "'image' must be one file name")
         if image is not None:
-            image = os.path.join(self.image_root, image)
+            image = paths.join(self.image_root, image)
         return make_record(record_id, self.path, obj.get("conversations"), image,
                            _text(obj.get("answer", "")), _text(obj.get("question_type", "")))
 
@@ -149,11 +149,15 @@ class TfdsSource:
     ):
         import tensorflow_datasets as tfds  # slow import, only when used
 
-        data_dir = os.path.expanduser(data_dir) if data_dir else None
+        data_dir = os.fspath(paths.path(data_dir)) if data_dir else None
         features = tfds.builder(name, data_dir=data_dir).info.features
         decoders = None
         if image_key in features and isinstance(features[image_key], tfds.features.Image):
             decoders = {image_key: tfds.decode.SkipDecoding()}
+        if data_dir and paths.is_remote(data_dir):
+            # ArrayRecord's reader opens local files only: read a local copy of the dataset.
+            folder = name.split(":")[0].split("/")[0]
+            data_dir = os.path.dirname(paths.local_copy(paths.join(data_dir, folder)))
         self._ds = tfds.data_source(name, split=split, data_dir=data_dir, decoders=decoders)
         self.origin = f"tfds:{name}/{split}"
         self._keys = dict(image=image_key, conversations=conversations_key,

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from moe_lvlm import paths
+
 IMAGE_TOKEN = "<image>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -44,12 +46,10 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
-        with open(path, "rb") as f:
-            return cls(f.read(), name=str(path))
+        return cls(paths.read_bytes(path), name=str(path))
 
     def save(self, path: str) -> None:
-        with open(path, "wb") as f:
-            f.write(self._proto)
+        paths.write_bytes(path, self._proto)
 
     def __getstate__(self):
         return {"model_proto": self._proto, "name": self.name}

@@ -2,26 +2,31 @@
 
 A run killed mid-write leaves at most a partial last line; readers ignore it and the writer cuts
 it off before appending, so re-running the same command answers exactly the missing questions.
-Any other malformed line is an error naming the file and line.
+Any other malformed line is an error naming the file and line. Files go through
+`moe_lvlm.paths`: in gs:// (no appends) the writer rewrites the whole object after each batch.
 """
 
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
+
+from etils import epath
+
+from moe_lvlm import paths
 
 QuestionId = int | str
 ANSWER_GLOB = "answers*.jsonl"
 
 
-def answer_path(out_dir: str | os.PathLike, process_index: int, process_count: int) -> Path:
+def answer_path(out_dir: str | os.PathLike, process_index: int,
+                process_count: int) -> epath.Path:
     """`answers.jsonl` for a single process, `answers.{index}.jsonl` for one of several."""
     name = "answers.jsonl" if process_count == 1 else f"answers.{process_index}.jsonl"
-    return Path(out_dir) / name
+    return paths.path(out_dir) / name
 
 
-def _parse_line(path: Path, number: int, line: bytes) -> dict[str, Any]:
+def _parse_line(path: epath.Path, number: int, line: bytes) -> dict[str, Any]:
     record = json.loads(line)
     if (
         not isinstance(record, dict)
@@ -32,7 +37,7 @@ def _parse_line(path: Path, number: int, line: bytes) -> dict[str, Any]:
     return record
 
 
-def _complete_lines(path: Path) -> tuple[list[bytes], int]:
+def _complete_lines(path: epath.Path) -> tuple[list[bytes], int]:
     """The file's complete records as raw lines, and the byte length they (plus any complete but
     unterminated last record) occupy; a partial last line is left out."""
     data = path.read_bytes()
@@ -51,7 +56,7 @@ def _complete_lines(path: Path) -> tuple[list[bytes], int]:
 
 def read_answers(path: str | os.PathLike) -> dict[QuestionId, str]:
     """question_id -> answer from one answer file (missing file: empty)."""
-    path = Path(path)
+    path = paths.path(path)
     if not path.exists():
         return {}
     answers: dict[QuestionId, str] = {}
@@ -78,8 +83,8 @@ def read_all_answers(out_dir: str | os.PathLike) -> dict[QuestionId, str]:
     process counts wrote to the same directory at once).
     """
     merged: dict[QuestionId, str] = {}
-    origin: dict[QuestionId, Path] = {}
-    for path in sorted(Path(out_dir).glob(ANSWER_GLOB)):
+    origin: dict[QuestionId, epath.Path] = {}
+    for path in sorted(paths.path(out_dir).glob(ANSWER_GLOB)):
         for question_id, answer in read_answers(path).items():
             if question_id in merged and merged[question_id] != answer:
                 raise ValueError(
@@ -98,17 +103,23 @@ class AnswerWriter:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = paths.path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._remote = paths.is_remote(self.path)
+        if self._remote:  # kept whole and rewritten: objects cannot be appended to
+            data = self.path.read_bytes() if self.path.exists() else b""
+            data = data[:_complete_lines(self.path)[1]] if data else b""
+            self._data = data if not data or data.endswith(b"\n") else data + b"\n"
+            return
         if self.path.exists():
             keep = _complete_lines(self.path)[1]
-            with self.path.open("r+b") as f:
+            with open(self.path, "r+b") as f:  # epath has no r+
                 f.truncate(keep)
                 if keep:
                     f.seek(keep - 1)
                     if f.read(1) != b"\n":
                         f.write(b"\n")
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (closed in close)
 
     def write(self, records: Sequence[Mapping[str, Any]], answers: Sequence[str]) -> None:
         """Appends one line per (record, answer) and makes it durable."""
@@ -119,12 +130,20 @@ class AnswerWriter:
                 raise TypeError(f"answer for {record['question_id']!r} is {type(answer).__name__}")
             line = {"question_id": record["question_id"], "prompt": record["prompt"],
                     "answer": answer}  # fmt: skip
-            self._file.write(json.dumps(line, ensure_ascii=False) + "\n")
+            text = json.dumps(line, ensure_ascii=False) + "\n"
+            if self._remote:
+                self._data += text.encode("utf-8")
+            else:
+                self._file.write(text)
+        if self._remote:
+            self.path.write_bytes(self._data)
+            return
         self._file.flush()
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
-        self._file.close()
+        if not self._remote:
+            self._file.close()
 
     def __enter__(self) -> "AnswerWriter":
         return self

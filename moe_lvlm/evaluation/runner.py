@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moe_lvlm import paths
 from moe_lvlm.evaluation.answers import AnswerWriter, answer_path, read_all_answers
 from moe_lvlm.evaluation.benchmarks import Record, get_benchmark
 
@@ -23,6 +24,9 @@ def check_unique(records: Sequence[Record], name: str) -> None:
 
 def write_jsonl(path: str | os.PathLike, items: Sequence[dict[str, Any]]) -> None:
     """Writes one JSON object a line, replacing `path` only once the file is complete."""
+    if paths.is_remote(path):  # an object appears whole once written
+        paths.write_text(path, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+        return
     path = Path(path)
     tmp = path.with_suffix(".jsonl.tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -50,7 +54,7 @@ def answer_questions(
         raise ValueError(f"batch_size={batch_size} must be at least 1")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
-    done = read_all_answers(out_dir) if Path(out_dir).is_dir() else {}
+    done = read_all_answers(out_dir)
     todo = [
         r for i, r in enumerate(records)
         if i % process_count == process_index and r["question_id"] not in done
@@ -108,5 +112,5 @@ def run_benchmark(
         barrier()
     summary, per_item = score_answers(name, records, out_dir)
     if process_index == 0:
-        write_jsonl(Path(out_dir) / "per_item.jsonl", per_item)
+        write_jsonl(paths.path(out_dir) / "per_item.jsonl", per_item)
     return summary

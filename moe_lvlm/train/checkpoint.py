@@ -3,7 +3,10 @@
 Layout: `{workdir}/{stage}/checkpoints/{step}/{state,data,config}`. orbax writes each step to a
 temporary directory and renames it when complete, so a save killed half-way leaves the previous
 checkpoints usable. The data iterator's position is captured when `save` is called (before the
-asynchronous write) and stored per process, as grain does it.
+asynchronous write) and stored per process, as grain does it (`data/process_{i}-of-{n}.json`):
+it restores only with the same process count (`has_data_position`). The train state restores
+onto any mesh and process count (`restore` with target shardings, `restore_single_device`).
+Directories go through `moe_lvlm.paths` (local or gs://).
 
 A checkpoint that does not restore (a truncated or zeroed data file, a missing manifest or state
 folder) is moved aside to `{workdir}/{stage}/checkpoints_corrupt/{step}`, with one line saying so,
@@ -12,7 +15,6 @@ and the newest one that restores is used (`restore_newest`). Nothing is deleted.
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -20,6 +22,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from moe_lvlm import paths
 
 CORRUPT_DIR = "checkpoints_corrupt"
 
@@ -66,13 +70,13 @@ def decode_iterator_state(iterator: Any, state: bytes) -> None:
 class StageCheckpoints:
     """Saves and restores one stage's checkpoints."""
 
-    def __init__(self, directory: str | Path, max_to_keep: int, async_save: bool = True):
-        self.directory = Path(directory)
+    def __init__(self, directory: paths.PathLike, max_to_keep: int, async_save: bool = True):
+        self.directory = paths.path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # what a save killed half-way left behind
         )
-        self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -87,6 +91,11 @@ class StageCheckpoints:
             args["data"] = grain.checkpoint.CheckpointSave(snapshot)
         self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
+    def has_data_position(self, step: int) -> bool:
+        """Whether `step` holds this process's data position under this process count."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return (self.directory / str(step) / "data" / name).exists()
+
     def restore(self, step: int, abstract_state: Any, iterator: Any = None) -> Any:
         """State at `step`, placed as `abstract_state` says (its shardings may be another mesh)."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -100,17 +109,19 @@ class StageCheckpoints:
 
     def restore_newest(self, abstract_state: Any, iterator: Any = None) -> tuple[int | None, Any]:
         """(step, state) of the newest checkpoint that restores, (None, None) if none does. Each
-        newer one that fails to restore is moved aside (`move_aside`)."""
+        newer one that fails to restore is moved aside (`move_aside`). `iterator` is set to the
+        checkpoint's data position when it holds one for this process count."""
         for step in sorted(self.manager.all_steps(), reverse=True):
+            positioned = iterator if self.has_data_position(step) else None
             try:
-                return step, self.restore(step, abstract_state, iterator)
+                return step, self.restore(step, abstract_state, positioned)
             except Exception as e:
                 if is_resource_error(e):
                     raise
                 self.move_aside(step, e)
         return None, None
 
-    def move_aside(self, step: int, error: Exception) -> Path:
+    def move_aside(self, step: int, error: Exception) -> paths.epath.Path:
         """Moves checkpoint `step` to `{stage}/checkpoints_corrupt/{step}` (process 0; every
         process waits for it) and says so in one line."""
         target = self.directory.parent / CORRUPT_DIR / str(step)
@@ -141,11 +152,27 @@ class StageCheckpoints:
         self.manager.close()
 
 
-def latest_step(directory: str | Path) -> int | None:
+def latest_step(directory: paths.PathLike) -> int | None:
     """The newest complete checkpoint step in `directory` (None if there is none)."""
-    directory = Path(directory)
-    steps = ocp.utils.checkpoint_steps(directory.absolute()) if directory.exists() else []
+    directory = paths.path(directory)
+    steps = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
     return max(steps, default=None)
+
+
+def restore_params(directory: paths.PathLike, step: int) -> Any:
+    """The parameters of checkpoint `step` (not the optimizer state), every array whole on this
+    process's first device, whatever mesh and process count wrote them: the target shapes and
+    dtypes come from the checkpoint's metadata."""
+    path = paths.path(directory) / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = {"params": jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)
+        return checkpointer.restore(path, args=args)["params"]
 
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:

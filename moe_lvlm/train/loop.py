@@ -6,13 +6,15 @@ plot. A stage whose final checkpoint restores is not run again. Re-running the s
 a crash restores the newest checkpoint of the stage in progress that restores (parameters,
 optimizer state, step, RNG and data iterator position), so the losses continue exactly as if
 uninterrupted; newer ones that do not restore are moved aside (train/checkpoint.py).
+The mesh and process count may change between runs: the state is restored onto the current
+mesh, and with another process count the data position is rebuilt from the step (docs/training.md).
+A preemption notice stops every process at the same step with a checkpoint (`preemption`).
 """
 
 import functools
 import math
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -22,12 +24,14 @@ import ml_collections
 import numpy as np
 
 from moe_lvlm import config as config_lib
+from moe_lvlm import paths
 from moe_lvlm.cli import UserError
 from moe_lvlm.data import pipeline, sources
 from moe_lvlm.models.lvlm import build_model
 from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, batch_divisor, logical_shardings
 from moe_lvlm.train import stages as stages_lib
 from moe_lvlm.train.checkpoint import StageCheckpoints, abstract_with_shardings, latest_step
+from moe_lvlm.train.preemption import Preempted, PreemptionWatch
 from moe_lvlm.train.reporting import MetricsWriter, plot_stage, read_metrics
 from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
 
@@ -50,13 +54,13 @@ def stage_names(cfg: ml_collections.ConfigDict) -> list[str]:
     return names
 
 
-def starts_fresh(cfg: ml_collections.ConfigDict, workdir: str | Path) -> bool:
+def starts_fresh(cfg: ml_collections.ConfigDict, workdir: paths.PathLike) -> bool:
     """Whether a stage of `cfg` has yet to start with no stage to start from: only such a stage
     takes pretrained parameters."""
     names = stage_names(cfg)
     return any(
         stages_lib.source_stage(cfg, names, name) is None
-        and latest_step(Path(workdir) / name / "checkpoints") is None
+        and latest_step(paths.path(workdir) / name / "checkpoints") is None
         for name in names
     )
 
@@ -119,10 +123,11 @@ def stage_data_config(cfg, name: str) -> ml_collections.ConfigDict:
 class StageRunner:
     """Everything one stage needs, built once; `run` trains it to the end and returns params."""
 
-    def __init__(self, cfg, name: str, names: list[str], workdir: Path, mesh, tokenizer):
-        self.cfg, self.name, self.mesh = cfg, name, mesh
+    def __init__(self, cfg, name: str, names: list[str], workdir: paths.PathLike, mesh,
+                 tokenizer):
+        self.cfg, self.name, self.mesh, self.tokenizer = cfg, name, mesh, tokenizer
         self.stage = cfg[name]
-        self.dir = workdir / name
+        self.dir = paths.path(workdir) / name
         self.model_cfg = stages_lib.stage_model(cfg, names, name)
         self.model_cfg.image_token_id = tokenizer.image_token_id
         self.model = build_model(self.model_cfg, mesh)
@@ -144,17 +149,25 @@ class StageRunner:
         self.ckpt = StageCheckpoints(self.dir / "checkpoints", cfg.checkpoint.max_to_keep,
                                      cfg.checkpoint.async_save)
 
-    def restore(self, data: Any = None) -> tuple[int, dict | None]:
-        """(step, state) of the newest checkpoint that restores; (0, None) when there is none."""
+    def restore(self, data: Any = None) -> tuple[int, dict | None, Any]:
+        """(step, state, data) of the newest checkpoint that restores; (0, None, data) when there
+        is none. `data` is set to the checkpoint's position; a checkpoint saved by another
+        process count holds no position for this one, so the data restarts at the record the
+        step implies (docs/training.md)."""
         step, state = self.ckpt.restore_newest(self.abstract, data)
+        if step is not None and data is not None and not self.ckpt.has_data_position(step):
+            record = step * self.stage.batch_size
+            data = self.make_data(self.tokenizer, record)
+            print(f"{self.name}: checkpoint {step} was saved by another process count: data "
+                  f"from record {record}", flush=True)
         if step is not None and step > self.total_steps:
             print(f"warning: {self.name} has checkpoint {step}, past the {self.total_steps} "
                   f"steps asked ({self.name}.num_steps); nothing to train in it: it counts as "
                   "complete (raise the steps to train on, or use a new workdir)", flush=True)
-        return (0, None) if step is None else (step, state)
+        return (0, None, data) if step is None else (step, state, data)
 
     def final_params(self) -> Any:
-        step, state = self.restore()
+        step, state, _ = self.restore()
         if step < self.total_steps:
             raise IncompleteStage(
                 f"{self.name} has no final checkpoint (step {self.total_steps}) that restores in "
@@ -184,16 +197,19 @@ class StageRunner:
             state["params"] = jax.device_put(params, self.shardings["params"])
         return state
 
-    def make_data(self, tokenizer) -> pipeline.DataIterator:
+    def make_data(self, tokenizer, start_record: int = 0) -> pipeline.DataIterator:
         return pipeline.make_iterator(
             self.data_cfg, self.model_cfg, tokenizer, self.mesh,
             global_batch_size=self.stage.batch_size, mixture=self.stage.mixture or None,
+            start_record=start_record,
         )
 
     def run(self, init_params: Any | None, data: pipeline.DataIterator, is_main: bool,
-            start: int = 0, state: dict | None = None) -> Any:
+            start: int = 0, state: dict | None = None,
+            preemption: PreemptionWatch | None = None) -> Any:
         """Trains from `state` at step `start` (a restored checkpoint; None: a fresh state from
-        `init_params`) to the end."""
+        `init_params`) to the end; raises `Preempted` after saving the step where `preemption`
+        says to stop."""
         if state is None:
             state = self.fresh_state(init_params)
         else:
@@ -230,8 +246,15 @@ class StageRunner:
                     writer.write(step, metrics)
                     tokens, nonfinite, since = 0, jnp.zeros((), jnp.int32), step
                     t0 = time.perf_counter()
-                if step % save_every == 0 or step == self.total_steps:
+                saved = step % save_every == 0 or step == self.total_steps
+                if saved:
                     self.ckpt.save(step, state, data, self.cfg)
+                if preemption is not None and preemption.reached():
+                    if not saved:
+                        self.ckpt.save(step, state, data, self.cfg)
+                    self.ckpt.wait()
+                    writer.close()
+                    raise Preempted(self.name, step)
         self.ckpt.wait()
         writer.close()
         if is_main:
@@ -261,16 +284,25 @@ def skipped(data: pipeline.DataIterator) -> dict[str, int]:
     return out
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer,
+def run(cfg: ml_collections.ConfigDict, workdir: paths.PathLike, mesh, tokenizer,
         pretrained: dict | None = None) -> None:
     """Runs every configured stage in order, each from its newest checkpoint or its start.
 
     `pretrained` (params from `hf_import.pretrained_init`) starts every stage that starts fresh
-    (no `init_from` source); dense FFNs it holds become experts where the stage is MoE.
+    (no `init_from` source); dense FFNs it holds become experts where the stage is MoE. Raises
+    `Preempted` when a preemption notice stopped training (its checkpoint saved).
     """
     if cfg.nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={cfg.nan_policy!r}; use one of {NAN_POLICIES}")
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
+    preemption = PreemptionWatch()
+    try:
+        _run_stages(cfg, workdir, mesh, tokenizer, pretrained, preemption)
+    finally:
+        preemption.close()
+
+
+def _run_stages(cfg, workdir, mesh, tokenizer, pretrained, preemption) -> None:
     names = stage_names(cfg)
     is_main = jax.process_index() == 0
     held: dict[str, Any] = {}  # final parameters of the stage just trained, by name
@@ -283,7 +315,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer,
         runner = StageRunner(cfg, name, names, workdir, mesh, tokenizer)
         try:
             data = runner.make_data(tokenizer)
-            start, state = runner.restore(data)
+            start, state, data = runner.restore(data)
             if start >= total_steps:
                 print(f"{name}: already complete ({total_steps} steps), skipping", flush=True)
                 held = {name: state["params"]}
@@ -296,12 +328,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer,
                     source_runner = StageRunner(cfg, source, names, workdir, mesh, tokenizer)
                     init_params = source_runner.final_params()
                     source_runner.close()
-            held = {name: runner.run(init_params, data, is_main, start, state)}
+            held = {name: runner.run(init_params, data, is_main, start, state,
+                                     preemption)}
         finally:
             runner.close()
 
 
-def consumed(cfg: ml_collections.ConfigDict, names: list[str], index: int, workdir: Path) -> bool:
+def consumed(cfg: ml_collections.ConfigDict, names: list[str], index: int,
+             workdir: paths.PathLike) -> bool:
     """Whether every later stage that starts from stage `names[index]` has started (has a
     checkpoint): its final parameters are then needed by none, and are not read to verify it."""
     later = [n for n in names[index + 1:]

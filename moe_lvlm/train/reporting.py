@@ -1,15 +1,57 @@
 """Metrics out of the loop: console progress line, JSONL file, TensorBoard events, stage plots.
 
-Only the main process writes; the others get a writer that does nothing.
+Only the main process writes; the others get a writer that does nothing. Files go through
+`moe_lvlm.paths` (local or gs://). An object in GCS cannot be appended to: there the JSONL file is
+rewritten whole at each write, and TensorBoard events are uploaded whole at each flush, into a
+new object once one reaches `EVENT_PART_BYTES`.
 """
 
+import io
 import json
+import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tensorboardX import record_writer
+
+from moe_lvlm import paths
+
+EVENT_PART_BYTES = 4 << 20
+
+
+class RemoteEventFile:
+    """A TensorBoard event file in an object store (tensorboardX's writer-factory protocol)."""
+
+    def __init__(self, path: str):
+        self.path, self.part, self.buffer, self.closed = path, 0, io.BytesIO(), False
+
+    def write(self, data: bytes) -> None:
+        if self.buffer.tell() >= EVENT_PART_BYTES:
+            self.flush()
+            self.part, self.buffer = self.part + 1, io.BytesIO()
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        name = self.path if self.part == 0 else f"{self.path}.{self.part}"
+        paths.path(name).write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+class RemoteEventFiles:
+    def open(self, path: str) -> RemoteEventFile:
+        return RemoteEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        """Object stores have no folders to create."""
+
+
+record_writer.register_writer_factory("gs", RemoteEventFiles())
 
 
 def scalarize(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -26,29 +68,37 @@ class MetricsWriter:
     `start_step`: records of later steps (from a run that was interrupted and is now resumed
     from the checkpoint at `start_step`) are dropped first, so each step appears once."""
 
-    def __init__(self, directory: Path, stage: str, total_steps: int, start_step: int = 0,
-                 enabled: bool = True):
+    def __init__(self, directory: paths.PathLike, stage: str, total_steps: int,
+                 start_step: int = 0, enabled: bool = True):
         self.enabled = enabled
         self.stage = stage
         self.total_steps = total_steps
-        self.path = Path(directory) / "metrics.jsonl"
+        self.path = paths.path(directory) / "metrics.jsonl"
         self.tb = None
+        self.lines: list[str] = []
         if enabled:
             from tensorboardX import SummaryWriter
 
-            Path(directory).mkdir(parents=True, exist_ok=True)
             kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.lines = [json.dumps(r) + "\n" for r in kept]
+            paths.write_text(self.path, "".join(self.lines))
             # purge_step: TensorBoard discards the earlier run's events from that step on.
-            self.tb = SummaryWriter(str(Path(directory) / "tensorboard"),
-                                    purge_step=start_step + 1)
+            # The suffix keeps two writers started in the same second (the file name's time)
+            # from writing one file.
+            self.tb = SummaryWriter(str(paths.path(directory) / "tensorboard"),
+                                    purge_step=start_step + 1,
+                                    filename_suffix=f".{os.getpid()}.{start_step}")
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"stage": self.stage, "step": step, "time": time.time(), **scalarize(metrics)}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.lines.append(json.dumps(record) + "\n")
+        if paths.is_remote(self.path):
+            self.path.write_text("".join(self.lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(self.lines[-1])
         for k, v in record.items():
             if k in ("stage", "step", "time"):
                 continue
@@ -81,14 +131,14 @@ class MetricsWriter:
             self.tb.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not Path(path).exists():
+def read_metrics(path: paths.PathLike) -> list[dict[str, Any]]:
+    path = paths.path(path)
+    if not path.exists():
         return []
-    with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_stage(records: list[dict[str, Any]], out_path: Path) -> None:
+def plot_stage(records: list[dict[str, Any]], out_path: paths.PathLike) -> None:
     """PNG with the loss curve and, for MoE stages, each MoE layer's expert load (the fraction
     of routed tokens each expert received, averaged over the stage)."""
     import matplotlib
@@ -119,5 +169,7 @@ def plot_stage(records: list[dict[str, Any]], out_path: Path) -> None:
         ax.set_title("fraction of routed tokens per expert (stage mean)")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    paths.write_bytes(out_path, buffer.getvalue())

@@ -12,11 +12,11 @@ One rule, checked against the workdir's `config.json` before anything is written
 """
 
 import json
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+from moe_lvlm import paths
 from moe_lvlm.cli import UserError
 from moe_lvlm.config import stage_sections
 from moe_lvlm.train.checkpoint import latest_step
@@ -50,17 +50,17 @@ def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
 
 
-def check_resume(workdir: str | Path, cfg: ml_collections.ConfigDict) -> list[str]:
+def check_resume(workdir: paths.PathLike, cfg: ml_collections.ConfigDict) -> list[str]:
     """Compares `cfg` with the workdir's stored config; returns warning lines, raises ResumeError
     when a field that may not change differs. A workdir without config.json passes."""
-    path = Path(workdir) / "config.json"
+    path = paths.path(workdir) / "config.json"
     if not path.exists():
         return []
     stored = _normalised(json.loads(path.read_text()))
     new = _normalised(cfg)
     changed = sorted(k for k in stored.keys() | new.keys() if stored.get(k) != new.get(k))
     started = [s for s in stage_sections(cfg)
-               if latest_step(Path(workdir) / s / "checkpoints") is not None]
+               if latest_step(paths.path(workdir) / s / "checkpoints") is not None]
     fixed = [k for k in changed if any(_under(k, p) for p in FIXED)]
     fixed += [k for k in changed for s in started
               if any(_under(k, f"{s}.{f}") for f in FIXED_ONCE_STARTED)]

@@ -10,8 +10,8 @@ selected layer's patch features train with the tower and are then dropped; the t
 parameters start the first stage as pretrained ones do (`init.vision`).
 """
 
+import io
 import json
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +23,7 @@ import optax
 from flax import traverse_util
 from PIL import Image
 
+from moe_lvlm import paths
 from moe_lvlm.data import builtin, image
 from moe_lvlm.models.vit import VisionEncoder
 from moe_lvlm.train.stages import dense_variant
@@ -166,15 +167,15 @@ def _recipe(cfg: ml_collections.ConfigDict) -> dict:
             "aspect": cfg.data.aspect}
 
 
-def workdir_tower(cfg: ml_collections.ConfigDict, workdir: Path, write: bool) -> dict:
+def workdir_tower(cfg: ml_collections.ConfigDict, workdir: paths.PathLike, write: bool) -> dict:
     """The tower `pretrained_tower` makes for `cfg`, kept in the workdir: read back when the
     workdir holds one made with the same settings, else trained (and, with `write`, saved as
     `vision_pretrain.npz` with its accuracies in `vision_pretrain.json`)."""
-    tower_path, report_path = workdir / TOWER_FILE, workdir / REPORT_FILE
+    tower_path, report_path = paths.path(workdir) / TOWER_FILE, paths.path(workdir) / REPORT_FILE
     recipe = json.loads(json.dumps(_recipe(cfg)))  # as it reads back from JSON
     if tower_path.exists() and report_path.exists():
         if json.loads(report_path.read_text()).get("recipe") == recipe:
-            with np.load(tower_path) as saved:
+            with np.load(io.BytesIO(tower_path.read_bytes())) as saved:
                 return traverse_util.unflatten_dict(dict(saved), sep="/")
     tower, accuracy = pretrained_tower(cfg)
     print(f"vision pretraining ({cfg.vision_pretrain.steps} steps), held-out patches: "
@@ -183,7 +184,8 @@ def workdir_tower(cfg: ml_collections.ConfigDict, workdir: Path, write: bool) ->
           flush=True)
     if write:
         flat = traverse_util.flatten_dict(tower, sep="/")
-        with open(tower_path, "wb") as f:
-            np.savez(f, **flat)
-        report_path.write_text(json.dumps({**accuracy, "recipe": recipe}, indent=2) + "\n")
+        buffer = io.BytesIO()
+        np.savez(buffer, **flat)
+        paths.write_bytes(tower_path, buffer.getvalue())
+        paths.write_text(report_path, json.dumps({**accuracy, "recipe": recipe}, indent=2) + "\n")
     return tower

@@ -231,3 +231,24 @@ def test_global_arrays_on_the_mesh(tmp_path, cfg, tok):
         ("data", "fsdp", "expert"))
     assert batch["images"].shape == (4, 1, 32, 32, 3)
     it.close()
+
+
+def test_position_rebuilt_from_the_step_for_another_process_count(tmp_path, cfg, tok):
+    """2 processes read 3 steps of global batch 4; 1 process started at record 3 x 4 then reads,
+    step by step, the records that the 2 processes would have read together (no packing, no bad
+    records: one record a row), and together they never repeat a record within the epoch."""
+    spec, _ = write_corpus(tmp_path)
+
+    def make(index, count, start_record=0):
+        return pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=4,
+                                      mixture=spec, process_index=index, process_count=count,
+                                      start_record=start_record)
+
+    two = [take(make(p, 2), 6) for p in (0, 1)]  # 6 steps of 2 rows on each process
+    want = [sorted(k for p in (0, 1) for row in items(two[p][s], tok) for k in row)
+            for s in range(6)]
+    resumed = take(make(0, 1, start_record=3 * 4), 3)
+    got = [sorted(k for row in items(b, tok) for k in row) for b in resumed]
+    assert got == want[3:]
+    seen = [k for s in want[:3] for k in s] + [k for s in got for k in s]
+    assert len(seen) == len(set(seen)) == 24

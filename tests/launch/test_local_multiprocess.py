@@ -72,3 +72,13 @@ def test_cli_passes_arguments_through_and_returns_the_failure_code(monkeypatch, 
     rc = local.main(["--num-processes=2", "--timeout=60", "fail_or_hang", "--", "--exit-code=5"])
     assert rc == 5
     assert "[p1] process 1 failing with 5" in capsys.readouterr().out
+
+
+def test_exit_status_of_a_preempted_job():
+    def results(*codes):
+        return [local.ProcessResult(i, c, "") for i, c in enumerate(codes)]
+
+    assert local.exit_status(results(75, 75)) == 75
+    assert local.exit_status(results(0, 75)) == 75  # the other had finished already
+    assert local.exit_status(results(75, 3)) == 3  # a real failure wins
+    assert local.exit_status(results(75, -15)) == 1
