@@ -154,8 +154,16 @@ def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> No
             f"model.decoder.num_heads={d.num_heads} is not a multiple of "
             f"num_kv_heads={d.num_kv_heads}"
         )
-    if d.head_dim % 2:
-        raise ConfigError(f"model.decoder.head_dim={d.head_dim} must be even for RoPE")
+    rotary = int(d.head_dim * d.get("rotary_fraction", 1.0))
+    if rotary % 2 or rotary == 0:
+        raise ConfigError(
+            f"model.decoder: head_dim={d.head_dim} * rotary_fraction="
+            f"{d.get('rotary_fraction', 1.0)} gives {rotary} rotary features; RoPE needs an even, "
+            "non-zero number"
+        )
+    for key, allowed in (("norm", ("rms", "layer")), ("ffn", ("swiglu", "mlp"))):
+        if d.get(key, allowed[0]) not in allowed:
+            raise ConfigError(f"model.decoder.{key}={d[key]!r}: use one of {allowed}")
     moe_layer_indices(d.moe_layers, d.num_layers)
     moe_layer_indices(v.moe_layers, v.depth)
     _validate_moe(model.moe, expert_axis)
