@@ -2,7 +2,8 @@
 
 The text model is the HF architecture that reproduces this decoder exactly:
 
-  dense                         llama, qwen2 (qkv bias) or qwen3 (qk-norm)
+  dense                         llama, qwen2 (qkv bias; also Qwen-1), qwen3 (qk-norm),
+                                stablelm (LayerNorm, partial RoPE) or phi (Phi-2's block)
   MoE, qk-norm                  qwen3_moe (`mlp_only_layers` = the dense layers)
   MoE in every layer, no bias   mixtral
   other MoE (e.g. qkv bias)     qwen2_moe with a zero-size shared expert
@@ -10,9 +11,10 @@ The text model is the HF architecture that reproduces this decoder exactly:
 All of them route as here (fp32 softmax over every expert, top-k, weights renormalised over the k
 chosen: `norm_topk_prob=True`) and compute every routed token (dropless), so a model trained with
 capacity dispatch exports too; only its dropped tokens differ. HF has no MoE in the vision tower or
-projector: such models are refused. Vision blocks after `vision.select_layer` are not part of this
-model; they are written as all-zero blocks (each is then the identity) and the post-layernorm as
-the identity, neither of which LLaVA's `vision_feature_layer` output reads.
+projector, and no MoE StableLM or Phi: such models are refused (their dense stages export).
+Vision blocks after `vision.select_layer` are not part of this model; they are written as all-zero
+blocks (each is then the identity) and the post-layernorm as the identity, neither of which
+LLaVA's `vision_feature_layer` output reads.
 """
 
 import json
@@ -29,6 +31,7 @@ from moe_lvlm.data.image import ASPECT_MODES
 from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from moe_lvlm.interop import hf_tokenizer, layout
 from moe_lvlm.interop.safetensors_io import write_checkpoint
+from moe_lvlm.models.decoder import VARIANT_DEFAULTS, variant
 from moe_lvlm.models.vit import num_layers_run
 
 VISION_PREFIX = "vision_tower."
@@ -55,8 +58,40 @@ def vision_kind(v: ml_collections.ConfigDict) -> str:
     )
 
 
+def _variant_kind(d: ml_collections.ConfigDict) -> str | None:
+    """'stablelm' or 'phi' for a decoder with their options, None for a LLaMA-family one."""
+    opts = {k: variant(d, k) for k in VARIANT_DEFAULTS}
+    if opts == VARIANT_DEFAULTS:
+        return None
+    phi = dict(
+        norm="layer",
+        parallel_block=True,
+        ffn="mlp",
+        activation="gelu_tanh",
+        out_bias=True,
+        head_bias=True,
+    )
+    if all(opts[k] == v for k, v in phi.items()) and d.qkv_bias and not d.qk_norm:
+        return "phi"
+    stablelm = dict(norm="layer", ffn="swiglu", activation="silu", out_bias=False, head_bias=False)
+    if all(opts[k] == v for k, v in stablelm.items()) and not d.qk_norm:
+        return "stablelm"
+    raise ExportError(
+        f"decoder options {opts} match no transformers text model (LLaMA family, StableLM, Phi)"
+    )
+
+
 def text_kind(d: ml_collections.ConfigDict) -> str:
     moe_at = moe_layer_indices(d.moe_layers, d.num_layers)
+    kind = _variant_kind(d)
+    if kind and moe_at:
+        raise ExportError(
+            f"a {kind} decoder with MoE layers {list(moe_at)}: transformers has no MoE class for "
+            f"the {kind} architecture, so no exact HF equivalent exists (dense stages export as "
+            f"{kind}; run the MoE model with moe_lvlm.generate / evaluate)"
+        )
+    if kind:
+        return kind
     if not moe_at:
         return "qwen3" if d.qk_norm else ("qwen2" if d.qkv_bias else "llama")
     if d.qk_norm:
@@ -105,6 +140,19 @@ def text_config(model_cfg: ml_collections.ConfigDict, special: dict) -> dict:
         attention_dropout=0.0,
         **special,
     )
+    if kind in ("stablelm", "phi"):
+        del cfg["rms_norm_eps"]
+        rotary = float(variant(d, "rotary_fraction"))
+        cfg.update(
+            layer_norm_eps=d.norm_eps,
+            qk_layernorm=False,
+            rope_parameters=dict(cfg["rope_parameters"], partial_rotary_factor=rotary),
+            hidden_act="gelu_new" if kind == "phi" else "silu",
+        )
+    if kind == "stablelm":
+        cfg.update(
+            use_qkv_bias=bool(d.qkv_bias), use_parallel_residual=variant(d, "parallel_block")
+        )
     if kind in ("llama", "qwen3", "qwen3_moe"):
         cfg["attention_bias"] = bool(d.qkv_bias)  # also an o_proj bias, written as zeros
     if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
@@ -175,11 +223,15 @@ def llava_config(model_cfg: ml_collections.ConfigDict, special: dict, dtype: str
 def entries(model_cfg: ml_collections.ConfigDict) -> list[layout.Entry]:
     """Every (HF key, our path) pair of the exported LLaVA, in the on-disk layout."""
     v, d = model_cfg.vision, model_cfg.decoder
-    style = "mixtral" if text_kind(d) == "mixtral" else "qwen"
+    kind = text_kind(d)
+    style = "mixtral" if kind == "mixtral" else "qwen"
+    family = "phi" if kind == "phi" else "llama"
     return (
         layout.vision_entries(v, VISION_PREFIX, num_layers_run(v.depth, v.select_layer))
         + layout.projector_entries(model_cfg.projector.kind, PROJECTOR_PREFIX)
-        + layout.decoder_entries(d, model_cfg.moe.num_experts, DECODER_PREFIX, HEAD_KEY, style)
+        + layout.decoder_entries(
+            d, model_cfg.moe.num_experts, DECODER_PREFIX, HEAD_KEY, style, family=family
+        )
     )
 
 

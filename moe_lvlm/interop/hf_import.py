@@ -476,11 +476,14 @@ def import_llava(directory: str | Path) -> tuple[ml_collections.ConfigDict, dict
     v, dec = model_cfg.vision, model_cfg.decoder
     prefix, head = _decoder_prefixes(ckpt, llava=True)
     vprefix = "vision_tower." if legacy else "model.vision_tower."
-    style = "mixtral" if cfg["text_config"]["model_type"] == "mixtral" else "qwen"
+    text_type = cfg["text_config"]["model_type"]
+    style = "mixtral" if text_type == "mixtral" else "qwen"
     entries = (
         layout.vision_entries(v, vprefix, num_layers_run(v.depth, v.select_layer))
         + layout.projector_entries(model_cfg.projector.kind, proj_prefix)
-        + layout.decoder_entries(dec, model_cfg.moe.num_experts, prefix, head, style)
+        + layout.decoder_entries(
+            dec, model_cfg.moe.num_experts, prefix, head, style, FAMILY.get(text_type, "llama")
+        )
     )
     _decoder_extras(ckpt, dec, prefix)
     flat = {}

@@ -37,8 +37,6 @@ VARIANT_DEFAULTS = dict(
     out_bias=False,  # attention output projection bias
     head_bias=False,  # LM head bias
 )
-NORMS = ("rms", "layer")
-FFNS = ("swiglu", "mlp")
 
 
 def variant(d: Any, key: str) -> Any:
