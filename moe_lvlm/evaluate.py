@@ -71,18 +71,16 @@ def split_records(
                 "question_type": record["question_type"] or "none",
             })  # fmt: skip
     if not records:
-        raise ValueError(
-            f"{split}: no record with a reference answer to score (skipped: {dict(skipped)})"
-        )
+        raise ValueError(f"{split}: no record with a reference answer to score "
+                         f"(skipped: {dict(skipped)})")
     runner.check_unique(records, split)
     return records, dict(skipped)
 
 
 def split_answer_fn(generator: BatchGenerator) -> runner.AnswerFn:
     """Answers `split_records` records (prompt ids and images already prepared)."""
-    return lambda records: generator(
-        [r["prompt_ids"] for r in records], [r["image"] for r in records]
-    )
+    return lambda records: generator([r["prompt_ids"] for r in records],
+                                     [r["image"] for r in records])
 
 
 def benchmark_answer_fn(generator: BatchGenerator, trained: TrainedModel) -> runner.AnswerFn:
@@ -128,31 +126,19 @@ def default_out_dir(workdir: str | Path, name: str, trained: TrainedModel) -> Pa
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m moe_lvlm.evaluate",
-        description="Score a training workdir's checkpoint on a held-out split or a benchmark.",
-    )
+        description="Score a training workdir's checkpoint on a held-out split or a benchmark.")
     parser.add_argument("--workdir", required=True, help="a `python -m moe_lvlm.train` workdir")
-    parser.add_argument(
-        "--split",
-        default=None,
-        help="data source spec with answers (default: the config's "
-        "data.eval_source, e.g. builtin:test)",
-    )
+    parser.add_argument("--split", default=None,
+                        help="data source spec with answers (default: the config's "
+                             "data.eval_source, e.g. builtin:test)")
     parser.add_argument("--limit", type=int, default=None, help="score the first N questions")
-    parser.add_argument(
-        "--benchmark",
-        default=None,
-        choices=sorted(BENCHMARKS),
-        help="an official benchmark instead of a split (needs --data)",
-    )
+    parser.add_argument("--benchmark", default=None, choices=sorted(BENCHMARKS),
+                        help="an official benchmark instead of a split (needs --data)")
     parser.add_argument("--data", default=None, help="the benchmark's folder (docs/evaluation.md)")
-    parser.add_argument(
-        "--out_dir",
-        default=None,
-        help="where answers go (default: {workdir}/eval/{name}/{stage}_{step})",
-    )
-    parser.add_argument(
-        "--batch_size", type=int, default=32, help="questions per generation batch on each process"
-    )
+    parser.add_argument("--out_dir", default=None,
+                        help="where answers go (default: {workdir}/eval/{name}/{stage}_{step})")
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="questions per generation batch on each process")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--stage", default=None, help="stage to load (default: the last trained)")
     parser.add_argument("--step", type=int, default=None, help="step (default: the newest)")
@@ -178,46 +164,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if count > 1:
         barrier = lambda: multihost_utils.sync_global_devices("moe_lvlm.evaluate")  # noqa: E731
     trained = load_trained(args.workdir, args.stage, args.step)
-    generator = generator_for(
-        trained, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
-    )
+    generator = generator_for(trained, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens)
     name = args.benchmark or args.split or trained.config.data.eval_source
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.workdir, name, trained)
     start = time.perf_counter()
-    head: dict[str, Any] = {
-        "workdir": str(args.workdir),
-        "stage": trained.stage,
-        "step": trained.step,
-    }
+    head: dict[str, Any] = {"workdir": str(args.workdir), "stage": trained.stage,
+                            "step": trained.step}
     if args.benchmark is not None:
         summary = runner.run_benchmark(
-            args.benchmark,
-            args.data,
-            benchmark_answer_fn(generator, trained),
-            out_dir,
-            generator.batch_size,
-            index,
-            count,
-            barrier,
+            args.benchmark, args.data, benchmark_answer_fn(generator, trained), out_dir,
+            generator.batch_size, index, count, barrier,
         )
     else:
         records, skipped = split_records(trained, name, args.limit)
         head.update(split=name, skipped=skipped)
-        summary = evaluate_split(
-            records,
-            split_answer_fn(generator),
-            out_dir,
-            generator.batch_size,
-            index,
-            count,
-            barrier,
-        )
-    summary = {
-        **head,
-        **summary,
-        "out_dir": str(out_dir),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+        summary = evaluate_split(records, split_answer_fn(generator), out_dir,
+                                 generator.batch_size, index, count, barrier)
+    summary = {**head, **summary, "out_dir": str(out_dir),
+               "seconds": round(time.perf_counter() - start, 1)}
     if index == 0:
         print(json.dumps(summary), flush=True)
     return summary

@@ -120,11 +120,8 @@ def generate(
         i, cache, token, position, out, done = carry
         position = position + 1
         (logits, _), variables = apply(
-            {"params": params, "cache": cache},
-            token[:, None],
-            position[:, None],
-            jnp.ones((batch, 1), jnp.int32),
-            None,
+            {"params": params, "cache": cache}, token[:, None], position[:, None],
+            jnp.ones((batch, 1), jnp.int32), None,
         )
         token, out, done = emit(i, logits[:, -1], rng, out, done)
         return i + 1, variables["cache"], token, position, out, done
@@ -165,9 +162,8 @@ class BatchGenerator:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         if temperature < 0.0 or not 0.0 < top_p <= 1.0:
-            raise ValueError(
-                f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, {top_p}"
-            )
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1; got {temperature}, "
+                             f"{top_p}")
         devices = jax.local_devices()
         self.mesh = Mesh(np.asarray(devices), ("data",))
         self.batch_size = math.ceil(batch_size / len(devices)) * len(devices)
@@ -175,13 +171,8 @@ class BatchGenerator:
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         self.stops = stop_ids(template, tokenizer)
         self.image_shape = (image_size, image_size, 3)
-        self.options = dict(
-            max_new_tokens=max_new_tokens,
-            pad_id=tokenizer.pad_id,
-            vocab_size=tokenizer.vocab_size,
-            temperature=temperature,
-            top_p=top_p,
-        )
+        self.options = dict(max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id,
+                            vocab_size=tokenizer.vocab_size, temperature=temperature, top_p=top_p)
         self.rng = jax.random.PRNGKey(seed)
         self.length_multiple = length_multiple
         self.prompt_len = 0
@@ -192,35 +183,24 @@ class BatchGenerator:
         """New tokens of each prompt (up to `batch_size`), without the stop token."""
         n = len(prompts)
         if not 1 <= n <= self.batch_size or len(images) != n:
-            raise ValueError(
-                f"{n} prompts and {len(images)} images for a batch of {self.batch_size}"
-            )
+            raise ValueError(f"{n} prompts and {len(images)} images for a batch of "
+                             f"{self.batch_size}")
         rows = list(range(n)) + [0] * (self.batch_size - n)
         longest = max(len(p) for p in prompts)
-        self.prompt_len = max(
-            self.prompt_len, math.ceil(longest / self.length_multiple) * self.length_multiple
-        )
+        self.prompt_len = max(self.prompt_len,
+                              math.ceil(longest / self.length_multiple) * self.length_multiple)
         batch = left_pad([prompts[r] for r in rows], self.tokenizer.pad_id, self.prompt_len)
         if any(x is not None for x in images):
             zeros = np.zeros(self.image_shape, np.float32)
-            batch["images"] = np.stack([zeros if images[r] is None else images[r] for r in rows])[
-                :, None
-            ]
+            batch["images"] = np.stack(
+                [zeros if images[r] is None else images[r] for r in rows])[:, None]
         else:
             batch["images"] = None
         batch = jax.device_put(batch, NamedSharding(self.mesh, P("data")))
         self.rng, rng = jax.random.split(self.rng)
-        out = generate(
-            self.model,
-            self.params,
-            batch["input_ids"],
-            batch["positions"],
-            batch["segment_ids"],
-            batch["images"],
-            rng,
-            np.asarray(self.stops),
-            **self.options,
-        )
+        out = generate(self.model, self.params, batch["input_ids"], batch["positions"],
+                       batch["segment_ids"], batch["images"], rng, np.asarray(self.stops),
+                       **self.options)
         out = np.asarray(out)
         return [answer_tokens(out[r], self.stops) for r in range(n)]
 
@@ -231,17 +211,15 @@ class BatchGenerator:
         answers = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            answers += [
-                self.tokenizer.decode(t).strip() for t in self.tokens(prompts[chunk], images[chunk])
-            ]
+            answers += [self.tokenizer.decode(t).strip()
+                        for t in self.tokens(prompts[chunk], images[chunk])]
         return answers
 
 
 def make_encoder(trained: TrainedModel) -> pipeline.Encoder:
     """The training pipeline's encoder (template, image preprocessing) of a loaded workdir."""
-    return pipeline.Encoder.from_config(
-        trained.config.data, trained.model_config, trained.tokenizer
-    )
+    return pipeline.Encoder.from_config(trained.config.data, trained.model_config,
+                                        trained.tokenizer)
 
 
 def encode_question(
@@ -257,29 +235,22 @@ def encode_question(
         picture = encoder.load_image(image_path)
     except conversation.BadRecord as e:
         raise ValueError(f"{image_path}: {e}") from None
-    pixels = image.preprocess(
-        picture, encoder.image_size, encoder.mean, encoder.std, encoder.aspect
-    )
+    pixels = image.preprocess(picture, encoder.image_size, encoder.mean, encoder.std,
+                              encoder.aspect)
     return ids, pixels
 
 
 def generator_for(trained: TrainedModel, **kwargs) -> BatchGenerator:
     """A BatchGenerator for a `workdir.TrainedModel`; kwargs go to BatchGenerator."""
-    return BatchGenerator(
-        trained.model,
-        trained.params,
-        trained.tokenizer,
-        trained.config.data.template,
-        trained.model_config.vision.image_size,
-        **kwargs,
-    )
+    return BatchGenerator(trained.model, trained.params, trained.tokenizer,
+                          trained.config.data.template, trained.model_config.vision.image_size,
+                          **kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m moe_lvlm.generate",
-        description="Answer one prompt (and image) with a trained workdir's newest checkpoint.",
-    )
+        description="Answer one prompt (and image) with a trained workdir's newest checkpoint.")
     parser.add_argument("--workdir", required=True, help="a `python -m moe_lvlm.train` workdir")
     parser.add_argument("--prompt", required=True, help="the question or instruction")
     parser.add_argument("--image", default=None, help="an image file (optional)")
@@ -294,12 +265,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     trained = load_trained(args.workdir, args.stage, args.step)
     ids, pixels = encode_question(make_encoder(trained), args.prompt, args.image)
     generator = generator_for(
-        trained,
-        batch_size=1,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
+        trained, batch_size=1, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
     )
     print(f"[{args.workdir} {trained.stage} step {trained.step}]", file=sys.stderr)
     print(generator([ids], [pixels])[0], flush=True)

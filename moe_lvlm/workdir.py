@@ -70,10 +70,8 @@ def load_trained(
     step = latest if step is None else step
     directory = (workdir / stage / "checkpoints").absolute()
     if step not in ocp.utils.checkpoint_steps(directory):
-        raise WorkdirError(
-            f"{directory} has no checkpoint {step}; it has "
-            f"{sorted(ocp.utils.checkpoint_steps(directory))}"
-        )
+        raise WorkdirError(f"{directory} has no checkpoint {step}; it has "
+                           f"{sorted(ocp.utils.checkpoint_steps(directory))}")
     tokenizer = pipeline.load_tokenizer(cfg.data)
     model_cfg = stages_lib.stage_model_config(cfg, names, names.index(stage))
     model_cfg.image_token_id = tokenizer.image_token_id
@@ -84,11 +82,7 @@ def load_trained(
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
     params = jax.tree.map(jax.numpy.asarray, restored["state"]["params"])
     return TrainedModel(
-        config=cfg,
-        model_config=model_cfg,
-        model=build_model(model_cfg),
-        params=params,
-        tokenizer=tokenizer,
-        stage=stage,
-        step=step,
+        config=cfg, model_config=model_cfg, model=build_model(model_cfg), params=params,
+        tokenizer=tokenizer, stage=stage, step=step,
     )
+

@@ -60,18 +60,11 @@ def digit_pools() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    masks = np.stack(
-        [
-            np.asarray(
-                Image.fromarray((img * (255 / 16)).astype(np.uint8)).resize(
-                    (DIGIT, DIGIT), Image.Resampling.BILINEAR
-                ),
-                np.float32,
-            )
-            / 255.0
-            for img in digits.images
-        ]
-    )
+    masks = np.stack([
+        np.asarray(Image.fromarray((img * (255 / 16)).astype(np.uint8)).resize(
+            (DIGIT, DIGIT), Image.Resampling.BILINEAR), np.float32) / 255.0
+        for img in digits.images
+    ])
     order = np.random.default_rng(_SEED).permutation(len(masks))
     n_test = int(len(masks) * _HELD_OUT_FRACTION)
     return masks, digits.target, np.sort(order[n_test:]), np.sort(order[:n_test])
@@ -86,14 +79,8 @@ def sample_scene(rng: np.random.Generator, by_digit: list[np.ndarray]) -> list[d
     objs = []
     for d, c in zip(digits, cells, strict=True):
         pool = by_digit[d]
-        objs.append(
-            {
-                "digit": int(d),
-                "index": int(pool[rng.integers(len(pool))]),
-                "cell": int(c),
-                "color": _COLOR_NAMES[rng.integers(len(_COLOR_NAMES))],
-            }
-        )
+        objs.append({"digit": int(d), "index": int(pool[rng.integers(len(pool))]), "cell": int(c),
+                     "color": _COLOR_NAMES[rng.integers(len(_COLOR_NAMES))]})
     return sorted(objs, key=lambda o: o["cell"])
 
 
@@ -104,7 +91,7 @@ def render(objs: list[dict], masks: np.ndarray, rng: np.random.Generator) -> np.
         y = (o["cell"] // 2) * CELL + int(rng.integers(0, CELL - DIGIT + 1))
         x = (o["cell"] % 2) * CELL + int(rng.integers(0, CELL - DIGIT + 1))
         colored = masks[o["index"]][..., None] * np.asarray(COLORS[o["color"]], np.float32)
-        region = canvas[y : y + DIGIT, x : x + DIGIT]
+        region = canvas[y:y + DIGIT, x:x + DIGIT]
         np.maximum(region, colored, out=region)
     return canvas.round().astype(np.uint8)
 
@@ -137,52 +124,35 @@ def question(kind: str, objs: list[dict], rng: np.random.Generator) -> tuple[str
     o = objs[int(rng.integers(len(objs)))]
     n = len(objs)
     if kind == "count":
-        return (
-            "How many digits are in the image?",
-            str(n),
-            f"There {'is one digit' if n == 1 else f'are {n} digits'} in the image.",
-        )
+        return ("How many digits are in the image?", str(n),
+                f"There {'is one digit' if n == 1 else f'are {n} digits'} in the image.")
     if kind == "color":
-        return (
-            f"What color is the {o['digit']}?",
-            o["color"],
-            f"The {o['digit']} is {o['color']}.",
-        )
+        return (f"What color is the {o['digit']}?", o["color"],
+                f"The {o['digit']} is {o['color']}.")
     if kind == "digit":
         where = POSITIONS[o["cell"]]
-        return (
-            f"Which digit is at the {where}?",
-            str(o["digit"]),
-            f"The digit at the {where} is {o['digit']}.",
-        )
+        return (f"Which digit is at the {where}?", str(o["digit"]),
+                f"The digit at the {where} is {o['digit']}.")
     if kind == "position":
         where = POSITIONS[o["cell"]]
         return f"Where is the {o['digit']}?", where, f"The {o['digit']} is at the {where}."
     present = {x["digit"] for x in objs}
     if rng.random() < 0.5:
-        return (
-            f"Is there a {o['digit']} in the image?",
-            "yes",
-            f"Yes, there is a {o['digit']} at the {POSITIONS[o['cell']]}.",
-        )
+        return (f"Is there a {o['digit']} in the image?", "yes",
+                f"Yes, there is a {o['digit']} at the {POSITIONS[o['cell']]}.")
     d = int(rng.choice([x for x in range(10) if x not in present]))
     return f"Is there a {d} in the image?", "no", f"No, there is no {d} in the image."
 
 
-_CAPTION_PROMPTS = (
-    "Describe the image briefly.",
-    "Write a short caption for the image.",
-    "What is in this picture?",
-)
+_CAPTION_PROMPTS = ("Describe the image briefly.", "Write a short caption for the image.",
+                    "What is in this picture?")
 
 
 def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
     out = []
     for i, (q, a) in enumerate(pairs):
-        out += [
-            {"from": "human", "value": ("<image>\n" if i == 0 else "") + q},
-            {"from": "gpt", "value": a},
-        ]
+        out += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q},
+                {"from": "gpt", "value": a}]
     return out
 
 
@@ -190,32 +160,20 @@ def make_record(split: str, objs: list[dict], rng: np.random.Generator) -> dict:
     """Conversation, answer and question_type of one record of `split` about the scene `objs`."""
     if split == "stage1":
         prompt = _CAPTION_PROMPTS[int(rng.integers(len(_CAPTION_PROMPTS)))]
-        return {
-            "conversations": _turns([(prompt, caption(objs))]),
-            "answer": "",
-            "question_type": "caption",
-        }
+        return {"conversations": _turns([(prompt, caption(objs))]), "answer": "",
+                "question_type": "caption"}
     if split == "stage2":
         if rng.random() < 0.3:
-            return {
-                "conversations": _turns([("Describe the image in detail.", description(objs))]),
-                "answer": "",
-                "question_type": "description",
-            }
+            return {"conversations": _turns([("Describe the image in detail.", description(objs))]),
+                    "answer": "", "question_type": "description"}
         kinds = rng.choice(QUESTION_TYPES, size=2, replace=False)
         pairs = [question(str(k), objs, rng) for k in kinds]
-        return {
-            "conversations": _turns([(q, long) for q, _, long in pairs]),
-            "answer": "",
-            "question_type": "instruction",
-        }
+        return {"conversations": _turns([(q, long) for q, _, long in pairs]), "answer": "",
+                "question_type": "instruction"}
     kind = str(rng.choice(QUESTION_TYPES, p=_TYPE_PROBS))
     q, short, _ = question(kind, objs, rng)
-    return {
-        "conversations": _turns([(f"{q} {SHORT}", short)]),
-        "answer": short,
-        "question_type": kind,
-    }
+    return {"conversations": _turns([(f"{q} {SHORT}", short)]), "answer": short,
+            "question_type": kind}
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -238,17 +196,10 @@ def _scenes(split: str, size: int, masks: np.ndarray, labels: np.ndarray, pool: 
 def generate_split(split: str, size: int, masks: np.ndarray, labels: np.ndarray, pool: np.ndarray):
     """Yields (key, example) for `split` from the digit indices in `pool`, deterministically."""
     for i, (objs, rec, pixels) in enumerate(_scenes(split, size, masks, labels, pool)):
-        yield (
-            i,
-            {
-                "id": f"{split}-{i}",
-                "image": _png(pixels),
-                "conversations": json.dumps(rec["conversations"]),
-                "answer": rec["answer"],
-                "question_type": rec["question_type"],
-                "digit_ids": ",".join(str(o["index"]) for o in objs),
-            },
-        )
+        yield i, {"id": f"{split}-{i}", "image": _png(pixels),
+                  "conversations": json.dumps(rec["conversations"]), "answer": rec["answer"],
+                  "question_type": rec["question_type"],
+                  "digit_ids": ",".join(str(o["index"]) for o in objs)}
 
 
 def split_scenes(split: str) -> dict[str, list[dict]]:
@@ -262,12 +213,8 @@ def split_scenes(split: str) -> dict[str, list[dict]]:
 
 def tokenizer_corpus(records) -> list[str]:
     """The text the built-in tokenizer is trained on: conversations plus the templates' own text."""
-    texts = [
-        conversation.VICUNA_SYSTEM,
-        conversation.CHATML_SYSTEM,
-        "USER: ASSISTANT:",
-        "system\nuser\nassistant\n",
-    ]
+    texts = [conversation.VICUNA_SYSTEM, conversation.CHATML_SYSTEM, "USER: ASSISTANT:",
+             "system\nuser\nassistant\n"]
     for rec in records:
         texts += [t["value"].replace("<image>\n", "") for t in json.loads(rec["conversations"])]
     return texts
@@ -277,10 +224,8 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of the built-in dataset (prepare with file_format='array_record')."""
 
     VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {
-        "1.0.0": "Digit scenes for stages I-III and a held-out test split.",
-        "1.1.0": "A BPE tokenizer: whole words are one piece each.",
-    }
+    RELEASE_NOTES = {"1.0.0": "Digit scenes for stages I-III and a held-out test split.",
+                     "1.1.0": "A BPE tokenizer: whole words are one piece each."}
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -293,17 +238,15 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict(
-                {
-                    "id": tfds.features.Text(),
-                    "image": tfds.features.Image(shape=(CANVAS, CANVAS, 3), encoding_format="png"),
-                    "conversations": tfds.features.Text(),
-                    "answer": tfds.features.Text(),
-                    "question_type": tfds.features.Text(),
-                    # sklearn digit indices drawn in the scene (train and test never share one).
-                    "digit_ids": tfds.features.Text(),
-                }
-            ),
+            features=tfds.features.FeaturesDict({
+                "id": tfds.features.Text(),
+                "image": tfds.features.Image(shape=(CANVAS, CANVAS, 3), encoding_format="png"),
+                "conversations": tfds.features.Text(),
+                "answer": tfds.features.Text(),
+                "question_type": tfds.features.Text(),
+                # sklearn digit indices drawn in the scene (train and test never share one).
+                "digit_ids": tfds.features.Text(),
+            }),
         )
 
     def _split_generators(self, dl_manager):

@@ -89,21 +89,14 @@ def _segments(
     if template not in TEMPLATES:
         raise ValueError(f"unknown chat template {template!r}; use one of {TEMPLATES}")
     segs: list[tuple[list[int], bool]] = []
-    pairs = [
-        (turns[i][1], turns[i + 1][1] if i + 1 < len(turns) else None)
-        for i in range(0, len(turns), 2)
-    ]
+    pairs = [(turns[i][1], turns[i + 1][1] if i + 1 < len(turns) else None)
+             for i in range(0, len(turns), 2)]
     if template == "plain":
         if len(pairs) != 1:
             raise BadRecord("malformed_record", "the plain template takes a single turn")
         question, answer = pairs[0]
-        segs.append(
-            (
-                [tok.bos_id]
-                + [tok.image_token_id] * num_image_tokens * question.count(IMAGE_TOKEN),
-                False,
-            )
-        )
+        segs.append(([tok.bos_id] + [tok.image_token_id] * num_image_tokens
+                      * question.count(IMAGE_TOKEN), False))
         if answer is not None:
             segs.append((tok.encode(answer) + [tok.eos_id], True))
         return segs
@@ -120,15 +113,8 @@ def _segments(
     if system:
         segs.append(([tok.im_start_id] + tok.encode(f"system\n{system}") + [tok.im_end_id], False))
     for question, answer in pairs:
-        segs.append(
-            (
-                [tok.im_start_id]
-                + _text(tok, f"user\n{question}", num_image_tokens)
-                + [tok.im_end_id, tok.im_start_id]
-                + tok.encode("assistant\n"),
-                False,
-            )
-        )
+        segs.append(([tok.im_start_id] + _text(tok, f"user\n{question}", num_image_tokens)
+                     + [tok.im_end_id, tok.im_start_id] + tok.encode("assistant\n"), False))
         if answer is not None:
             segs.append((tok.encode(answer) + [tok.im_end_id], True))
     return segs
@@ -171,7 +157,9 @@ def truncate(enc: Encoded, seq_len: int, image_token_id: int) -> Encoded:
     or leave no trained token with a target (position 0 is never a target)."""
     image_pos = np.flatnonzero(enc.ids == image_token_id)
     if image_pos.size and image_pos[-1] >= seq_len:
-        raise BadRecord("too_long", f"image tokens end at {image_pos[-1] + 1} > seq_len={seq_len}")
+        raise BadRecord(
+            "too_long", f"image tokens end at {image_pos[-1] + 1} > seq_len={seq_len}"
+        )
     ids, train = enc.ids[:seq_len], enc.train[:seq_len]
     if not train[1:].any():
         raise BadRecord(

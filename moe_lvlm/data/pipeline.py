@@ -78,9 +78,7 @@ class Encoder:
 
     @classmethod
     def from_config(
-        cls,
-        data_cfg: ml_collections.ConfigDict,
-        model_cfg: ml_collections.ConfigDict,
+        cls, data_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict,
         tokenizer: Tokenizer,
     ) -> "Encoder":
         if data_cfg.bad_records not in BAD_RECORD_MODES:
@@ -182,8 +180,8 @@ def assemble(
             ids, n = ex["ids"], len(ex["ids"])
             span = slice(start, start + n)
             out["input_ids"][r, span] = ids
-            out["targets"][r, start : start + n - 1] = ids[1:]
-            out["loss_mask"][r, start : start + n - 1] = ex["train"][1:]
+            out["targets"][r, start:start + n - 1] = ids[1:]
+            out["loss_mask"][r, start:start + n - 1] = ex["train"][1:]
             out["segment_ids"][r, span] = j + 1
             out["positions"][r, span] = np.arange(n)
             if ex["image"] is not None:
@@ -200,19 +198,11 @@ class PackBatchDataset(grain.IterDataset):
     order) and '_rows' (rows holding samples; 0 only for a last batch that just reports counts).
     """
 
-    def __init__(
-        self,
-        parent: grain.IterDataset,
-        batch_size: int,
-        seq_len: int,
-        pack: bool,
-        max_images: int,
-        image_size: int,
-    ):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, seq_len: int, pack: bool,
+                 max_images: int, image_size: int):
         super().__init__(parent)
-        self.shape = dict(
-            batch_size=batch_size, seq_len=seq_len, max_images=max_images, image_size=image_size
-        )
+        self.shape = dict(batch_size=batch_size, seq_len=seq_len, max_images=max_images,
+                          image_size=image_size)
         self.pack = pack
 
     def __iter__(self) -> "PackBatchIterator":
@@ -342,14 +332,8 @@ def skip_counts(iterator: DataIterator) -> dict[str, int]:
 
 
 def record_dataset(
-    mixture: str | Sequence,
-    data_dir: str,
-    *,
-    seed: int,
-    shuffle: bool,
-    num_epochs: int | None,
-    process_index: int,
-    process_count: int,
+    mixture: str | Sequence, data_dir: str, *, seed: int, shuffle: bool, num_epochs: int | None,
+    process_index: int, process_count: int,
 ) -> grain.MapDataset:
     """The records this process reads: each source shuffled (own seed) and repeated, then mixed
     by weight, then every process_count-th element from process_index."""
@@ -386,49 +370,36 @@ def make_iterator(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
-        raise ValueError(
-            f"global batch {global_batch_size} is not divisible by the {process_count} processes"
-        )
+        raise ValueError(f"global batch {global_batch_size} is not divisible by the "
+                         f"{process_count} processes")
     if mesh is not None:
         shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
         if global_batch_size % shards:
-            raise ValueError(
-                f"global batch {global_batch_size} is not divisible by the "
-                f"{shards} batch shards of the mesh over {BATCH_AXES}"
-            )
+            raise ValueError(f"global batch {global_batch_size} is not divisible by the "
+                             f"{shards} batch shards of the mesh over {BATCH_AXES}")
     encoder = Encoder.from_config(data_cfg, model_cfg, tokenizer)
     ds = record_dataset(
-        data_cfg.mixture if mixture is None else mixture,
-        data_cfg.data_dir,
-        seed=data_cfg.seed,
-        shuffle=train and data_cfg.shuffle,
+        data_cfg.mixture if mixture is None else mixture, data_cfg.data_dir,
+        seed=data_cfg.seed, shuffle=train and data_cfg.shuffle,
         num_epochs=(None if train else 1) if num_epochs is None else num_epochs,
-        process_index=process_index,
-        process_count=process_count,
+        process_index=process_index, process_count=process_count,
     )
     it_ds = ds.map(encoder).to_iter_dataset(
         grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64)
     )
     it_ds = PackBatchDataset(
-        it_ds,
-        batch_size=global_batch_size // process_count,
-        seq_len=data_cfg.seq_len,
-        pack=data_cfg.packing,
-        max_images=data_cfg.max_images_per_row if data_cfg.packing else 1,
+        it_ds, batch_size=global_batch_size // process_count, seq_len=data_cfg.seq_len,
+        pack=data_cfg.packing, max_images=data_cfg.max_images_per_row if data_cfg.packing else 1,
         image_size=model_cfg.vision.image_size,
     )
     if data_cfg.num_workers > 0:
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(
-                num_workers=data_cfg.num_workers, per_worker_buffer_size=max(1, data_cfg.prefetch)
-            )
-        )
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data_cfg.num_workers, per_worker_buffer_size=max(1, data_cfg.prefetch)))
     elif data_cfg.prefetch > 0:
         it_ds = grain.experimental.ThreadPrefetchIterDataset(
-            it_ds, prefetch_buffer_size=data_cfg.prefetch
-        )
+            it_ds, prefetch_buffer_size=data_cfg.prefetch)
     return _Output(it_ds, mesh).__iter__()
 
 
@@ -448,10 +419,5 @@ def prompt_examples(
         checked = encoder(record)
         if "skip" in checked:
             continue
-        yield {
-            "id": record["id"],
-            "prompt_ids": encoder.prompt(record),
-            "image": checked["image"],
-            "answer": record["answer"],
-            "question_type": record["question_type"],
-        }
+        yield {"id": record["id"], "prompt_ids": encoder.prompt(record), "image": checked["image"],
+               "answer": record["answer"], "question_type": record["question_type"]}

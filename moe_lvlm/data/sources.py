@@ -54,14 +54,8 @@ def make_record(
             raise BadRecord("malformed_record", f"{placeholders} <image> placeholders; one allowed")
     except BadRecord as e:
         return bad(record_id, origin, e.reason, str(e))
-    return {
-        "id": record_id,
-        "origin": origin,
-        "turns": turns,
-        "image": image,
-        "answer": answer,
-        "question_type": question_type,
-    }
+    return {"id": record_id, "origin": origin, "turns": turns, "image": image,
+            "answer": answer, "question_type": question_type}
 
 
 class LlavaJsonSource:
@@ -82,9 +76,8 @@ class LlavaJsonSource:
             try:
                 items = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{self.path} is not valid JSON ({e}); use JSONL to skip bad lines one by one"
-                ) from e
+                raise ValueError(f"{self.path} is not valid JSON ({e}); use JSONL to skip bad "
+                                 "lines one by one") from e
         if not isinstance(items, list):
             raise ValueError(f"{self.path} must hold a JSON array of records")
         self._items = items
@@ -101,9 +94,8 @@ class LlavaJsonSource:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                return bad(
-                    fallback, self.path, "malformed_record", f"line {line_no}: bad JSON ({e})"
-                )
+                return bad(fallback, self.path, "malformed_record",
+                           f"line {line_no}: bad JSON ({e})")
         else:
             obj, fallback = self._items[index], f"{name}[{index}]"
         if not isinstance(obj, dict):
@@ -114,14 +106,8 @@ class LlavaJsonSource:
             return bad(record_id, self.path, "malformed_record", "'image' must be one file name")
         if image is not None:
             image = os.path.join(self.image_root, image)
-        return make_record(
-            record_id,
-            self.path,
-            obj.get("conversations"),
-            image,
-            _text(obj.get("answer", "")),
-            _text(obj.get("question_type", "")),
-        )
+        return make_record(record_id, self.path, obj.get("conversations"), image,
+                           _text(obj.get("answer", "")), _text(obj.get("question_type", "")))
 
 
 class TfdsSource:
@@ -151,19 +137,12 @@ class TfdsSource:
             decoders = {image_key: tfds.decode.SkipDecoding()}
         self._ds = tfds.data_source(name, split=split, data_dir=data_dir, decoders=decoders)
         self.origin = f"tfds:{name}/{split}"
-        self._keys = dict(
-            image=image_key,
-            conversations=conversations_key,
-            question=question_key,
-            answer=answer_key,
-            id=id_key,
-        )
+        self._keys = dict(image=image_key, conversations=conversations_key,
+                          question=question_key, answer=answer_key, id=id_key)
         if conversations_key not in features and not (question_key and answer_key):
-            raise ValueError(
-                f"{self.origin} has no feature {conversations_key!r}; set "
-                f"conversations_key or question_key and answer_key "
-                f"(features: {sorted(features)})"
-            )
+            raise ValueError(f"{self.origin} has no feature {conversations_key!r}; set "
+                             f"conversations_key or question_key and answer_key "
+                             f"(features: {sorted(features)})")
 
     def __len__(self) -> int:
         return len(self._ds)
@@ -185,9 +164,8 @@ class TfdsSource:
             answer = _text(ex[k["answer"]])
             question = f"<image>\n{question}" if image is not None else question
             conversations = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        return make_record(
-            record_id, self.origin, conversations, image, answer, _text(ex.get("question_type", ""))
-        )
+        return make_record(record_id, self.origin, conversations, image, answer,
+                           _text(ex.get("question_type", "")))
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:

@@ -68,10 +68,7 @@ class Tokenizer:
 
 
 def train_tokenizer(
-    texts: Sequence[str],
-    vocab_size: int,
-    *,
-    byte_fallback: bool = True,
+    texts: Sequence[str], vocab_size: int, *, byte_fallback: bool = True,
     model_type: str = "unigram",
 ) -> Tokenizer:
     """Trains a SentencePiece model (`model_type` 'unigram' or 'bpe') on `texts` with pad=0,

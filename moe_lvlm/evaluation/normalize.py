@@ -101,5 +101,7 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     if not human_answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
     total_matches = sum(answer == prediction for answer in human_answers)
-    scores = [min(1.0, (total_matches - (answer == prediction)) / 3.0) for answer in human_answers]
+    scores = [
+        min(1.0, (total_matches - (answer == prediction)) / 3.0) for answer in human_answers
+    ]
     return sum(scores) / len(scores)

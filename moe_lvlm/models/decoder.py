@@ -195,11 +195,7 @@ class Decoder(nn.Module):
             logits = jnp.einsum("bsd,dv->bsv", x, head.astype(self.dtype))
         if variant(d, "head_bias"):
             bias = param_with_axes(
-                self,
-                "lm_head_bias",
-                nn.initializers.zeros,
-                (d.vocab_size,),
-                ("vocab",),
+                self, "lm_head_bias", nn.initializers.zeros, (d.vocab_size,), ("vocab",),
                 self.param_dtype,
             )
             logits = logits + bias.astype(self.dtype)

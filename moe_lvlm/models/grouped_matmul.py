@@ -34,7 +34,9 @@ FORWARD_BLOCKS = Blocks()
 WGRAD_BLOCKS = Blocks(max_concurrent_steps=2)
 
 
-def grouped_matmul(x: Array, w: Array, group_sizes: Array, implementation: str = "xla") -> Array:
+def grouped_matmul(
+    x: Array, w: Array, group_sizes: Array, implementation: str = "xla"
+) -> Array:
     """[m, k] x [g, k, n] -> [m, n] with rows of group i using w[i]."""
     if implementation == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes)
@@ -78,10 +80,7 @@ def mosaic_grouped_matmul(forward_blocks: Blocks, wgrad_blocks: Blocks):
 
     def input_grad(dy, w, group_sizes):
         return ragged_dot_mgpu.ragged_dot(
-            dy,
-            w.astype(dy.dtype),
-            group_sizes=group_sizes,
-            transpose_rhs=True,
+            dy, w.astype(dy.dtype), group_sizes=group_sizes, transpose_rhs=True,
             **forward_blocks._asdict(),
         )
 

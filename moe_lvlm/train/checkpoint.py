@@ -51,9 +51,7 @@ class StageCheckpoints:
     def __init__(self, directory: str | Path, max_to_keep: int, async_save: bool = True):
         self.directory = Path(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            create=True,
-            enable_async_checkpointing=async_save,
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # what a save killed half-way left behind
         )
         self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options)

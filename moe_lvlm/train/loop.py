@@ -62,7 +62,8 @@ def example_inputs(model_cfg: ml_collections.ConfigDict, batch: int, seq: int, i
     return ids, ids, jnp.ones((batch, seq), jnp.int32), imgs
 
 
-def state_initializer(model, optimizer, patterns, model_cfg, seq: int, images: int, batch: int = 1):
+def state_initializer(model, optimizer, patterns, model_cfg, seq: int, images: int,
+                      batch: int = 1):
     """rng -> boxed train state (params carry logical axis names). `batch`: rows of the example
     inputs that `model.init` traces, divisible by the mesh's batch shards."""
 
@@ -96,10 +97,8 @@ def stage_num_steps(cfg: ml_collections.ConfigDict, name: str) -> int:
     if steps < 1:
         raise ValueError(f"{name}: {steps} steps; set {name}.num_steps or num_epochs > 0")
     if stage.batch_size % stage.grad_accum:
-        raise ValueError(
-            f"{name}.batch_size={stage.batch_size} is not divisible by "
-            f"{name}.grad_accum={stage.grad_accum}"
-        )
+        raise ValueError(f"{name}.batch_size={stage.batch_size} is not divisible by "
+                         f"{name}.grad_accum={stage.grad_accum}")
     return steps
 
 
@@ -126,13 +125,8 @@ class StageRunner:
         self.data_cfg = stage_data_config(cfg, name)
         self.images_per_row = cfg.data.max_images_per_row if cfg.data.packing else 1
         init = state_initializer(
-            self.model,
-            self.optimizer,
-            self.stage.trainable,
-            self.model_cfg,
-            self.data_cfg.seq_len,
-            self.images_per_row,
-            batch_divisor(mesh),
+            self.model, self.optimizer, self.stage.trainable, self.model_cfg, self.data_cfg.seq_len,
+            self.images_per_row, batch_divisor(mesh),
         )
         with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -140,9 +134,8 @@ class StageRunner:
             self.abstract = abstract_with_shardings(nn.meta.unbox(boxed), self.shardings)
         stages_lib.check_patterns(self.abstract["params"], self.stage.trainable, name)
         self._init = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=self.shardings)
-        self.ckpt = StageCheckpoints(
-            self.dir / "checkpoints", cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save
-        )
+        self.ckpt = StageCheckpoints(self.dir / "checkpoints", cfg.checkpoint.max_to_keep,
+                                     cfg.checkpoint.async_save)
 
     def finished(self) -> bool:
         return self.ckpt.latest_step() == self.total_steps
@@ -171,9 +164,7 @@ class StageRunner:
                     f"e.g. {unused[:3]}"
                 )
             params = stages_lib.upcycle(
-                init_params,
-                state["params"],
-                self.model_cfg.moe.upcycle_noise_std,
+                init_params, state["params"], self.model_cfg.moe.upcycle_noise_std,
                 jax.random.fold_in(rng, 1),
             )
             state["params"] = jax.device_put(params, self.shardings["params"])
@@ -181,12 +172,8 @@ class StageRunner:
 
     def make_data(self, tokenizer) -> pipeline.DataIterator:
         return pipeline.make_iterator(
-            self.data_cfg,
-            self.model_cfg,
-            tokenizer,
-            self.mesh,
-            global_batch_size=self.stage.batch_size,
-            mixture=self.stage.mixture or None,
+            self.data_cfg, self.model_cfg, tokenizer, self.mesh,
+            global_batch_size=self.stage.batch_size, mixture=self.stage.mixture or None,
         )
 
     def run(self, init_params: Any | None, data: pipeline.DataIterator, is_main: bool) -> Any:
@@ -199,15 +186,9 @@ class StageRunner:
             state = self.ckpt.restore(start, self.abstract, data)
             print(f"{self.name}: resuming from checkpoint {start}", flush=True)
         step_fn = functools.partial(
-            train_step,
-            model=self.model,
-            moe_cfg=self.model_cfg.moe,
-            optimizer=self.optimizer,
-            schedule=self.schedule,
-            trainable=tuple(self.stage.trainable),
-            accum=self.stage.grad_accum,
-            packed=self.cfg.data.packing,
-            mesh=self.mesh,
+            train_step, model=self.model, moe_cfg=self.model_cfg.moe, optimizer=self.optimizer,
+            schedule=self.schedule, trainable=tuple(self.stage.trainable),
+            accum=self.stage.grad_accum, packed=self.cfg.data.packing, mesh=self.mesh,
         )
         jitted = jit_train_step(step_fn, self.shardings, self.mesh)
         writer = MetricsWriter(self.dir, self.name, self.total_steps, start, enabled=is_main)
@@ -225,18 +206,14 @@ class StageRunner:
                     self._save_before_bad_step(step, new_state, data)
                     raise NonFiniteLoss(
                         f"{self.name}: non-finite loss or gradient at step {step}; the state "
-                        f"before it is saved as checkpoint {step - 1} in {self.ckpt.directory}"
-                    )
+                        f"before it is saved as checkpoint {step - 1} in {self.ckpt.directory}")
                 state = new_state
                 if step % log_every == 0 or step == self.total_steps:
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - t0
-                    metrics.update(
-                        step_time=elapsed / (step - since),
-                        tokens_per_s=tokens / elapsed,
-                        nonfinite_steps=int(nonfinite),
-                        **skipped(data),
-                    )
+                    metrics.update(step_time=elapsed / (step - since),
+                                   tokens_per_s=tokens / elapsed,
+                                   nonfinite_steps=int(nonfinite), **skipped(data))
                     writer.write(step, metrics)
                     tokens, nonfinite, since = 0, jnp.zeros((), jnp.int32), step
                     t0 = time.perf_counter()
@@ -268,13 +245,8 @@ def skipped(data: pipeline.DataIterator) -> dict[str, int]:
     return out
 
 
-def run(
-    cfg: ml_collections.ConfigDict,
-    workdir: str | Path,
-    mesh,
-    tokenizer,
-    pretrained: dict | None = None,
-) -> None:
+def run(cfg: ml_collections.ConfigDict, workdir: str | Path, mesh, tokenizer,
+        pretrained: dict | None = None) -> None:
     """Runs every configured stage in order, each from its newest checkpoint or its start.
 
     `pretrained` (params from `hf_import.pretrained_init`) starts every stage that starts fresh

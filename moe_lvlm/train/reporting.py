@@ -26,14 +26,8 @@ class MetricsWriter:
     `start_step`: records of later steps (from a run that was interrupted and is now resumed
     from the checkpoint at `start_step`) are dropped first, so each step appears once."""
 
-    def __init__(
-        self,
-        directory: Path,
-        stage: str,
-        total_steps: int,
-        start_step: int = 0,
-        enabled: bool = True,
-    ):
+    def __init__(self, directory: Path, stage: str, total_steps: int, start_step: int = 0,
+                 enabled: bool = True):
         self.enabled = enabled
         self.stage = stage
         self.total_steps = total_steps
@@ -46,7 +40,8 @@ class MetricsWriter:
             kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
             # purge_step: TensorBoard discards the earlier run's events from that step on.
-            self.tb = SummaryWriter(str(Path(directory) / "tensorboard"), purge_step=start_step + 1)
+            self.tb = SummaryWriter(str(Path(directory) / "tensorboard"),
+                                    purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

@@ -75,10 +75,8 @@ def source_stage(
     if init_from == "":
         i = list(stage_names).index(name) if name in stage_names else 0
         return stage_names[i - 1] if i > 0 else None
-    if (
-        init_from == name
-        or not isinstance(cfg.get(init_from), ml_collections.ConfigDict)
-        or ("trainable" not in cfg[init_from])
+    if init_from == name or not isinstance(cfg.get(init_from), ml_collections.ConfigDict) or (
+        "trainable" not in cfg[init_from]
     ):
         raise ValueError(
             f"{name}.init_from={init_from!r} is not another stage section of the config; use a "

@@ -41,10 +41,7 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) 
 def make_schedule(stage: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     warmup = max(1, round(stage.warmup_fraction * total_steps))
     return optax.warmup_cosine_decay_schedule(
-        0.0,
-        stage.lr,
-        warmup,
-        max(total_steps, warmup + 1),
+        0.0, stage.lr, warmup, max(total_steps, warmup + 1),
         end_value=stage.lr * stage.final_lr_fraction,
     )
 
@@ -62,21 +59,13 @@ def make_optimizer(
     """Global-norm clipping, then AdamW with the stage's schedule."""
     return optax.chain(
         optax.clip_by_global_norm(stage.clip_norm),
-        optax.adamw(
-            make_schedule(stage, total_steps), b1=0.9, b2=0.999, weight_decay=stage.weight_decay
-        ),
+        optax.adamw(make_schedule(stage, total_steps), b1=0.9, b2=0.999,
+                    weight_decay=stage.weight_decay),
     )
 
 
 def model_loss(
-    params,
-    batch: Batch,
-    rng: jax.Array,
-    *,
-    model,
-    moe_cfg,
-    total_tokens,
-    loss_scale: float,
+    params, batch: Batch, rng: jax.Array, *, model, moe_cfg, total_tokens, loss_scale: float,
     packed: bool,
 ):
     """(scaled loss, metrics) of one (micro-)batch."""
@@ -134,21 +123,14 @@ def train_step(
 
     def micro(params_t_, mb, r):
         return model_loss(
-            merge(params_t_, params_f),
-            mb,
-            r,
-            model=model,
-            moe_cfg=moe_cfg,
-            total_tokens=total_tokens,
-            loss_scale=1.0 / accum,
-            packed=packed,
+            merge(params_t_, params_f), mb, r, model=model, moe_cfg=moe_cfg,
+            total_tokens=total_tokens, loss_scale=1.0 / accum, packed=packed,
         )
 
     grad_fn = jax.value_and_grad(micro, has_aux=True)
     if accum == 1:
         (loss, metrics), grads = grad_fn(params_t, batch, step_rng)
     else:
-
         def body(carry, inp):
             mb, r = inp
             (l_, m_), g_ = grad_fn(params_t, mb, r)
@@ -160,11 +142,8 @@ def train_step(
         rngs = jax.random.split(step_rng, accum)
         first = jax.tree.map(lambda x: x[0], mbs)
         metric_shapes = jax.eval_shape(lambda: micro(params_t, first, rngs[0])[1])
-        zeros = (
-            jnp.zeros(()),
-            jax.tree.map(jnp.zeros_like, metric_shapes),
-            jax.tree.map(jnp.zeros_like, params_t),
-        )
+        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, metric_shapes),
+                 jax.tree.map(jnp.zeros_like, params_t))
         (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (mbs, rngs))
 
     grad_norm = optax.global_norm(grads)

@@ -67,11 +67,8 @@ class SceneBatches:
         for _ in range(batch_size):
             objs = builtin.sample_scene(self.rng, self.by_digit)
             pixels = Image.fromarray(builtin.render(objs, self.masks, self.rng))
-            images.append(
-                image.preprocess(
-                    pixels, self.vision.image_size, self.vision.mean, self.vision.std, self.aspect
-                )
-            )
+            images.append(image.preprocess(pixels, self.vision.image_size, self.vision.mean,
+                                           self.vision.std, self.aspect))
             digit, color = scene_labels(objs, self.cells)
             digits.append(digit)
             colors.append(color)
@@ -97,11 +94,8 @@ def _loss(params, model, images, digits, colors, cells):
     digit_logits, color_logits, cell_logits = model.apply({"params": params}, images)
     ce = optax.softmax_cross_entropy_with_integer_labels
     cells = jnp.broadcast_to(cells, digits.shape)
-    loss = (
-        ce(digit_logits, digits).mean()
-        + ce(color_logits, colors).mean()
-        + ce(cell_logits, cells).mean()
-    )
+    loss = (ce(digit_logits, digits).mean() + ce(color_logits, colors).mean()
+            + ce(cell_logits, cells).mean())
     return loss, (digit_logits.argmax(-1), color_logits.argmax(-1), cell_logits.argmax(-1))
 
 
@@ -113,18 +107,15 @@ def pretrain(
     held-out per-patch accuracies {'digit_accuracy', 'color_accuracy', 'cell_accuracy'} in %, over
     `settings.eval_scenes` scenes)."""
     if model_cfg.vision.get("moe_layers", "none") != "none":
-        raise ValueError(
-            "vision_pretrain trains a dense tower; set model.vision.moe_layers='none'"
-            " (upcycling makes experts of the pretrained MLPs)"
-        )
+        raise ValueError("vision_pretrain trains a dense tower; set model.vision.moe_layers='none'"
+                         " (upcycling makes experts of the pretrained MLPs)")
     model = _TowerWithHeads(ml_collections.FrozenConfigDict(model_cfg))
     train_data = SceneBatches(model_cfg, aspect, "train", settings.seed)
     size = model_cfg.vision.image_size
     params = model.init(jax.random.PRNGKey(settings.seed), jnp.zeros((1, size, size, 3)))
     params = nn.meta.unbox(params)["params"]
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, settings.lr, max(1, settings.steps // 20), settings.steps
-    )
+        0.0, settings.lr, max(1, settings.steps // 20), settings.steps)
     optimizer = optax.adamw(schedule, weight_decay=0.0)
     opt_state = optimizer.init(params)
 
@@ -141,15 +132,14 @@ def pretrain(
     held_out = SceneBatches(model_cfg, aspect, "held_out", settings.seed + 1)
     images, digits, colors = held_out(settings.eval_scenes)
     _, (digit_pred, color_pred, cell_pred) = jax.jit(_loss, static_argnums=1)(
-        params, model, images, digits, colors, cells
-    )
+        params, model, images, digits, colors, cells)
     # Accuracy over the patches that lie on a digit (empty patches are the easy majority).
     on_digit = digits != EMPTY_DIGIT
     accuracy = {
-        "digit_accuracy": 100.0
-        * float(np.mean(np.asarray(digit_pred)[on_digit] == digits[on_digit])),
-        "color_accuracy": 100.0
-        * float(np.mean(np.asarray(color_pred)[on_digit] == colors[on_digit])),
+        "digit_accuracy": 100.0 * float(np.mean(np.asarray(digit_pred)[on_digit]
+                                                 == digits[on_digit])),
+        "color_accuracy": 100.0 * float(np.mean(np.asarray(color_pred)[on_digit]
+                                                 == colors[on_digit])),
         "cell_accuracy": 100.0 * float(np.mean(np.asarray(cell_pred) == train_data.cells)),
     }
     return {"vision": jax.tree.map(np.asarray, params["vision"])}, accuracy
@@ -159,10 +149,8 @@ def pretrained_tower(cfg: ml_collections.ConfigDict) -> tuple[dict, dict[str, fl
     """`pretrain` as the run config `cfg` asks (`cfg.vision_pretrain`); an error with
     `init.vision` set, which names another source for the same tower."""
     if cfg.get("init") and cfg.init.get("vision"):
-        raise ValueError(
-            f"vision_pretrain.steps={cfg.vision_pretrain.steps} and "
-            f"init.vision={cfg.init.vision} both start the vision tower; keep one"
-        )
+        raise ValueError(f"vision_pretrain.steps={cfg.vision_pretrain.steps} and "
+                         f"init.vision={cfg.init.vision} both start the vision tower; keep one")
     return pretrain(cfg.model, cfg.vision_pretrain, cfg.data.aspect)
 
 
@@ -171,11 +159,8 @@ TOWER_FILE, REPORT_FILE = "vision_pretrain.npz", "vision_pretrain.json"
 
 def _recipe(cfg: ml_collections.ConfigDict) -> dict:
     """Everything the pre-trained tower depends on."""
-    return {
-        "settings": cfg.vision_pretrain.to_dict(),
-        "vision": cfg.model.vision.to_dict(),
-        "aspect": cfg.data.aspect,
-    }
+    return {"settings": cfg.vision_pretrain.to_dict(), "vision": cfg.model.vision.to_dict(),
+            "aspect": cfg.data.aspect}
 
 
 def workdir_tower(cfg: ml_collections.ConfigDict, workdir: Path, write: bool) -> dict:
@@ -189,12 +174,10 @@ def workdir_tower(cfg: ml_collections.ConfigDict, workdir: Path, write: bool) ->
             with np.load(tower_path) as saved:
                 return traverse_util.unflatten_dict(dict(saved), sep="/")
     tower, accuracy = pretrained_tower(cfg)
-    print(
-        f"vision pretraining ({cfg.vision_pretrain.steps} steps), held-out patches: "
-        f"digit {accuracy['digit_accuracy']:.1f}%, colour {accuracy['color_accuracy']:.1f}%, "
-        f"cell {accuracy['cell_accuracy']:.1f}%",
-        flush=True,
-    )
+    print(f"vision pretraining ({cfg.vision_pretrain.steps} steps), held-out patches: "
+          f"digit {accuracy['digit_accuracy']:.1f}%, colour {accuracy['color_accuracy']:.1f}%, "
+          f"cell {accuracy['cell_accuracy']:.1f}%",
+          flush=True)
     if write:
         flat = traverse_util.flatten_dict(tower, sep="/")
         with open(tower_path, "wb") as f:
