@@ -3,7 +3,8 @@
 The text model is the HF architecture that reproduces this decoder exactly:
 
   dense                         llama, qwen2 (qkv bias; also Qwen-1), qwen3 (qk-norm),
-                                stablelm (LayerNorm, partial RoPE) or phi (Phi-2's block)
+                                stablelm (LayerNorm, partial RoPE) or phi (Phi-2's block
+                                without the LM head bias, which Llava's lm_head lacks)
   MoE, qk-norm                  qwen3_moe (`mlp_only_layers` = the dense layers)
   MoE in every layer, no bias   mixtral
   other MoE (e.g. qkv bias)     qwen2_moe with a zero-size shared expert
@@ -11,7 +12,7 @@ The text model is the HF architecture that reproduces this decoder exactly:
 All of them route as here (fp32 softmax over every expert, top-k, weights renormalised over the k
 chosen: `norm_topk_prob=True`) and compute every routed token (dropless), so a model trained with
 capacity dispatch exports too; only its dropped tokens differ. HF has no MoE in the vision tower or
-projector, and no MoE StableLM or Phi: such models are refused (their dense stages export).
+projector, no MoE StableLM or Phi, and no LM head bias (Phi-2): such models are refused.
 Vision blocks after `vision.select_layer` are not part of this model; they are written as all-zero
 blocks (each is then the identity) and the post-layernorm as the identity, neither of which
 LLaVA's `vision_feature_layer` output reads.
@@ -89,6 +90,12 @@ def text_kind(d: ml_collections.ConfigDict) -> str:
             f"a {kind} decoder with MoE layers {list(moe_at)}: transformers has no MoE class for "
             f"the {kind} architecture, so no exact HF equivalent exists (dense stages export as "
             f"{kind}; run the MoE model with moe_lvlm.generate / evaluate)"
+        )
+    if variant(d, "head_bias"):
+        raise ExportError(
+            "decoder.head_bias=True (Phi-2's LM head bias): transformers' "
+            "LlavaForConditionalGeneration has an LM head without bias, so no exact HF "
+            "equivalent exists; run the model with moe_lvlm.generate / evaluate"
         )
     if kind:
         return kind

@@ -73,6 +73,10 @@ class StageCheckpoints:
         """State at `step`, placed as `abstract_state` says (its shardings may be another mesh)."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         snapshot = IteratorSnapshot()
+        # An imported checkpoint (moe_lvlm.import_checkpoint) has no data position: the data
+        # then starts from its beginning.
+        if iterator is not None and not (self.directory / str(step) / "data").exists():
+            iterator = None
         if iterator is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(snapshot)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))

@@ -20,7 +20,7 @@ from tests.interop.hf_helpers import randomize_torch, torch
 
 nn = torch.nn
 SIZES = dict(
-    vocab_size=64,
+    vocab_size=128,
     hidden_size=32,
     intermediate_size=48,
     num_hidden_layers=2,
