@@ -13,4 +13,9 @@ def get_config(workdir: str):
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: configs/workdir.py:W takes a workdir")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    cfg = ml_collections.ConfigDict(json.loads(path.read_text()))
+    # JSON keeps no type for a None field: make it overridable as configs/base.py does.
+    cfg.data.system_prompt = ml_collections.FieldReference(
+        cfg.data.system_prompt, field_type=str
+    )
+    return cfg

@@ -19,6 +19,7 @@ LLaVA's `vision_feature_layer` output reads.
 """
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,32 @@ def hf_tensors(params: Any, model_cfg: ml_collections.ConfigDict, dtype=None) ->
     return out
 
 
+def warn_dropped_tokens(model_cfg: ml_collections.ConfigDict) -> None:
+    """Warns when the model drops tokens over capacity: the exported model computes every token."""
+    moe, d = model_cfg.moe, model_cfg.decoder
+    if moe.dispatch != "capacity" or not moe_layer_indices(d.moe_layers, d.num_layers):
+        return
+    # capacity = ceil(k * tokens / E * factor) holds every token iff k * factor >= E.
+    drops = {
+        name: moe[f"capacity_factor_{name}"]
+        for name in ("train", "eval")
+        if moe.top_k * moe[f"capacity_factor_{name}"] < moe.num_experts
+    }
+    if drops:
+        warnings.warn(
+            f"the model uses capacity dispatch and drops tokens over capacity (top_k={moe.top_k}, "
+            f"{moe.num_experts} experts, capacity factors {drops}); transformers computes every "
+            "routed token, so "
+            + (
+                "its outputs differ from moe_lvlm.generate / evaluate wherever a token is dropped"
+                if "eval" in drops
+                else "it matches moe_lvlm.generate / evaluate (no drops at the eval factor) but "
+                "not the training forward"
+            ),
+            stacklevel=2,
+        )
+
+
 # --------------------------------------------------------------------------- tokenizer
 def check_tokenizer(tok: Tokenizer, model_cfg: ml_collections.ConfigDict) -> None:
     """The tokenizer must be the one the model was trained with (ids within its vocabulary)."""
@@ -370,12 +397,15 @@ def export(
     aspect: str = "pad",
     dtype: str | None = None,
     max_shard_bytes: int = 2 << 30,
+    template: str = "",
 ) -> Path:
     """Writes config.json, safetensors shards, image preprocessor settings and, with `tokenizer`
     (whose ids the model was trained on), tokenizer, processor and generation files into `out_dir`.
 
-    `aspect` is the run's `data.aspect` ('pad' or 'resize'); `dtype` ('float32', 'bfloat16', ...)
-    casts the weights, None keeps the params' dtype.
+    `aspect` is the run's `data.aspect` ('pad' or 'resize'), `template` its `data.template`
+    ('chatml' makes `<|im_end|>` an eos id); `dtype` ('float32', 'bfloat16', ...) casts the
+    weights, None keeps the params' dtype. Embedding rows beyond the tokenizer are listed in
+    generation_config.json's `suppress_tokens`, so HF never generates an id without a piece.
     """
     if aspect not in ASPECT_MODES:
         raise ExportError(f"aspect={aspect!r} is not one of {ASPECT_MODES} (the run's data.aspect)")
@@ -384,13 +414,17 @@ def export(
     if tokenizer is not None:
         check_tokenizer(tokenizer, model_cfg)
     out.mkdir(parents=True, exist_ok=True)
-    special = hf_tokenizer.write_tokenizer(tokenizer, out) if tokenizer is not None else {}
+    warn_dropped_tokens(model_cfg)
+    special = hf_tokenizer.write_tokenizer(tokenizer, out, template) if tokenizer else {}
     dtype_name = str(next(iter(tensors.values())).dtype)
     config = llava_config(model_cfg, special, dtype_name)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     _image_processor_file(model_cfg, aspect, out)
     if special:
         generation = dict(special, do_sample=False)
+        unused = range(tokenizer.vocab_size, model_cfg.decoder.vocab_size)
+        if unused:
+            generation["suppress_tokens"] = list(unused)
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
         _processor_file(model_cfg, out)
     write_checkpoint(tensors, out, max_shard_bytes)

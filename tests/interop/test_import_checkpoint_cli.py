@@ -50,6 +50,7 @@ def _llava_data(root: Path) -> str:
             dict(
                 id=str(i),
                 image=f"{i}.png",
+                answer=f"item {i}",
                 conversations=[
                     dict(value="<image>\nHow many digits are in the image?", **{"from": "human"}),
                     dict(value=f"item {i}", **{"from": "gpt"}),
