@@ -90,7 +90,8 @@ def test_moe_import_generate_evaluate_continue(tmp_path):
         "--max_new_tokens=3",
     )
     spec = _llava_data(tmp_path / "data")
-    _run("moe_lvlm.evaluate", f"--workdir={workdir}", f"--split={spec}", "--limit=2")
+    _run("moe_lvlm.evaluate", f"--workdir={workdir}", f"--split={spec}", "--limit=2",
+         "--batch_size=2", "--max_new_tokens=3")
     refused = _run("moe_lvlm.export", f"--workdir={workdir}", f"--out={tmp_path / 'hf'}", ok=False)
     assert refused.returncode != 0 and "no MoE class for the stablelm" in refused.stderr
     _run(
