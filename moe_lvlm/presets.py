@@ -128,6 +128,8 @@ def _moe_llava(decoder: dict) -> ml_collections.ConfigDict:
     tokenizer's <|endoftext|> closing each answer)."""
     cfg = moe_llava_1p6bx4()
     cfg.decoder = ml_collections.ConfigDict({**cfg.decoder.to_dict(), **decoder})
+    # DeepSpeed drops tokens over capacity while training (k * 1.5 < E) and none at eval.
+    cfg.moe.dispatch = "capacity"
     return cfg
 
 
