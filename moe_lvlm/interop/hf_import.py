@@ -535,7 +535,7 @@ def with_pretrained(
         if decoder_config(hf, str(Path(llm_dir) / "config.json"))[1]:
             raise CheckpointError(
                 f"{llm_dir}: a {hf['model_type']} MoE decoder; init.llm takes a dense LLM "
-                "(llama, mistral, qwen2, qwen3), which stage III upcycles into experts"
+                "(llama, mistral, qwen2, qwen3, stablelm, phi, qwen), which stage III upcycles"
             )
         imported, p = import_decoder(llm_dir)
         imported.decoder.moe_layers = cfg.decoder.moe_layers

@@ -113,6 +113,7 @@ def test_moe_import_generate_evaluate_continue(tmp_path):
     assert metrics and metrics[0]["step"] >= 1
 
 
+@pytest.mark.slow
 def test_phi_export_refused(tmp_path):
     _, workdir, _ = _import(tmp_path, "phi", ())
     refused = _run("moe_lvlm.export", f"--workdir={workdir}", f"--out={tmp_path / 'hf'}", ok=False)
