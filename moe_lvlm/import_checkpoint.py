@@ -18,6 +18,7 @@ not one moe_lvlm/interop/moe_llava.py knows (the weights always come from DIR).
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -28,6 +29,7 @@ _SRC = flags.DEFINE_string("src", None, "MoE-LLaVA checkpoint directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir to write (must not hold checkpoints).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model of the model's vocab.")
 _VISION = flags.DEFINE_string("vision_config", None, "Directory with the tower's config.json.")
+flags.DEFINE_bool("debug", False, "Show the traceback of a bad input.")
 flags.mark_flags_as_required(["config", "src", "workdir", "tokenizer"])
 
 
@@ -81,9 +83,15 @@ def main(argv) -> None:
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    stage, step = import_checkpoint(
-        _SRC.value, _WORKDIR.value, _CONFIG.value, _TOKENIZER.value, _VISION.value
-    )
+    try:
+        stage, step = import_checkpoint(
+            _SRC.value, _WORKDIR.value, _CONFIG.value, _TOKENIZER.value, _VISION.value
+        )
+    except (OSError, ValueError) as e:  # a bad directory, config or tokenizer (DESIGN.md 8)
+        if flags.FLAGS["debug"].value:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"imported {_SRC.value} into {_WORKDIR.value}: {stage} checkpoint {step}")
 
 

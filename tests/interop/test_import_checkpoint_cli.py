@@ -138,3 +138,12 @@ def test_dense_import_exports_to_transformers(tmp_path):
     ids_ref = ids.copy()
     ids_ref[ids == image_id] = fx.IMAGE_TOKEN_ID
     assert max_err(got, fx.forward(model, ids_ref, pixels)) <= TOL
+
+
+def test_bad_source_is_one_error_line(tmp_path):
+    proc = _run("moe_lvlm.import_checkpoint", f"--src={tmp_path / 'none'}",
+                f"--workdir={tmp_path / 'w'}", "--config=configs/moe_llava.py",
+                f"--tokenizer={tmp_path / 'tok.model'}", ok=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'none' / 'config.json'} not found; point " \
+        "at a HF model directory (save_pretrained)"
