@@ -101,8 +101,9 @@ def test_moe_import_generate_evaluate_continue(tmp_path):
         f"--config.data.mixture={spec}",
         "--config.stage3.num_steps=2",
         "--config.stage3.batch_size=2",
-        "--config.stage3.seq_len=32",
-        "--config.data.seq_len=32",
+        "--config.stage3.seq_len=128",
+        "--config.data.seq_len=128",
+        "--config.data.system_prompt=",
         "--config.checkpoint.async_save=False",
     )
     steps = sorted(
