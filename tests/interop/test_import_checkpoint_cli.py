@@ -32,7 +32,7 @@ def _run(*args, ok=True):
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     if ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
