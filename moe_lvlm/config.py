@@ -11,7 +11,7 @@ from moe_lvlm.cli import UserError
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "xla", "mosaic", "megablox")
 EP_DISPATCHES = ("auto", "all_gather", "ragged_a2a", "a2a_buffer")
-# MoE routing options (configs/models.py:moe_defaults documents each; moe_lvlm/models/moe.py).
+# MoE routing options (moe_lvlm/presets.py:moe_defaults documents each; moe_lvlm/models/moe.py).
 COMBINE_MODES = ("auto", "softmax", "renorm_chosen", "renorm_kept")
 NOISE_MODES = ("none", "train", "always")
 CAPACITY_GROUPS = ("sequence", "batch_shard")
@@ -186,8 +186,16 @@ def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> No
             f"model.decoder.num_heads={d.num_heads} is not a multiple of "
             f"num_kv_heads={d.num_kv_heads}"
         )
-    if d.head_dim % 2:
-        raise ConfigError(f"model.decoder.head_dim={d.head_dim} must be even for RoPE")
+    rotary = int(d.head_dim * d.get("rotary_fraction", 1.0))
+    if rotary % 2 or rotary == 0:
+        raise ConfigError(
+            f"model.decoder: head_dim={d.head_dim} * rotary_fraction="
+            f"{d.get('rotary_fraction', 1.0)} gives {rotary} rotary features; RoPE needs an even, "
+            "non-zero number"
+        )
+    for key, allowed in (("norm", ("rms", "layer")), ("ffn", ("swiglu", "mlp"))):
+        if d.get(key, allowed[0]) not in allowed:
+            raise ConfigError(f"model.decoder.{key}={d[key]!r}: use one of {allowed}")
     moe_layer_indices(d.moe_layers, d.num_layers)
     moe_layer_indices(v.moe_layers, v.depth)
     _validate_moe(model.moe, expert_axis)

@@ -43,6 +43,7 @@ def export_workdir(
         tokenizer=trained.tokenizer,
         aspect=trained.config.data.aspect,
         dtype=dtype,
+        template=trained.config.data.template,
     )
     return path, trained.stage, trained.step
 

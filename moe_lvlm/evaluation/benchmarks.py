@@ -9,6 +9,7 @@ its scorer reads. The on-disk layouts are documented in docs/evaluation.md.
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,26 +111,51 @@ def load_gqa(data_dir: str | os.PathLike) -> list[Record]:
     return _check_images(records, "gqa")
 
 
+def llava_textvqa_question(text: str) -> str:
+    """The question inside a LLaVA TextVQA prompt, lower-cased (MoE-LLaVA's eval_textvqa.py
+    prompt_processor): '{question}\nReference OCR token: ...\n{suffix}' (or the OCR line first),
+    'OCR tokens: ... Question: {question} Short answer:', or '{question}\n{suffix}'."""
+    lines = text.split("\n")
+    if text.startswith("OCR tokens: "):
+        question = re.search(r"Question: (.*) Short answer:", text, re.DOTALL)
+        return (question.group(1) if question else text).strip().lower()
+    if "Reference OCR token: " in text and len(lines) == 3:
+        return (lines[1] if text.startswith("Reference OCR token:") else lines[0]).lower()
+    return lines[0].lower()
+
+
+def _llava_textvqa_prompts(path: Path) -> dict[tuple[str, str], str]:
+    """(image id, lower-cased question) -> prompt of LLaVA's `llava_textvqa_val_v051_ocr.jsonl`,
+    whose `question_id` field holds the TextVQA *image id* (not the question id)."""
+    prompts = {}
+    for number, row in enumerate(_read_jsonl(path), start=1):
+        _require(row, ("question_id", "text"), f"{path}:{number}")
+        prompts[str(row["question_id"]), llava_textvqa_question(row["text"])] = row["text"]
+    return prompts
+
+
 def load_textvqa(data_dir: str | os.PathLike) -> list[Record]:
     """TextVQA val: `TextVQA_0.5.1_val.json` and `train_images/<image_id>.jpg` (the val images
     ship in the train_val zip). With LLaVA's `llava_textvqa_val_v051_ocr.jsonl` beside them, its
-    prompts (question + OCR tokens + suffix, what LLaVA-1.5 reports) are used instead."""
+    prompts (question + OCR tokens + suffix, what LLaVA-1.5 reports) are used instead, matched on
+    (image id, lower-cased question) as MoE-LLaVA's eval_textvqa.py matches them."""
     root = Path(data_dir)
     path = root / "TextVQA_0.5.1_val.json"
     llava_path = root / "llava_textvqa_val_v051_ocr.jsonl"
-    llava_prompts = (
-        {row["question_id"]: row["text"] for row in _read_jsonl(llava_path)}
-        if llava_path.is_file() else None
-    )  # fmt: skip
+    llava_prompts = _llava_textvqa_prompts(llava_path) if llava_path.is_file() else None
     records = []
     for q in _read_json(path)["data"]:
         _require(q, ("question_id", "image_id", "question", "answers"), f"{path}")
+        key = (str(q["image_id"]), q["question"].lower())
         if llava_prompts is None:
             prompt = _short_answer(q["question"])
-        elif q["question_id"] in llava_prompts:
-            prompt = llava_prompts[q["question_id"]]
+        elif key in llava_prompts:
+            prompt = llava_prompts[key]
         else:
-            raise ValueError(f"{llava_path}: no prompt for question {q['question_id']}")
+            raise ValueError(
+                f"{llava_path}: no prompt for image {key[0]} and question {q['question']!r} "
+                f"(question {q['question_id']} of {path.name})"
+            )
         records.append({
             "question_id": q["question_id"],
             "image": str(root / "train_images" / f"{q['image_id']}.jpg"),

@@ -2,23 +2,27 @@
 
 The text model is the HF architecture that reproduces this decoder exactly:
 
-  dense                         llama, qwen2 (qkv bias) or qwen3 (qk-norm)
+  dense                         llama, qwen2 (qkv bias; also Qwen-1), qwen3 (qk-norm),
+                                stablelm (LayerNorm, partial RoPE) or phi (Phi-2's block
+                                without the LM head bias, which Llava's lm_head lacks)
   MoE, qk-norm                  qwen3_moe (`mlp_only_layers` = the dense layers)
   MoE in every layer, no bias   mixtral
   other MoE (e.g. qkv bias)     qwen2_moe with a zero-size shared expert
 
 All of them route as here (fp32 softmax over every expert, top-k; weights renormalised over the k
-chosen, `norm_topk_prob=True`, or with `moe.combine_weights` resolving to 'softmax', as top-1
-does by default, the raw probabilities: `norm_topk_prob=False`, which mixtral lacks, so such a
-model exports as qwen2_moe) and compute every routed token (dropless), so a model trained with
-capacity dispatch exports too; only its dropped tokens differ ('renorm_kept' is 'renorm_chosen'
-when nothing is dropped). HF draws no second-choice noise. HF has no MoE in the vision tower or
-projector: such models are refused. Vision blocks after `vision.select_layer` are not part of this
-model; they are written as all-zero blocks (each is then the identity) and the post-layernorm as
-the identity, neither of which LLaVA's `vision_feature_layer` output reads.
+chosen, `norm_topk_prob=True`, or with `moe.combine_weights` resolving to 'softmax', as top-1 does
+by default, the raw probabilities: `norm_topk_prob=False`, which mixtral lacks, so such a model
+exports as qwen2_moe) and compute every routed token (dropless), so a model trained with capacity
+dispatch exports too; only its dropped tokens differ ('renorm_kept' is 'renorm_chosen' when nothing
+is dropped). HF draws no second-choice noise. HF has no MoE in the vision tower or projector, no MoE
+StableLM or Phi, and no LM head bias (Phi-2): such models are refused. Vision blocks after
+`vision.select_layer` are not part of this model; they are written as all-zero blocks (each is then
+the identity) and the post-layernorm as the identity, neither of which LLaVA's
+`vision_feature_layer` output reads.
 """
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from moe_lvlm.data.image import ASPECT_MODES
 from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from moe_lvlm.interop import hf_tokenizer, layout
 from moe_lvlm.interop.safetensors_io import write_checkpoint
+from moe_lvlm.models.decoder import VARIANT_DEFAULTS, variant
 from moe_lvlm.models.vit import num_layers_run
 
 VISION_PREFIX = "vision_tower."
@@ -65,9 +70,47 @@ def renormalises(moe: ml_collections.ConfigDict) -> bool:
     return moe.top_k > 1 if mode == "auto" else mode != "softmax"
 
 
+def _variant_kind(d: ml_collections.ConfigDict) -> str | None:
+    """'stablelm' or 'phi' for a decoder with their options, None for a LLaMA-family one."""
+    opts = {k: variant(d, k) for k in VARIANT_DEFAULTS}
+    if opts == VARIANT_DEFAULTS:
+        return None
+    phi = dict(
+        norm="layer",
+        parallel_block=True,
+        ffn="mlp",
+        activation="gelu_tanh",
+        out_bias=True,
+        head_bias=True,
+    )
+    if all(opts[k] == v for k, v in phi.items()) and d.qkv_bias and not d.qk_norm:
+        return "phi"
+    stablelm = dict(norm="layer", ffn="swiglu", activation="silu", out_bias=False, head_bias=False)
+    if all(opts[k] == v for k, v in stablelm.items()) and not d.qk_norm:
+        return "stablelm"
+    raise ExportError(
+        f"decoder options {opts} match no transformers text model (LLaMA family, StableLM, Phi)"
+    )
+
+
 def text_kind(model_cfg: ml_collections.ConfigDict) -> str:
     d = model_cfg.decoder
     moe_at = moe_layer_indices(d.moe_layers, d.num_layers)
+    kind = _variant_kind(d)
+    if kind and moe_at:
+        raise ExportError(
+            f"a {kind} decoder with MoE layers {list(moe_at)}: transformers has no MoE class for "
+            f"the {kind} architecture, so no exact HF equivalent exists (dense stages export as "
+            f"{kind}; run the MoE model with moe_lvlm.generate / evaluate)"
+        )
+    if variant(d, "head_bias"):
+        raise ExportError(
+            "decoder.head_bias=True (Phi-2's LM head bias): transformers' "
+            "LlavaForConditionalGeneration has an LM head without bias, so no exact HF "
+            "equivalent exists; run the model with moe_lvlm.generate / evaluate"
+        )
+    if kind:
+        return kind
     if not moe_at:
         return "qwen3" if d.qk_norm else ("qwen2" if d.qkv_bias else "llama")
     if d.qk_norm:
@@ -116,6 +159,19 @@ def text_config(model_cfg: ml_collections.ConfigDict, special: dict) -> dict:
         attention_dropout=0.0,
         **special,
     )
+    if kind in ("stablelm", "phi"):
+        del cfg["rms_norm_eps"]
+        rotary = float(variant(d, "rotary_fraction"))
+        cfg.update(
+            layer_norm_eps=d.norm_eps,
+            qk_layernorm=False,
+            rope_parameters=dict(cfg["rope_parameters"], partial_rotary_factor=rotary),
+            hidden_act="gelu_new" if kind == "phi" else "silu",
+        )
+    if kind == "stablelm":
+        cfg.update(
+            use_qkv_bias=bool(d.qkv_bias), use_parallel_residual=variant(d, "parallel_block")
+        )
     if kind in ("llama", "qwen3", "qwen3_moe"):
         cfg["attention_bias"] = bool(d.qkv_bias)  # also an o_proj bias, written as zeros
     if kind in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
@@ -186,11 +242,15 @@ def llava_config(model_cfg: ml_collections.ConfigDict, special: dict, dtype: str
 def entries(model_cfg: ml_collections.ConfigDict) -> list[layout.Entry]:
     """Every (HF key, our path) pair of the exported LLaVA, in the on-disk layout."""
     v, d = model_cfg.vision, model_cfg.decoder
-    style = "mixtral" if text_kind(model_cfg) == "mixtral" else "qwen"
+    kind = text_kind(model_cfg)
+    style = "mixtral" if kind == "mixtral" else "qwen"
+    family = "phi" if kind == "phi" else "llama"
     return (
         layout.vision_entries(v, VISION_PREFIX, num_layers_run(v.depth, v.select_layer))
         + layout.projector_entries(model_cfg.projector.kind, PROJECTOR_PREFIX)
-        + layout.decoder_entries(d, model_cfg.moe.num_experts, DECODER_PREFIX, HEAD_KEY, style)
+        + layout.decoder_entries(
+            d, model_cfg.moe.num_experts, DECODER_PREFIX, HEAD_KEY, style, family=family
+        )
     )
 
 
@@ -260,6 +320,32 @@ def hf_tensors(params: Any, model_cfg: ml_collections.ConfigDict, dtype=None) ->
     return out
 
 
+def warn_dropped_tokens(model_cfg: ml_collections.ConfigDict) -> None:
+    """Warns when the model drops tokens over capacity: the exported model computes every token."""
+    moe, d = model_cfg.moe, model_cfg.decoder
+    if moe.dispatch != "capacity" or not moe_layer_indices(d.moe_layers, d.num_layers):
+        return
+    # capacity = ceil(k * tokens / E * factor) holds every token iff k * factor >= E.
+    drops = {
+        name: moe[f"capacity_factor_{name}"]
+        for name in ("train", "eval")
+        if moe.top_k * moe[f"capacity_factor_{name}"] < moe.num_experts
+    }
+    if drops:
+        warnings.warn(
+            f"the model uses capacity dispatch and drops tokens over capacity (top_k={moe.top_k}, "
+            f"{moe.num_experts} experts, capacity factors {drops}); transformers computes every "
+            "routed token, so "
+            + (
+                "its outputs differ from moe_lvlm.generate / evaluate wherever a token is dropped"
+                if "eval" in drops
+                else "it matches moe_lvlm.generate / evaluate (no drops at the eval factor) but "
+                "not the training forward"
+            ),
+            stacklevel=2,
+        )
+
+
 # --------------------------------------------------------------------------- tokenizer
 def check_tokenizer(tok: Tokenizer, model_cfg: ml_collections.ConfigDict) -> None:
     """The tokenizer must be the one the model was trained with (ids within its vocabulary)."""
@@ -322,12 +408,15 @@ def export(
     aspect: str = "pad",
     dtype: str | None = None,
     max_shard_bytes: int = 2 << 30,
+    template: str = "",
 ) -> Path:
     """Writes config.json, safetensors shards, image preprocessor settings and, with `tokenizer`
     (whose ids the model was trained on), tokenizer, processor and generation files into `out_dir`.
 
-    `aspect` is the run's `data.aspect` ('pad' or 'resize'); `dtype` ('float32', 'bfloat16', ...)
-    casts the weights, None keeps the params' dtype.
+    `aspect` is the run's `data.aspect` ('pad' or 'resize'), `template` its `data.template`
+    ('chatml' makes `<|im_end|>` an eos id); `dtype` ('float32', 'bfloat16', ...) casts the
+    weights, None keeps the params' dtype. Embedding rows beyond the tokenizer are listed in
+    generation_config.json's `suppress_tokens`, so HF never generates an id without a piece.
     """
     if aspect not in ASPECT_MODES:
         raise ExportError(f"aspect={aspect!r} is not one of {ASPECT_MODES} (the run's data.aspect)")
@@ -336,13 +425,17 @@ def export(
     if tokenizer is not None:
         check_tokenizer(tokenizer, model_cfg)
     out.mkdir(parents=True, exist_ok=True)
-    special = hf_tokenizer.write_tokenizer(tokenizer, out) if tokenizer is not None else {}
+    warn_dropped_tokens(model_cfg)
+    special = hf_tokenizer.write_tokenizer(tokenizer, out, template) if tokenizer else {}
     dtype_name = str(next(iter(tensors.values())).dtype)
     config = llava_config(model_cfg, special, dtype_name)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     _image_processor_file(model_cfg, aspect, out)
     if special:
         generation = dict(special, do_sample=False)
+        unused = range(tokenizer.vocab_size, model_cfg.decoder.vocab_size)
+        if unused:
+            generation["suppress_tokens"] = list(unused)
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
         _processor_file(model_cfg, out)
     write_checkpoint(tensors, out, max_shard_bytes)

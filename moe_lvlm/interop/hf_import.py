@@ -27,15 +27,21 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from configs import models
+from moe_lvlm import presets as models
 from moe_lvlm.cli import UserError
 from moe_lvlm.config import moe_layer_indices, num_image_tokens
 from moe_lvlm.interop import layout
 from moe_lvlm.interop.safetensors_io import Checkpoint
 from moe_lvlm.models import lvlm as lvlm_lib
+from moe_lvlm.models.decoder import VARIANT_DEFAULTS
 from moe_lvlm.models.vit import num_layers_run
 
-DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+# Decoders that are options of the one block: StableLM(-2), Phi(-2), Qwen-1 ('qwen', remote code).
+VARIANT_TYPES = ("stablelm", "phi", "qwen")
+DECODER_TYPES = LLAMA_TYPES + VARIANT_TYPES
+# Key family (layout.FAMILIES) of each importable decoder type.
+FAMILY = {"phi": "phi", "qwen": "qwen1"}
 VISION_TYPES = ("clip_vision_model", "siglip_vision_model")
 ACTIVATIONS = {
     "quick_gelu": "quick_gelu",
@@ -94,8 +100,10 @@ def _field(cfg: dict, key: str, where: str, defaults: dict | None = None):
     raise CheckpointError(f"{where}: config has no {key!r}")
 
 
-def _rope_theta(cfg: dict, where: str) -> float:
-    """RoPE base from transformers 5 `rope_parameters` or 4.x `rope_theta` / `rope_scaling`."""
+def _rope(cfg: dict, where: str) -> tuple[float, float]:
+    """(RoPE base, rotary fraction) from transformers 5 `rope_parameters` or 4.x `rope_theta` /
+    `rope_scaling` / `partial_rotary_factor` (StableLM-epoch's `rope_pct`, Qwen-1's
+    `rotary_emb_base` / `rotary_pct`)."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
@@ -104,10 +112,14 @@ def _rope_theta(cfg: dict, where: str) -> float:
             f"{where}: rope_type={rope_type!r} (scaled RoPE) is not implemented by this decoder; "
             "only plain RoPE ('default') imports exactly"
         )
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise CheckpointError(f"{where}: partial_rotary_factor != 1 is not supported")
-    theta = params.get("rope_theta", cfg.get("rope_theta"))
-    return float(theta if theta is not None else ROPE_THETA_DEFAULT.get(cfg["model_type"], 1e4))
+    fraction = params.get("partial_rotary_factor")
+    for key in ("partial_rotary_factor", "rope_pct", "rotary_pct"):
+        fraction = cfg[key] if fraction is None and cfg.get(key) is not None else fraction
+    if fraction is None:
+        fraction = {"stablelm": 0.25, "phi": 0.5}.get(cfg["model_type"], 1.0)
+    theta = params.get("rope_theta", cfg.get("rope_theta", cfg.get("rotary_emb_base")))
+    theta = theta if theta is not None else ROPE_THETA_DEFAULT.get(cfg["model_type"], 1e4)
+    return float(theta), float(fraction)
 
 
 def named_moe_layers(indices: list[int], num_layers: int) -> Any:
@@ -126,6 +138,8 @@ def decoder_config(cfg: dict, where: str) -> tuple[ml_collections.ConfigDict, di
         raise CheckpointError(
             f"{where}: model_type {kind!r} is not an importable decoder {DECODER_TYPES}"
         )
+    if kind in VARIANT_TYPES:
+        return variant_decoder_config(cfg, where), {}
     get = lambda key: _field(cfg, key, where, DECODER_DEFAULTS)  # noqa: E731
     if get("hidden_act") != "silu":
         raise CheckpointError(
@@ -145,8 +159,12 @@ def decoder_config(cfg: dict, where: str) -> tuple[ml_collections.ConfigDict, di
     qkv_bias = {"qwen2": True, "qwen2_moe": cfg.get("qkv_bias", True)}.get(
         kind, bool(cfg.get("attention_bias", False))
     )
+    theta, fraction = _rope(cfg, where)
+    if fraction != 1.0:
+        raise CheckpointError(f"{where}: partial_rotary_factor={fraction} in a {kind} model")
     dec = ml_collections.ConfigDict(
         dict(
+            **VARIANT_DEFAULTS,
             vocab_size=get("vocab_size"),
             embed_dim=get("hidden_size"),
             num_layers=layers,
@@ -154,7 +172,7 @@ def decoder_config(cfg: dict, where: str) -> tuple[ml_collections.ConfigDict, di
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or get("hidden_size") // heads,
             mlp_dim=get("intermediate_size"),
-            rope_theta=_rope_theta(cfg, where),
+            rope_theta=theta,
             norm_eps=float(get("rms_norm_eps")),
             qkv_bias=bool(qkv_bias),
             qk_norm=kind in ("qwen3", "qwen3_moe"),
@@ -186,6 +204,50 @@ def decoder_config(cfg: dict, where: str) -> tuple[ml_collections.ConfigDict, di
         return dec, dict(num_experts=get("num_local_experts"), top_k=get("num_experts_per_tok"),
                          combine_weights="renorm_chosen")
     return dec, {}
+
+
+def variant_decoder_config(cfg: dict, where: str) -> ml_collections.ConfigDict:
+    """StableLM(-2) / StableLM-epoch, Phi(-2) or Qwen-1 config -> our decoder section (dense)."""
+    kind = cfg["model_type"]
+    get = lambda key, default=None: _field(  # noqa: E731
+        cfg, key, where, None if default is None else {key: default}
+    )
+    theta, fraction = _rope(cfg, where)
+    heads, hidden = get("num_attention_heads"), get("hidden_size")
+    act = get("hidden_act", "gelu_new" if kind == "phi" else "silu")
+    if kind == "phi" and act not in ACTIVATIONS:
+        raise CheckpointError(f"{where}: hidden_act={act!r} has no equivalent here")
+    if kind != "phi" and act != "silu":
+        raise CheckpointError(f"{where}: hidden_act={act!r}; the {kind} FFN is SwiGLU")
+    if cfg.get("qk_layernorm"):
+        raise CheckpointError(f"{where}: qk_layernorm=True (per-head LayerNorm) is not supported")
+    if kind == "qwen" and not cfg.get("no_bias", True):
+        raise CheckpointError(f"{where}: no_bias=False (biased MLP/c_proj) is not supported")
+    eps_key = {"stablelm": "layer_norm_eps", "phi": "layer_norm_eps", "qwen": "layer_norm_epsilon"}
+    eps = cfg.get(eps_key[kind], cfg.get("norm_eps"))  # norm_eps: StableLM-epoch
+    dec = dict(
+        VARIANT_DEFAULTS,
+        vocab_size=get("vocab_size"),
+        embed_dim=hidden,
+        num_layers=get("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("kv_channels") or hidden // heads,
+        # Qwen-1's intermediate_size counts both halves of its SwiGLU (w1 and w2).
+        mlp_dim=get("intermediate_size") // (2 if kind == "qwen" else 1),
+        rope_theta=theta,
+        rotary_fraction=fraction,
+        norm_eps=float(eps if eps is not None else (1e-6 if kind == "qwen" else 1e-5)),
+        qkv_bias=kind != "stablelm" or bool(cfg.get("use_qkv_bias", False)),
+        qk_norm=False,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        moe_layers="none",
+        norm="rms" if kind == "qwen" else "layer",
+        parallel_block=kind == "phi" or bool(cfg.get("use_parallel_residual", False)),
+    )
+    if kind == "phi":
+        dec.update(ffn="mlp", activation=ACTIVATIONS[act], out_bias=True, head_bias=True)
+    return ml_collections.ConfigDict(dec)
 
 
 def vision_config(
@@ -265,16 +327,19 @@ def load_entries(
             raise CheckpointError(
                 f"{ckpt.directory}: {e.hf} maps to {e.ours}, which the model lacks"
             )
-        want = layout.hf_shape(e, shapes[e.ours])
-        if ckpt.shape(e.hf) != want:
+        want, have = layout.hf_shape(e, shapes[e.ours]), ckpt.shape(e.hf)
+        if e.rows:
+            want = (e.rows[2], *want[1:])
+        if have != want:
             raise CheckpointError(
-                f"{ckpt.file_of(e.hf)}: tensor {e.hf} has shape {ckpt.shape(e.hf)}, expected "
+                f"{ckpt.file_of(e.hf)}: tensor {e.hf} has shape {have}, expected "
                 f"{want} for {e.ours} {shapes[e.ours]} (check config.json against the weights)"
             )
+        tensor = ckpt[e.hf][e.rows[0] : e.rows[1]] if e.rows else ckpt[e.hf]
         if e.kind == "expert":
-            experts[e.ours][e.expert] = ckpt[e.hf]
+            experts[e.ours][e.expert] = tensor
         else:
-            out[e.ours] = layout.from_hf(e, ckpt[e.hf], shapes[e.ours])
+            out[e.ours] = layout.from_hf(e, tensor, shapes[e.ours])
     for path, parts in experts.items():
         out[path] = np.stack([parts[i].T for i in range(len(parts))])
     return out
@@ -300,7 +365,7 @@ def _nest(flat: dict[str, np.ndarray]) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _decoder_prefixes(ckpt: Checkpoint, llava: bool) -> tuple[str, str]:
+def _decoder_prefixes(ckpt: Checkpoint, llava: bool, family: str = "llama") -> tuple[str, str]:
     """(decoder key prefix, LM head key) in the layout the checkpoint uses."""
     options = (
         [
@@ -308,13 +373,14 @@ def _decoder_prefixes(ckpt: Checkpoint, llava: bool) -> tuple[str, str]:
             ("model.language_model.", "lm_head.weight"),
         ]
         if llava
-        else [("model.", "lm_head.weight")]
+        else [("transformer." if family == "qwen1" else "model.", "lm_head.weight")]
     )
+    embed = layout.FAMILIES[family].embed
     for prefix, head in options:
-        if f"{prefix}embed_tokens.weight" in ckpt:
+        if f"{prefix}{embed}.weight" in ckpt:
             return prefix, head
     raise CheckpointError(
-        f"{ckpt.directory}: no {options[0][0]}embed_tokens.weight; not a decoder checkpoint"
+        f"{ckpt.directory}: no {options[0][0]}{embed}.weight; not a decoder checkpoint"
     )
 
 
@@ -338,9 +404,12 @@ def import_decoder(directory: str | Path) -> tuple[ml_collections.ConfigDict, di
     model_cfg.decoder = dec
     model_cfg.moe.update(moe)
     ckpt = Checkpoint(directory)
-    prefix, head = _decoder_prefixes(ckpt, llava=False)
+    family = FAMILY.get(hf["model_type"], "llama")
+    prefix, head = _decoder_prefixes(ckpt, llava=False, family=family)
     style = "mixtral" if hf["model_type"] == "mixtral" else "qwen"
-    entries = layout.decoder_entries(dec, model_cfg.moe.num_experts, prefix, head, style)
+    entries = layout.decoder_entries(
+        dec, model_cfg.moe.num_experts, prefix, head, style, family=family
+    )
     _decoder_extras(ckpt, dec, prefix)
     flat = load_entries(ckpt, entries, param_shapes(model_cfg, images=False))
     return model_cfg, _nest(flat)
@@ -408,11 +477,14 @@ def import_llava(directory: str | Path) -> tuple[ml_collections.ConfigDict, dict
     v, dec = model_cfg.vision, model_cfg.decoder
     prefix, head = _decoder_prefixes(ckpt, llava=True)
     vprefix = "vision_tower." if legacy else "model.vision_tower."
-    style = "mixtral" if cfg["text_config"]["model_type"] == "mixtral" else "qwen"
+    text_type = cfg["text_config"]["model_type"]
+    style = "mixtral" if text_type == "mixtral" else "qwen"
     entries = (
         layout.vision_entries(v, vprefix, num_layers_run(v.depth, v.select_layer))
         + layout.projector_entries(model_cfg.projector.kind, proj_prefix)
-        + layout.decoder_entries(dec, model_cfg.moe.num_experts, prefix, head, style)
+        + layout.decoder_entries(
+            dec, model_cfg.moe.num_experts, prefix, head, style, FAMILY.get(text_type, "llama")
+        )
     )
     _decoder_extras(ckpt, dec, prefix)
     flat = {}
@@ -464,7 +536,7 @@ def with_pretrained(
         if decoder_config(hf, str(Path(llm_dir) / "config.json"))[1]:
             raise CheckpointError(
                 f"{llm_dir}: a {hf['model_type']} MoE decoder; init.llm takes a dense LLM "
-                "(llama, mistral, qwen2, qwen3), which stage III upcycles into experts"
+                "(llama, mistral, qwen2, qwen3, stablelm, phi, qwen), which stage III upcycles"
             )
         imported, p = import_decoder(llm_dir)
         imported.decoder.moe_layers = cfg.decoder.moe_layers

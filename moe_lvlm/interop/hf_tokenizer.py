@@ -16,15 +16,20 @@ from pathlib import Path
 
 from sentencepiece import sentencepiece_model_pb2
 
-from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
+from moe_lvlm.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN, Tokenizer
 
 _Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 UNIGRAM, BPE = 1, 2
 SPACE = "\u2581"  # sentencepiece's visible space
 
 
-def write_tokenizer(tok: Tokenizer, out: Path) -> dict:
-    """Writes the three tokenizer files into `out`; returns the special ids for the configs."""
+def write_tokenizer(tok: Tokenizer, out: Path, template: str = "") -> dict:
+    """Writes the three tokenizer files into `out`; returns the special ids for the configs.
+
+    Padding goes on the left (batched generation appends after each row's last token). The chat
+    tokens `<|im_start|>` / `<|im_end|>` are special (`skip_special_tokens` drops them), and with
+    the 'chatml' template `<|im_end|>` is an end-of-sequence id, as in moe_lvlm.generate.
+    """
     path = out / "tokenizer.model"
     tok.save(str(path))
     proto = sentencepiece_model_pb2.ModelProto.FromString(path.read_bytes())
@@ -41,10 +46,12 @@ def write_tokenizer(tok: Tokenizer, out: Path) -> dict:
         add_eos_token=False,
         special_tokens_pattern="bos",  # SentencePieceBackend: prepend BOS only
         legacy=True,
+        padding_side="left",
     )
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     fast_tokenizer(proto, tok.bos_id).save(str(out / "tokenizer.json"))
-    return dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    eos = [tok.im_end_id, tok.eos_id] if template == "chatml" else tok.eos_id
+    return dict(bos_token_id=tok.bos_id, eos_token_id=eos, pad_token_id=tok.pad_id)
 
 
 def bpe_merges(pieces: list[tuple[str, float]], skip: set[str]) -> list[tuple[str, str]]:
@@ -100,10 +107,15 @@ def fast_tokenizer(proto: sentencepiece_model_pb2.ModelProto, bos_id: int):
             "tokenizers equivalent"
         )
     fast = Fast(model)
-    # Control pieces (<s>, </s>) are special; user-defined ones (<image>) are matched verbatim.
+    # Control pieces (<s>, </s>) and the chat tokens are special; other user-defined ones
+    # (<image>) are matched verbatim.
     fast.add_tokens(
         [
-            AddedToken(p.piece, normalized=False, special=p.type == _Piece.CONTROL)
+            AddedToken(
+                p.piece,
+                normalized=False,
+                special=p.type == _Piece.CONTROL or p.piece in (IM_START, IM_END),
+            )
             for p in proto.pieces
             if p.type in (_Piece.CONTROL, _Piece.USER_DEFINED)
         ]

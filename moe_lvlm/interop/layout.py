@@ -9,6 +9,8 @@ transform is a transpose or reshape:
   expert  ours stacked [E, in, out], entry `expert` = e <-> HF per-expert nn.Linear [out, in]
   copy    the same array
 
+An entry with `rows` is that slice (along HF's first axis) of a fused tensor (Qwen-1's c_attn).
+
 HF key names are those `save_pretrained` writes with transformers 5 (checked by tests/interop).
 """
 
@@ -29,6 +31,8 @@ class Entry:
     kind: str = "copy"
     in_dims: int = 1
     expert: int = -1
+    # (start, stop, total): the entry is rows start:stop of a fused HF tensor of `total` rows.
+    rows: tuple[int, int, int] | None = None
 
 
 def to_hf(entry: Entry, ours: np.ndarray) -> np.ndarray:
@@ -104,39 +108,110 @@ EXPERT_NAMES = {"qwen": ("gate_proj", "up_proj", "down_proj"), "mixtral": ("w1",
 MOE_BLOCK = {"qwen": "mlp", "mixtral": "block_sparse_moe"}
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderNames:
+    """Key names of one decoder family (after the prefix; layer keys after 'layers.{i}.')."""
+
+    layers: str = "layers"
+    embed: str = "embed_tokens"
+    attn_norm: str = "input_layernorm"
+    ffn_norm: str = "post_attention_layernorm"
+    q: str = "self_attn.q_proj"
+    k: str = "self_attn.k_proj"
+    v: str = "self_attn.v_proj"
+    qkv: str = ""  # a fused [q; k; v] projection (Qwen-1's c_attn) instead of q, k, v
+    o: str = "self_attn.o_proj"
+    mlp: str = "mlp"
+    # Our FFN parameter -> HF module name inside `mlp` (and inside each expert).
+    ffn: tuple = (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+    final_norm: str = "norm"
+
+
+FAMILIES = {
+    "llama": DecoderNames(),  # also Mistral, Qwen2/3, StableLM
+    "phi": DecoderNames(
+        o="self_attn.dense", ffn=(("fc1", "fc1"), ("fc2", "fc2")), final_norm="final_layernorm"
+    ),
+    "qwen1": DecoderNames(
+        layers="h",
+        embed="wte",
+        attn_norm="ln_1",
+        ffn_norm="ln_2",
+        qkv="attn.c_attn",
+        o="attn.c_proj",
+        ffn=(("gate", "w2"), ("up", "w1"), ("down", "c_proj")),
+        final_norm="ln_f",
+    ),
+}
+
+
+def _norm_entries(hf: str, ours: str, layer_norm: bool) -> list[Entry]:
+    out = [Entry(f"{hf}.weight", f"{ours}/scale")]
+    return out + [Entry(f"{hf}.bias", f"{ours}/bias")] if layer_norm else out
+
+
 def decoder_entries(
     d: ml_collections.ConfigDict,
     num_experts: int,
     prefix: str,
     head_key: str,
     moe_style: str = "qwen",
+    family: str = "llama",
 ) -> list[Entry]:
-    """LLaMA-family decoder keys: `prefix` + 'embed_tokens...', the LM head at `head_key`."""
-    p, out = prefix, [Entry(f"{prefix}embed_tokens.weight", "decoder/embedding")]
+    """Decoder keys: `prefix` + 'embed_tokens...' (per `family`), the LM head at `head_key`.
+
+    moe_style: 'qwen' ('mlp.gate', 'mlp.experts.{e}.gate_proj'), 'mixtral'
+    ('block_sparse_moe.gate', '...experts.{e}.w1') or 'deepspeed' (MoE-LLaVA:
+    'mlp.deepspeed_moe.gate.wg', 'mlp.deepspeed_moe.experts.deepspeed_experts.{e}.<family name>').
+    """
+    names = FAMILIES[family]
+    layer_norm = d.get("norm", "rms") == "layer"
+    p, out = prefix, [Entry(f"{prefix}{names.embed}.weight", "decoder/embedding")]
     moe_at = set(moe_layer_indices(d.moe_layers, d.num_layers))
+    q_size, kv_size = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
     for i in range(d.num_layers):
-        hf, ours = f"{p}layers.{i}.", f"decoder/layers_{i}/"
-        out += [
-            Entry(f"{hf}input_layernorm.weight", f"{ours}attn_norm/scale"),
-            Entry(f"{hf}post_attention_layernorm.weight", f"{ours}ffn_norm/scale"),
-        ]
-        for name in "qkv":
-            out.append(
-                Entry(f"{hf}self_attn.{name}_proj.weight", f"{ours}attn/{name}/kernel", "linear")
-            )
-            if d.qkv_bias:
+        hf, ours = f"{p}{names.layers}.{i}.", f"decoder/layers_{i}/"
+        out += _norm_entries(f"{hf}{names.attn_norm}", f"{ours}attn_norm", layer_norm)
+        if not d.get("parallel_block", False):
+            out += _norm_entries(f"{hf}{names.ffn_norm}", f"{ours}ffn_norm", layer_norm)
+        for j, name in enumerate("qkv"):
+            if names.qkv:
+                start = 0 if j == 0 else q_size + (j - 1) * kv_size
+                rows = (start, start + (q_size if j == 0 else kv_size), q_size + 2 * kv_size)
                 out.append(
-                    Entry(f"{hf}self_attn.{name}_proj.bias", f"{ours}attn/{name}/bias", "bias")
+                    Entry(
+                        f"{hf}{names.qkv}.weight", f"{ours}attn/{name}/kernel", "linear", rows=rows
+                    )
                 )
-        out.append(
-            Entry(f"{hf}self_attn.o_proj.weight", f"{ours}attn/o/kernel", "linear", in_dims=2)
-        )
+                if d.qkv_bias:
+                    out.append(
+                        Entry(f"{hf}{names.qkv}.bias", f"{ours}attn/{name}/bias", "bias", rows=rows)
+                    )
+                continue
+            key = getattr(names, name)
+            out.append(Entry(f"{hf}{key}.weight", f"{ours}attn/{name}/kernel", "linear"))
+            if d.qkv_bias:
+                out.append(Entry(f"{hf}{key}.bias", f"{ours}attn/{name}/bias", "bias"))
+        out.append(Entry(f"{hf}{names.o}.weight", f"{ours}attn/o/kernel", "linear", in_dims=2))
+        if d.get("out_bias", False):
+            out.append(Entry(f"{hf}{names.o}.bias", f"{ours}attn/o/bias"))
         if d.qk_norm:
             out += [
                 Entry(f"{hf}self_attn.q_norm.weight", f"{ours}attn/q_norm/scale"),
                 Entry(f"{hf}self_attn.k_norm.weight", f"{ours}attn/k_norm/scale"),
             ]
-        if i in moe_at:
+        with_bias = d.get("ffn", "swiglu") == "mlp"
+        if i in moe_at and moe_style == "deepspeed":
+            block = f"{hf}{names.mlp}.deepspeed_moe."
+            out.append(Entry(f"{block}gate.wg.weight", f"{ours}moe/router", "linear"))
+            for e in range(num_experts):
+                for name, hf_name in names.ffn:
+                    key = f"{block}experts.deepspeed_experts.{e}.{hf_name}"
+                    ours_e = f"{ours}moe/experts/{name}"
+                    out.append(Entry(f"{key}.weight", ours_e, "expert", expert=e))
+                    if with_bias:
+                        out.append(Entry(f"{key}.bias", f"{ours_e}_bias", "expert", expert=e))
+        elif i in moe_at:
             block = f"{hf}{MOE_BLOCK[moe_style]}."
             out.append(Entry(f"{block}gate.weight", f"{ours}moe/router", "linear"))
             for e in range(num_experts):
@@ -146,13 +221,16 @@ def decoder_entries(
                     key = f"{block}experts.{e}.{hf_name}.weight"
                     out.append(Entry(key, f"{ours}moe/experts/{name}", "expert", expert=e))
         else:
-            for name in ("gate", "up", "down"):
-                out.append(
-                    Entry(f"{hf}mlp.{name}_proj.weight", f"{ours}mlp/{name}/kernel", "linear")
-                )
-    out.append(Entry(f"{p}norm.weight", "decoder/final_norm/scale"))
+            for name, hf_name in names.ffn:
+                key = f"{hf}{names.mlp}.{hf_name}"
+                out.append(Entry(f"{key}.weight", f"{ours}mlp/{name}/kernel", "linear"))
+                if with_bias:
+                    out.append(Entry(f"{key}.bias", f"{ours}mlp/{name}/bias"))
+    out += _norm_entries(f"{p}{names.final_norm}", "decoder/final_norm", layer_norm)
     if not d.tie_embeddings:
         out.append(Entry(head_key, "decoder/lm_head", "linear"))
+    if d.get("head_bias", False):
+        out.append(Entry(head_key.replace(".weight", ".bias"), "decoder/lm_head_bias"))
     return out
 
 

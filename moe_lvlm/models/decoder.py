@@ -1,5 +1,10 @@
-"""LLaMA-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional qkv bias (Qwen2),
-qk-norm (Qwen3) and tied embeddings; each block's FFN is dense or MoE (`decoder.moe_layers`).
+"""The decoder: one block with the options real backbones need; each block's FFN is dense or MoE
+(`decoder.moe_layers`).
+
+LLaMA/Mistral/Qwen1-3: RMSNorm, RoPE, SwiGLU, grouped-query attention, qkv bias (Qwen1/2), qk-norm
+(Qwen3), tied embeddings. StableLM-2: LayerNorm with bias, RoPE over 25% of each head, qkv bias.
+Phi-2: LayerNorm, RoPE over 40%, parallel attention + MLP from one norm, a GELU MLP with biases
+(fc1/fc2, also what its experts upcycle), attention output bias and an LM head bias.
 """
 
 from typing import Any
@@ -13,6 +18,7 @@ from moe_lvlm.models.layers import (
     BATCH_LENGTH_EMBED,
     Attention,
     DenseFeedForward,
+    LayerNorm,
     RMSNorm,
     attention_mask,
     param_with_axes,
@@ -20,6 +26,29 @@ from moe_lvlm.models.layers import (
 from moe_lvlm.models.moe import MoeFeedForward
 
 Array = jax.Array
+
+# The block options and their LLaMA values (configs written before they existed lack them).
+VARIANT_DEFAULTS = dict(
+    norm="rms",  # 'rms' (RMSNorm) or 'layer' (LayerNorm with bias)
+    rotary_fraction=1.0,  # share of each head's features that RoPE rotates
+    parallel_block=False,  # x + attn(norm(x)) + ffn(norm(x)) with one norm (Phi-2)
+    ffn="swiglu",  # 'swiglu' (gate/up/down, no bias) or 'mlp' (fc1/fc2 with bias)
+    activation="silu",  # the FFN activation (layers.activation_fn)
+    out_bias=False,  # attention output projection bias
+    head_bias=False,  # LM head bias
+)
+
+
+def variant(d: Any, key: str) -> Any:
+    """A block option of decoder config `d`, with its default when the config predates it."""
+    return d.get(key, VARIANT_DEFAULTS[key])
+
+
+def _norm(d: Any, name: str, kw: dict) -> nn.Module:
+    if variant(d, "norm") == "layer":
+        return LayerNorm(d.norm_eps, name=name, **kw)
+    return RMSNorm(d.norm_eps, name=name, **kw)
+
 
 REMAT_POLICIES = {
     "full": None,
@@ -47,16 +76,18 @@ class DecoderBlock(nn.Module):
         mask = None
         if self.packed and not self.decode:
             mask = attention_mask(segment_ids, causal=True)
-        h = RMSNorm(d.norm_eps, name="attn_norm", **kw)(x)
-        h = Attention(
+        h = _norm(d, "attn_norm", kw)(x)
+        attn = Attention(
             d.num_heads,
             d.num_kv_heads,
             d.head_dim,
             causal=True,
             qkv_bias=d.qkv_bias,
+            out_bias=variant(d, "out_bias"),
             qk_norm=d.qk_norm,
             norm_eps=d.norm_eps,
             rope_theta=d.rope_theta,
+            rotary_fraction=variant(d, "rotary_fraction"),
             implementation=self.config.attention,
             mesh=self.mesh,
             name="attn",
@@ -70,21 +101,28 @@ class DecoderBlock(nn.Module):
             kv_valid=valid,
             segment_ids=segment_ids if mask is not None else None,
         )
-        x = x + h
-        h = RMSNorm(d.norm_eps, name="ffn_norm", **kw)(x)
+        if not variant(d, "parallel_block"):
+            x = x + attn
+            h = _norm(d, "ffn_norm", kw)(x)
+        gated = variant(d, "ffn") == "swiglu"
+        act = variant(d, "activation")
         metrics = None
         if self.use_moe:
             h, metrics = MoeFeedForward(
                 self.config.moe,
                 d.mlp_dim,
-                activation="silu",
-                gated=True,
+                activation=act,
+                gated=gated,
                 mesh=self.mesh,
                 name="moe",
                 **kw,
             )(h, valid, train=self.train)
         else:
-            h = DenseFeedForward(d.mlp_dim, activation="silu", gated=True, name="mlp", **kw)(h)
+            h = DenseFeedForward(
+                d.mlp_dim, activation=act, gated=gated, use_bias=not gated, name="mlp", **kw
+            )(h)
+        if variant(d, "parallel_block"):
+            h = h + attn
         x = nn.with_logical_constraint(x + h, BATCH_LENGTH_EMBED)
         return x, metrics
 
@@ -151,7 +189,7 @@ class Decoder(nn.Module):
             )(x, positions, segment_ids)
             if m is not None:
                 metrics[f"decoder/layers_{i}"] = m
-        x = RMSNorm(d.norm_eps, name="final_norm", **kw)(x)
+        x = _norm(d, "final_norm", kw)(x)
         if d.tie_embeddings:
             logits = jnp.einsum("bsd,vd->bsv", x, embedding.astype(self.dtype))
         else:
@@ -164,6 +202,12 @@ class Decoder(nn.Module):
                 self.param_dtype,
             )
             logits = jnp.einsum("bsd,dv->bsv", x, head.astype(self.dtype))
+        if variant(d, "head_bias"):
+            bias = param_with_axes(
+                self, "lm_head_bias", nn.initializers.zeros, (d.vocab_size,), ("vocab",),
+                self.param_dtype,
+            )
+            logits = logits + bias.astype(self.dtype)
         logits = nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab")
         )

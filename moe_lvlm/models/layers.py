@@ -57,7 +57,7 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with bias, statistics in float32 (CLIP/SigLIP)."""
+    """LayerNorm with bias, statistics in float32 (CLIP/SigLIP, StableLM-2, Phi-2)."""
 
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
@@ -79,8 +79,15 @@ class LayerNorm(nn.Module):
         return (y * scale + bias).astype(self.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding, HF 'rotate_half' layout. x: [batch, seq, heads, head_dim]."""
+def rope(x: Array, positions: Array, theta: float, fraction: float = 1.0) -> Array:
+    """Rotary embedding, HF 'rotate_half' layout. x: [batch, seq, heads, head_dim].
+
+    With `fraction` < 1 only the first int(head_dim * fraction) features rotate (StableLM-2 0.25,
+    Phi-2 0.4); the rest pass through unchanged.
+    """
+    rotary = int(x.shape[-1] * fraction)
+    if rotary < x.shape[-1]:
+        return jnp.concatenate([rope(x[..., :rotary], positions, theta), x[..., rotary:]], -1)
     half = x.shape[-1] // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, half]
@@ -163,6 +170,7 @@ class Attention(nn.Module):
     qk_norm: bool = False
     norm_eps: float = 1e-6
     rope_theta: float | None = None
+    rotary_fraction: float = 1.0
     implementation: str = "xla"
     mesh: Any = None
     dtype: jnp.dtype = jnp.float32
@@ -197,8 +205,8 @@ class Attention(nn.Module):
             q = RMSNorm(**norm, axis_name="head_dim", name="q_norm")(q)
             k = RMSNorm(**norm, axis_name="head_dim", name="k_norm")(k)
         if self.rope_theta is not None:
-            q = rope(q, positions, self.rope_theta)
-            k = rope(k, positions, self.rope_theta)
+            q = rope(q, positions, self.rope_theta, self.rotary_fraction)
+            k = rope(k, positions, self.rope_theta, self.rotary_fraction)
         q = nn.with_logical_constraint(q, BATCH_LENGTH_HEADS)
         is_causal = self.causal and mask is None
         if decode:

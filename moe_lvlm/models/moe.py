@@ -269,7 +269,7 @@ class ExpertWeights(nn.Module):
 class MoeFeedForward(nn.Module):
     """The MoE FFN. x: [batch, seq, d] -> ([batch, seq, d_out], metrics).
 
-    `config` holds the routing fields of configs/models.py:moe_defaults. Expert parameters are
+    `config` holds the routing fields of moe_lvlm/presets.py:moe_defaults. Expert parameters are
     under `experts/`, named like the dense FFN they upcycle (gate/up/down or fc1/fc2, and
     fc1_bias/fc2_bias) with a leading expert axis; the router kernel [d, E] is `router`.
     """

@@ -152,14 +152,15 @@ class StageRunner:
     def restore(self, data: Any = None) -> tuple[int, dict | None, Any]:
         """(step, state, data) of the newest checkpoint that restores; (0, None, data) when there
         is none. `data` is set to the checkpoint's position; a checkpoint saved by another
-        process count holds no position for this one, so the data restarts at the record the
-        step implies (docs/training.md)."""
+        process count (or imported, moe_lvlm.import_checkpoint) holds none for this one, so the
+        data restarts at the record the step implies (docs/training.md)."""
         step, state = self.ckpt.restore_newest(self.abstract, data)
         if step is not None and data is not None and not self.ckpt.has_data_position(step):
             record = step * self.stage.batch_size
             data = self.make_data(self.tokenizer, record)
-            print(f"{self.name}: checkpoint {step} was saved by another process count: data "
-                  f"from record {record}", flush=True)
+            print(f"{self.name}: checkpoint {step} holds no data position for "
+                  f"{jax.process_count()} process(es) (saved by another process count, or "
+                  f"imported): data from record {record}", flush=True)
         if step is not None and step > self.total_steps:
             print(f"warning: {self.name} has checkpoint {step}, past the {self.total_steps} "
                   f"steps asked ({self.name}.num_steps); nothing to train in it: it counts as "

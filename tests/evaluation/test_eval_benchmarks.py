@@ -11,6 +11,7 @@ from moe_lvlm.evaluation.benchmarks import (
     MULTIPLE_CHOICE_PROMPT,
     SHORT_ANSWER_PROMPT,
     get_benchmark,
+    llava_textvqa_question,
     load_gqa,
     load_mme,
     load_pope,
@@ -98,20 +99,51 @@ def test_gqa(tmp_path):
 
 
 def test_textvqa_uses_llava_ocr_prompts_when_present(tmp_path):
+    """LLaVA's llava_textvqa_val_v051_ocr.jsonl keys its rows by the TextVQA *image id* in
+    `question_id` (several questions share an image); the question is the prompt's first line."""
     root = tmp_path / "data"
     _json(root / "TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
-        {"question_id": 34602, "image_id": "abc", "question": "what brand?",
+        {"question_id": 34602, "image_id": "003a8ae2ef43b901", "question": "What brand?",
          "answers": ["Coca-Cola"] * 2 + ["coca cola"] + ["pepsi"] * 7},
+        {"question_id": 34603, "image_id": "003a8ae2ef43b901", "question": "what color is it?",
+         "answers": ["red"] * 10},
+    ]})  # fmt: skip
+    _image(root / "train_images" / "003a8ae2ef43b901.jpg")
+    assert load_textvqa(root)[0]["prompt"] == f"What brand?\n{SHORT_ANSWER_PROMPT}"
+    brand = f"what brand?\nReference OCR token: coca, cola\n{SHORT_ANSWER_PROMPT}"
+    color = f"what color is it?\nReference OCR token: coca, cola\n{SHORT_ANSWER_PROMPT}"
+    _jsonl(root / "llava_textvqa_val_v051_ocr.jsonl", [
+        {"question_id": "003a8ae2ef43b901", "image": "003a8ae2ef43b901.jpg", "text": color,
+         "category": "default"},
+        {"question_id": "003a8ae2ef43b901", "image": "003a8ae2ef43b901.jpg", "text": brand,
+         "category": "default"},
+    ])  # fmt: skip
+    assert [r["prompt"] for r in load_textvqa(root)] == [brand, color]
+    answer_fn, _ = _by_id({34602: "Coca Cola", 34603: "red"})
+    summary = run_benchmark("textvqa", root, answer_fn, tmp_path / "out", 8)
+    assert summary["accuracy"] == pytest.approx(95.0)
+
+
+def test_textvqa_llava_prompt_missing_names_image_and_question(tmp_path):
+    root = tmp_path / "data"
+    _json(root / "TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
+        {"question_id": 34602, "image_id": "abc", "question": "what brand?", "answers": ["x"]},
     ]})  # fmt: skip
     _image(root / "train_images" / "abc.jpg")
-    assert load_textvqa(root)[0]["prompt"] == f"what brand?\n{SHORT_ANSWER_PROMPT}"
-    llava_prompt = f"what brand?\nReference OCR token: coca, cola\n{SHORT_ANSWER_PROMPT}"
     _jsonl(root / "llava_textvqa_val_v051_ocr.jsonl",
-           [{"question_id": 34602, "image": "abc.jpg", "text": llava_prompt}])
-    assert load_textvqa(root)[0]["prompt"] == llava_prompt
-    answer_fn, _ = _by_id({34602: "Coca Cola"})
-    summary = run_benchmark("textvqa", root, answer_fn, tmp_path / "out", 8)
-    assert summary["accuracy"] == pytest.approx(90.0)
+           [{"question_id": "abd", "image": "abd.jpg", "text": "what brand?\nAnswer."}])
+    with pytest.raises(ValueError, match="no prompt for image abc and question 'what brand\\?'"):
+        load_textvqa(root)
+
+
+@pytest.mark.parametrize("text, question", [
+    ("What Is It?\nReference OCR token: a, b\nAnswer briefly.", "what is it?"),
+    ("Reference OCR token: a, b\nWhat is it?\nAnswer briefly.", "what is it?"),
+    ("What is it?\nAnswer briefly.", "what is it?"),
+    ("OCR tokens: a b Question: What is it? Short answer:", "what is it?"),
+])  # fmt: skip
+def test_llava_textvqa_question(text, question):
+    assert llava_textvqa_question(text) == question
 
 
 def test_scienceqa_img(tmp_path):
