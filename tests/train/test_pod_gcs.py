@@ -89,8 +89,10 @@ def test_preempted_pod_run_resumes_on_one_process_and_exports(
                                                               "process_1-of-2.json"]
 
     resumed = run_train(command, compile_cache)  # 1 process, 1 device
-    assert (f"stage3: resuming from checkpoint {step} (saved by another process count: data "
-            f"from record {step * OVERRIDES['stage3.batch_size']})") in resumed
+    assert (f"stage3: checkpoint {step} holds no data position for 1 process(es) (saved by "
+            f"another process count, or imported): data from record "
+            f"{step * OVERRIDES['stage3.batch_size']}") in resumed
+    assert f"stage3: resuming from checkpoint {step}" in resumed
     records = metrics(workdir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert all(np.isfinite(r["loss"]) for r in records)
