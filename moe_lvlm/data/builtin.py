@@ -28,7 +28,7 @@ from PIL import Image
 
 from moe_lvlm import paths
 from moe_lvlm.data import conversation
-from moe_lvlm.data.tokenizer import Tokenizer, train_tokenizer
+from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer, train_tokenizer
 
 NAME = "digit_scenes"
 CANVAS, CELL, DIGIT = 64, 32, 28
@@ -150,10 +150,16 @@ _CAPTION_PROMPTS = ("Describe the image briefly.", "Write a short caption for th
                     "What is in this picture?")
 
 
+# Where the first user turn puts the image: "{q}" is the question. The question comes first so
+# that, under causal attention, the image tokens can read which digit it names (docs/training.md,
+# "The demo's limits").
+IMAGE_LAYOUT = "{q}\n<image>"
+
+
 def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
     out = []
     for i, (q, a) in enumerate(pairs):
-        out += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q},
+        out += [{"from": "human", "value": IMAGE_LAYOUT.format(q=q) if i == 0 else q},
                 {"from": "gpt", "value": a}]
     return out
 
@@ -218,16 +224,18 @@ def tokenizer_corpus(records) -> list[str]:
     texts = [conversation.VICUNA_SYSTEM, conversation.CHATML_SYSTEM, "USER: ASSISTANT:",
              "system\nuser\nassistant\n"]
     for rec in records:
-        texts += [t["value"].replace("<image>\n", "") for t in json.loads(rec["conversations"])]
+        texts += [part.strip() for t in json.loads(rec["conversations"])
+                  for part in t["value"].split(IMAGE_TOKEN) if part.strip()]
     return texts
 
 
 class DigitScenes(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of the built-in dataset (prepare with file_format='array_record')."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Digit scenes for stages I-III and a held-out test split.",
-                     "1.1.0": "A BPE tokenizer: whole words are one piece each."}
+                     "1.1.0": "A BPE tokenizer: whole words are one piece each.",
+                     "1.2.0": "The question comes before the image in the first user turn."}
 
     @tfds.core.utils.classproperty
     @classmethod

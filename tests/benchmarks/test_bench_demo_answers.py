@@ -26,10 +26,22 @@ def test_groups_by_scene_candidates():
          "guess": 100.0},
         {"type": "color", "scene": "distinct colours: 3", "questions": 2, "accuracy": 50.0,
          "guess": pytest.approx(100 / 3)},
+        {"type": "color", "scene": "all", "questions": 3, "accuracy": pytest.approx(200 / 3),
+         "guess": pytest.approx((100 + 2 * 100 / 3) / 3)},
+        {"type": "count", "scene": "digits: 2", "questions": 1, "accuracy": 100.0,
+         "guess": pytest.approx(100 / 3)},
+        {"type": "count", "scene": "all", "questions": 1, "accuracy": 100.0,
+         "guess": pytest.approx(100 / 3)},
+        {"type": "digit", "scene": "digits: 3", "questions": 1, "accuracy": 0.0,
+         "guess": pytest.approx(100 / 3)},
+        {"type": "digit", "scene": "all", "questions": 1, "accuracy": 0.0,
+         "guess": pytest.approx(100 / 3)},
         {"type": "position", "scene": "digits: 2", "questions": 1, "accuracy": 0.0,
          "guess": 50.0},
+        {"type": "position", "scene": "all", "questions": 1, "accuracy": 0.0, "guess": 50.0},
         {"type": "yes_no", "scene": "digits: 3", "questions": 1, "accuracy": 100.0,
          "guess": 50.0},
+        {"type": "yes_no", "scene": "all", "questions": 1, "accuracy": 100.0, "guess": 50.0},
     ]
 
 

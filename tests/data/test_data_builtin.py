@@ -31,7 +31,7 @@ def test_builds_fast_and_once(built):
     start = time.perf_counter()
     builtin.ensure_built(data_dir)  # cached: no rebuild
     assert time.perf_counter() - start < 5
-    assert os.path.exists(os.path.join(data_dir, "digit_scenes", "1.1.0", "tokenizer.model"))
+    assert os.path.exists(os.path.join(data_dir, "digit_scenes", "1.2.0", "tokenizer.model"))
 
 
 def test_split_sizes_and_fields(built):
@@ -39,7 +39,9 @@ def test_split_sizes_and_fields(built):
     for split, size in builtin.SPLIT_SIZES.items():
         assert len(sources.open_source(f"builtin:{split}", data_dir)) == size
     for rec in _records(data_dir, "stage1", 50):
-        assert len(rec["turns"]) == 2 and rec["turns"][0][1].startswith("<image>")
+        # The question first, then the image (the image tokens can read what it asks).
+        assert len(rec["turns"]) == 2 and rec["turns"][0][1].endswith("\n<image>")
+        assert rec["turns"][0][1].count("<image>") == 1
     assert max(len(r["turns"]) for r in _records(data_dir, "stage2", 100)) >= 4
     allowed = {"count": {"1", "2", "3"}, "color": set(builtin.COLORS),
                "digit": {str(d) for d in range(10)}, "position": set(builtin.POSITIONS),
