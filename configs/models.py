@@ -80,7 +80,8 @@ def tiny() -> ml_collections.ConfigDict:
             dtype="float32",
             param_dtype="float32",
             remat="none",
-            attention="xla",
+            # 'auto': blockwise on CPU, cuDNN on GPU (16-bit); moe_lvlm/models/attention.py.
+            attention="auto",
         )
     )
 

@@ -4,6 +4,7 @@ import ml_collections
 
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("xla", "mosaic")
+ATTENTIONS = ("auto", "xla", "cudnn", "blockwise")  # moe_lvlm/models/attention.py
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -156,6 +157,8 @@ def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> No
         )
     if d.head_dim % 2:
         raise ConfigError(f"model.decoder.head_dim={d.head_dim} must be even for RoPE")
+    if model.attention not in ATTENTIONS:
+        raise ConfigError(f"model.attention={model.attention!r}: use one of {ATTENTIONS}")
     moe_layer_indices(d.moe_layers, d.num_layers)
     moe_layer_indices(v.moe_layers, v.depth)
     _validate_moe(model.moe, expert_axis)

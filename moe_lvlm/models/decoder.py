@@ -14,7 +14,6 @@ from moe_lvlm.models.layers import (
     Attention,
     DenseFeedForward,
     RMSNorm,
-    attention_mask,
     param_with_axes,
 )
 from moe_lvlm.models.moe import MoeFeedForward
@@ -44,9 +43,6 @@ class DecoderBlock(nn.Module):
         d = self.config.decoder
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         valid = segment_ids > 0
-        mask = None
-        if self.packed and not self.decode:
-            mask = attention_mask(segment_ids, causal=True)
         h = RMSNorm(d.norm_eps, name="attn_norm", **kw)(x)
         h = Attention(
             d.num_heads,
@@ -60,7 +56,14 @@ class DecoderBlock(nn.Module):
             implementation=self.config.attention,
             name="attn",
             **kw,
-        )(h, positions, mask=mask, decode=self.decode, max_len=self.max_len, kv_valid=valid)
+        )(
+            h,
+            positions,
+            segment_ids=segment_ids if self.packed and not self.decode else None,
+            decode=self.decode,
+            max_len=self.max_len,
+            kv_valid=valid,
+        )
         x = x + h
         h = RMSNorm(d.norm_eps, name="ffn_norm", **kw)(x)
         metrics = None

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_lvlm.models import attention
+
 Array = jax.Array
 
 # Activation logical axes.
@@ -131,20 +133,11 @@ class Projection(nn.Module):
         return y
 
 
-def attention_mask(segment_ids: Array, causal: bool) -> Array:
-    """Boolean mask [batch, 1, q, kv]: same non-padding segment (packing), and causal if asked."""
-    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = mask & (segment_ids[:, None, :] > 0)
-    if causal:
-        seq = segment_ids.shape[1]
-        mask = mask & jnp.tril(jnp.ones((seq, seq), dtype=bool))[None]
-    return mask[:, None]
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional RoPE, qkv bias, qk-norm, KV cache.
 
-    x: [batch, seq, embed]. With `decode=True` keys/values are appended to a 'cache' collection of
+    x: [batch, seq, embed]; `segment_ids` [batch, seq] (packing; 0 = padding) confine attention
+    to a segment. `implementation`: moe_lvlm/models/attention.py. With `decode=True` keys/values are appended to a 'cache' collection of
     `max_len` slots; `kv_valid` [batch, seq] marks which new slots hold real (non-padding) tokens.
     """
 
@@ -157,7 +150,7 @@ class Attention(nn.Module):
     qk_norm: bool = False
     norm_eps: float = 1e-6
     rope_theta: float | None = None
-    implementation: str = "xla"
+    implementation: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -176,7 +169,7 @@ class Attention(nn.Module):
         self,
         x: Array,
         positions: Array | None = None,
-        mask: Array | None = None,
+        segment_ids: Array | None = None,
         decode: bool = False,
         max_len: int = 0,
         kv_valid: Array | None = None,
@@ -192,18 +185,17 @@ class Attention(nn.Module):
             q = rope(q, positions, self.rope_theta)
             k = rope(k, positions, self.rope_theta)
         q = nn.with_logical_constraint(q, BATCH_LENGTH_HEADS)
-        is_causal = self.causal and mask is None
+        implementation = attention.resolve(self.implementation, self.dtype)
         if decode:
             k, v, mask = self._update_cache(k, v, kv_valid, max_len)
-            is_causal = False
-        out = jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            mask=mask,
-            is_causal=is_causal,
-            implementation=None if self.implementation == "xla" else self.implementation,
-        )
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, implementation="cudnn" if implementation == "cudnn" else None
+            )
+        else:
+            out = attention.self_attention(
+                q, k, v, segment_ids=segment_ids, causal=self.causal,
+                implementation=implementation,
+            )
         out = nn.with_logical_constraint(out, BATCH_LENGTH_HEADS)
         return Projection(
             (x.shape[-1],),
