@@ -58,64 +58,6 @@ def gpu_defaults(spec: dict, platform: str) -> dict:
     return spec
 
 
-# --------------------------------------------------------------------------- batch
-def batch_arrays(cfg, batch: int, seq: int, seed: int = 0) -> dict:
-    """numpy arrays of one training batch: 1 image per row, its placeholders first."""
-    import numpy as np
-
-    from moe_lvlm.config import num_image_tokens
-
-    n_img = num_image_tokens(cfg)
-    if seq <= n_img:
-        raise SystemExit(f"--seq {seq} must exceed the {n_img} image tokens")
-    rng = np.random.default_rng(seed)
-    vocab = cfg.decoder.vocab_size
-    ids = rng.integers(1, vocab - 1, (batch, seq), dtype=np.int64).astype(np.int32)
-    ids[:, :n_img] = cfg.image_token_id
-    targets = np.concatenate([ids[:, 1:], rng.integers(1, vocab - 1, (batch, 1))], 1)
-    loss_mask = np.ones((batch, seq), np.float32)
-    loss_mask[:, : n_img - 1] = 0.0
-    size = cfg.vision.image_size
-    images = rng.standard_normal((batch, 1, size, size, 3)).astype(np.float32)
-    return {
-        "input_ids": ids,
-        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
-        "segment_ids": np.ones((batch, seq), np.int32),
-        "targets": targets.astype(np.int32),
-        "loss_mask": loss_mask,
-        "images": images,
-    }
-
-
-# --------------------------------------------------------------------------- ours
-def init_params(model, cfg, rng):
-    """Parameters of the model's shapes without running it: norm scales 1, biases 0, other
-    weights N(0, 0.02)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-
-    size = cfg.vision.image_size
-    dummy = (jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32),
-             jnp.ones((1, 8), jnp.int32), jnp.zeros((1, 1, size, size, 3), jnp.float32))
-    shapes = nn.meta.unbox(jax.eval_shape(lambda r: model.init(r, *dummy)["params"], rng))
-    flat = traverse_util.flatten_dict(shapes, sep="/")
-
-    def fill(key):
-        out = {}
-        for i, (path, s) in enumerate(sorted(flat.items())):
-            if path.endswith("scale"):
-                out[path] = jnp.ones(s.shape, s.dtype)
-            elif path.endswith("bias"):
-                out[path] = jnp.zeros(s.shape, s.dtype)
-            else:
-                out[path] = 0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
-        return traverse_util.unflatten_dict(out, sep="/")
-
-    return jax.jit(fill)(rng)
-
-
 def run_jax(args: argparse.Namespace, spec: dict) -> dict:
     import jax
 
@@ -139,14 +81,14 @@ def run_jax(args: argparse.Namespace, spec: dict) -> dict:
     optimizer, schedule = make_optimizer(stage, 1000), make_schedule(stage, 1000)
 
     rng = jax.random.PRNGKey(0)
-    params = init_params(model, cfg, rng)
+    params = common.init_params(model, cfg, rng)
     counts = flops.param_counts(params, cfg.moe.top_k, cfg.moe.num_experts)
     state = jax.jit(lambda p: {
         "step": jax.numpy.zeros((), jax.numpy.int32), "params": p,
         "opt_state": optimizer.init(stages_lib.split_trainable(p, trainable)[0]), "rng": rng,
     }, donate_argnums=(0,))(params)
     del params
-    batch = jax.device_put(batch_arrays(cfg, args.batch, args.seq))
+    batch = jax.device_put(common.batch_arrays(cfg, args.batch, args.seq))
     step_fn = functools.partial(train_step, model=model, moe_cfg=cfg.moe, optimizer=optimizer,
                                 schedule=schedule, trainable=trainable)
     t0 = common.time.perf_counter()
@@ -214,7 +156,7 @@ def run_torch(args: argparse.Namespace, spec: dict) -> dict:
     if mode.startswith("compile"):
         model.compile()
 
-    arrays = batch_arrays(cfg, args.batch, args.seq)
+    arrays = common.batch_arrays(cfg, args.batch, args.seq)
     ids = torch.from_numpy(arrays["input_ids"]).long().to(device)
     labels = ids.clone()
     labels[torch.from_numpy(arrays["loss_mask"]).to(device) == 0] = -100

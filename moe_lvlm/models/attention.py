@@ -144,7 +144,7 @@ def _forward(causal, bq, bk, qt, kt, vt, seg):
     outs, lses = [], []
     for i in range(length // bq):
         qb = qs[:, :, :, i * bq:(i + 1) * bq]
-        m = l = acc = None
+        m = denom = acc = None
         for a, e, cm in _kv_blocks(i, bq, bk, length, causal):
             s = _scores(qb, kt[:, :, a:e], _block_mask(seg, i, bq, a, e, cm))
             m_new = jnp.max(s, axis=-1) if m is None else jnp.maximum(m, jnp.max(s, axis=-1))
@@ -153,15 +153,15 @@ def _forward(causal, bq, bk, qt, kt, vt, seg):
             pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(vt.dtype), vt[:, :, a:e],
                             preferred_element_type=jnp.float32)
             if m is None:
-                l, acc = jnp.sum(p, axis=-1), pv
+                denom, acc = jnp.sum(p, axis=-1), pv
             else:
                 corr = jnp.exp(m - m_safe)
-                l = l * corr + jnp.sum(p, axis=-1)
+                denom = denom * corr + jnp.sum(p, axis=-1)
                 acc = acc * corr[..., None] + pv
             m = m_new
-        seen = l > 0
-        outs.append((acc / jnp.where(seen, l, 1.0)[..., None]).astype(qt.dtype))
-        lses.append(jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf))
+        seen = denom > 0
+        outs.append((acc / jnp.where(seen, denom, 1.0)[..., None]).astype(qt.dtype))
+        lses.append(jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), jnp.inf))
     return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=3)
 
 

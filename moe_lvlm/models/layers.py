@@ -137,8 +137,9 @@ class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional RoPE, qkv bias, qk-norm, KV cache.
 
     x: [batch, seq, embed]; `segment_ids` [batch, seq] (packing; 0 = padding) confine attention
-    to a segment. `implementation`: moe_lvlm/models/attention.py. With `decode=True` keys/values are appended to a 'cache' collection of
-    `max_len` slots; `kv_valid` [batch, seq] marks which new slots hold real (non-padding) tokens.
+    to a segment. `implementation`: moe_lvlm/models/attention.py. With `decode=True` keys/values
+    are appended to a 'cache' collection of `max_len` slots; `kv_valid` [batch, seq] marks which
+    new slots hold real (non-padding) tokens.
     """
 
     num_heads: int
