@@ -241,3 +241,52 @@ def init_params(model, cfg, rng):
         return traverse_util.unflatten_dict(out, sep="/")
 
     return jax.jit(fill)(rng)
+
+
+# --------------------------------------------------------------------------- CPU profile
+# Where an XLA op's time goes, by the model part named in its source path (first match wins);
+# ops outside the model (no 'LVLM' in the path) are the loss, gradient clipping and AdamW.
+CPU_PARTS = (
+    ("attention: q/k/v/o projections", r"/attn/(q|k|v|o)/"),
+    ("attention: scores, softmax, PV", r"/attn/"),
+    ("MoE: router", r"/moe/.*(router|softmax|argmax|one_hot|top_k|log)"),
+    ("MoE: dispatch, experts, combine", r"/moe/"),
+    ("dense FFN", r"/mlp/"),
+    ("vision tower + projector", r"/(vision|projector)/"),
+    ("norms", r"norm"),
+    ("embedding, LM head", r"(embedding|lm_head|decoder/dot_general|decoder/einsum|take)"),
+    ("other model ops", r"LVLM"),
+    ("loss (log-softmax, CE)", r"(log_softmax|cross_entropy|take_along_axis)"),
+    ("optimizer (clip, AdamW, finite check)", r""),
+)
+
+
+def cpu_op_profile(fn: Callable[[], Any], hlo_text: str, top: int = 12) -> list[dict[str, Any]]:
+    """Wall time of one call of fn on CPU (jax.profiler trace) by model part (CPU_PARTS), the
+    forward and backward (transposed) shares of each, then the `top` single ops."""
+    from jax.profiler import ProfileData, trace
+
+    names = dict(re.findall(r'%([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"', hlo_text))
+    directory = tempfile.mkdtemp(prefix="bench_profile_")
+    with trace(directory):
+        fn()
+    paths = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    ops: dict[str, float] = {}
+    for plane in ProfileData.from_file(paths[0]).planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in names:
+                    ops[event.name] = ops.get(event.name, 0.0) + event.duration_ns / 1e6
+    grand = sum(ops.values()) or 1.0
+    parts: dict[str, list[float]] = {name: [0.0, 0.0] for name, _ in CPU_PARTS}
+    for op, ms in ops.items():
+        path = names[op]
+        part = next(name for name, pattern in CPU_PARTS if re.search(pattern, path))
+        parts[part][1 if "transpose(" in path else 0] += ms
+    rows = [{"op": f"{name} (fwd / bwd ms: {fwd:.1f} / {bwd:.1f})", "ms": round(fwd + bwd, 2),
+             "share": round((fwd + bwd) / grand, 4)} for name, (fwd, bwd) in parts.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+    rows += [{"op": f"op {op}: {names[op][:90]}", "ms": round(ms, 2), "share": round(ms / grand, 4)}
+             for op, ms in ranked]
+    return rows + [{"op": "TOTAL (sum of op times)", "ms": round(grand, 2), "share": 1.0}]

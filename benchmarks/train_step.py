@@ -17,7 +17,8 @@ measured by every worker of the run (the table uses the largest).
 Variant keys (ours): attention (xla|cudnn), remat (none|full|dots|dots_no_batch), dispatch
 (dropless|capacity), gmm (the grouped matmul of dropless MoE: xla|xla-cudnn|triton|mosaic, see
 benchmarks/common.py GMM_CHOICES), param_dtype (float32|bfloat16), xla_flags (extra XLA_FLAGS;
-';' separates flags), profile (1: per-op device-time breakdown of one step).
+';' separates flags), profile (1: per-op device-time breakdown of one step; on CPU by model part,
+forward and backward, from a jax.profiler trace and the ops' source paths).
 Torch modes: eager, eager_ckpt, compile, compile_ckpt (ckpt = gradient checkpointing).
 """
 
@@ -119,7 +120,9 @@ def run_jax(args: argparse.Namespace, spec: dict) -> dict:
         "custom_calls": common.custom_calls(compiled.as_text()),
         "ceiling_tflops": common.jax_matmul_ceiling(8192 if platform == "gpu" else 256),
     }
-    if spec.get("profile") == "1":
+    if spec.get("profile") == "1" and platform == "cpu":
+        result["profile"] = common.cpu_op_profile(lambda: sync(one_step()), compiled.as_text())
+    elif spec.get("profile") == "1":
         result["profile"] = common.gpu_op_profile(lambda: sync(one_step()))
     return result
 

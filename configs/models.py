@@ -15,7 +15,7 @@ def moe_defaults() -> ml_collections.ConfigDict:
         dict(
             num_experts=4,
             top_k=2,
-            # 'dropless' (sort + jax.lax.ragged_dot) or 'capacity' (GShard einsum dispatch).
+            # 'dropless' (sort + jax.lax.ragged_dot) or 'capacity' (GShard slots, gather dispatch).
             dispatch="dropless",
             # Dropless grouped matmul: 'xla' (jax.lax.ragged_dot, every platform) or 'mosaic'
             # (Pallas Mosaic GPU kernels, Hopper only; moe_lvlm/models/grouped_matmul.py).

@@ -9,7 +9,9 @@ The three steps are separate pure functions; `MoeFeedForward` owns the parameter
              routing group (one sequence) with C = ceil(k * seq / E * factor), fills them in
              GShard/DeepSpeed order (all first choices in position order, then all second
              choices, ...) and drops the overflow, whose output is zero so the token is carried
-             by the residual alone.
+             by the residual alone. Tokens reach their slots and come back by gathers of rows
+             (not GShard's one-hot [S, E, C] einsums: the same result without their S x E x C
+             x d FLOPs).
 3. experts:  SwiGLU (decoder) or GELU-family MLP with bias (ViT, projector) per expert.
 
 With a mesh whose `expert` axis is > 1 the capacity path is expert-parallel: the dispatched slots
@@ -157,16 +159,27 @@ def dropless_moe(
     return jnp.einsum("tkd,tk->td", out, combine.astype(out.dtype))
 
 
-def capacity_dispatch_tensors(
-    expert_ids: Array, combine: Array, valid: Array, num_experts: int, cap: int
+def capacity_slot_index(
+    expert_ids: Array, valid: Array, num_experts: int, cap: int
 ) -> tuple[Array, Array, Array]:
-    """One-hot dispatch and combine tensors [G, S, E, C], and the kept mask [G, S, k]."""
+    """Where each (token, choice) pair goes and what fills each slot, per group.
+
+    Returns the flat slot e * cap + c of every pair [G, S, k] (E * cap: dropped), the token that
+    fills every slot [G, E * cap] (S: empty) and the kept mask [G, S, k].
+    """
+    groups, seq, k = expert_ids.shape
     slot, kept = capacity_slots(expert_ids, valid, num_experts, cap)
-    expert_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=combine.dtype)
-    slot_hot = jax.nn.one_hot(jnp.where(kept, slot, cap), cap, dtype=combine.dtype)  # dropped: 0
-    dispatch = jnp.einsum("gske,gskc->gsec", expert_hot, slot_hot)
-    combine_t = jnp.einsum("gske,gskc,gsk->gsec", expert_hot, slot_hot, combine)
-    return dispatch, combine_t, kept
+    flat = jnp.where(kept, expert_ids * cap + slot, num_experts * cap)
+    token = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :, None], flat.shape)
+    filler = jnp.full((groups, num_experts * cap + 1), seq, jnp.int32)
+    filler = filler.at[jnp.arange(groups)[:, None, None], flat].set(token)  # kept slots unique
+    return flat, filler[:, :-1], kept
+
+
+def gather_rows(x: Array, index: Array) -> Array:
+    """x [G, n, d], index [G, m] in [0, n] -> [G, m, d]; index n reads a zero row."""
+    padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+    return jnp.take_along_axis(padded, index[..., None], axis=1, mode="promise_in_bounds")
 
 
 def expert_parallel(fn, mesh: Mesh, num_weights: int):
@@ -299,17 +312,16 @@ class MoeFeedForward(nn.Module):
         else:
             factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
             cap = capacity(seq, num_experts, k, factor)
-            dispatch, combine_t, kept = capacity_dispatch_tensors(
-                expert_ids, combine.astype(self.dtype), valid, num_experts, cap
-            )
-            xe = jnp.einsum("bsec,bsd->becd", dispatch, x)  # [batch, E, C, d]
+            flat, filler, kept = capacity_slot_index(expert_ids, valid, num_experts, cap)
+            xe = gather_rows(x, filler).reshape(batch, num_experts, cap, d_in)
             compute = lambda xe_, *w_: experts_dense(  # noqa: E731
                 dict(zip(weights, w_, strict=True)), xe_, self.activation, self.gated
             )
             if self.mesh is not None and self.mesh.shape["expert"] > 1:
                 compute = expert_parallel(compute, self.mesh, len(weights))
-            ye = compute(xe, *weights.values())
-            y = jnp.einsum("bsec,becd->bsd", combine_t, ye)
+            ye = compute(xe, *weights.values()).reshape(batch, num_experts * cap, d_out)
+            picked = gather_rows(ye, flat.reshape(batch, seq * k)).reshape(batch, seq, k, d_out)
+            y = jnp.einsum("bskd,bsk->bsd", picked, combine.astype(self.dtype))
         y = nn.with_logical_constraint(y, BATCH_LENGTH_EMBED)
         metrics = self._metrics(logits, probs, expert_ids, valid, kept)
         return y, metrics
