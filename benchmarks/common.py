@@ -46,6 +46,8 @@ def model_config(preset: str, layers: int = 0, dtype: str = "bfloat16"
 # lowering of jax.lax.ragged_dot). XLA's default GPU lowering of ragged_dot is a masked dense
 # expansion (every row against every expert); 'xla-cudnn' asks XLA for cuDNN's grouped matmul.
 GMM_CHOICES = {
+    "auto": ("auto", {}, False),
+    "tiled": ("tiled", {}, False),
     "xla": ("xla", {}, False),
     "xla-cudnn": ("xla", {"xla_gpu_experimental_use_ragged_dot_fusion": True}, False),
     "triton": ("xla", {}, True),

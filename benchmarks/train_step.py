@@ -62,7 +62,7 @@ def gpu_defaults(spec: dict, platform: str) -> dict:
 def run_jax(args: argparse.Namespace, spec: dict) -> dict:
     import jax
 
-    gmm, options, _ = common.gmm_choice(spec.get("gmm", "xla"))
+    gmm, options, _ = common.gmm_choice(spec.get("gmm", "auto"))
     from configs import stages
     from moe_lvlm.models.lvlm import build_model
     from moe_lvlm.train import stages as stages_lib

@@ -17,9 +17,10 @@ def moe_defaults() -> ml_collections.ConfigDict:
             top_k=2,
             # 'dropless' (sort + jax.lax.ragged_dot) or 'capacity' (GShard slots, gather dispatch).
             dispatch="dropless",
-            # Dropless grouped matmul: 'xla' (jax.lax.ragged_dot, every platform) or 'mosaic'
-            # (Pallas Mosaic GPU kernels, Hopper only; moe_lvlm/models/grouped_matmul.py).
-            grouped_matmul="xla",
+            # Dropless grouped matmul: 'auto' ('tiled' on CPU, else 'xla'), 'xla'
+            # (jax.lax.ragged_dot, every platform), 'tiled' (batched matmuls over row tiles) or
+            # 'mosaic' (Pallas Mosaic GPU kernels, Hopper only; moe_lvlm/models/grouped_matmul.py).
+            grouped_matmul="auto",
             # Capacity per routing group (one sequence) = ceil(top_k * tokens / E * factor).
             capacity_factor_train=1.5,
             capacity_factor_eval=2.0,

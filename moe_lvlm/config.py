@@ -3,7 +3,7 @@
 import ml_collections
 
 DISPATCH_MODES = ("dropless", "capacity")
-GROUPED_MATMULS = ("xla", "mosaic")
+GROUPED_MATMULS = ("auto", "xla", "mosaic", "tiled")
 ATTENTIONS = ("auto", "xla", "cudnn", "blockwise")  # moe_lvlm/models/attention.py
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")

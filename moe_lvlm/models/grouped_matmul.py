@@ -3,7 +3,10 @@
 x: [m, k] with rows grouped in order (group_sizes [g] sums to m); w: [g, k, n] -> [m, n].
 
 Implementations:
-  xla     `jax.lax.ragged_dot` (every platform; its gradients are ragged dots too).
+  auto    per platform: 'tiled' on CPU, 'xla' elsewhere.
+  xla     `jax.lax.ragged_dot` (every platform; its gradients are ragged dots too). XLA:CPU
+          lowers it as every row times every group's weight (g times the FLOPs).
+  tiled   dense batched matmuls over row tiles within one group (moe_lvlm/models/tiled_matmul.py).
   mosaic  Pallas Mosaic GPU kernels for Hopper (sm_90a): forward and input gradient with
           `ragged_dot_mgpu`, weight gradient with `transposed_ragged_dot_mgpu`, wired by a
           custom VJP. Needs k and n multiples of the block sizes below.
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_lvlm.config import GROUPED_MATMULS
+from moe_lvlm.models.tiled_matmul import tiled_grouped_matmul
 
 Array = jax.Array
 
@@ -38,6 +42,10 @@ def grouped_matmul(
     x: Array, w: Array, group_sizes: Array, implementation: str = "xla"
 ) -> Array:
     """[m, k] x [g, k, n] -> [m, n] with rows of group i using w[i]."""
+    if implementation == "auto":
+        implementation = "tiled" if jax.default_backend() == "cpu" else "xla"
+    if implementation == "tiled":
+        return tiled_grouped_matmul(x, w, group_sizes)
     if implementation == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes)
     if implementation == "mosaic":
