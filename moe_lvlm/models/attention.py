@@ -28,9 +28,10 @@ from moe_lvlm.config import ATTENTIONS
 Array = jax.Array
 
 IMPLEMENTATIONS = ATTENTIONS
-# Block sizes of 'blockwise' (tokens). Measured on the 2-core CPU box (benchmarks/RESULTS.md):
-# a query block of 256 against the whole causal prefix as one key block was fastest up to 1024.
-BLOCK_Q = 256
+# Block sizes of 'blockwise' (tokens). On the 2-core CPU box (benchmarks/RESULTS.md, a loaded
+# box) query blocks of 128 against the causal prefix in key blocks of up to 1024 beat 256/1024
+# in time and memory at seq 1024.
+BLOCK_Q = 128
 BLOCK_KV = 1024
 
 
