@@ -46,6 +46,8 @@ def model_config(preset: str, layers: int = 0, dtype: str = "bfloat16"
 # lowering of jax.lax.ragged_dot). XLA's default GPU lowering of ragged_dot is a masked dense
 # expansion (every row against every expert); 'xla-cudnn' asks XLA for cuDNN's grouped matmul.
 GMM_CHOICES = {
+    "auto": ("auto", {}, False),
+    "tiled": ("tiled", {}, False),
     "xla": ("xla", {}, False),
     "xla-cudnn": ("xla", {"xla_gpu_experimental_use_ragged_dot_fusion": True}, False),
     "triton": ("xla", {}, True),
@@ -185,3 +187,109 @@ def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
             cells.append("-" if value is None else format(value, fmt))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- step inputs
+def batch_arrays(cfg, batch: int, seq: int, seed: int = 0) -> dict:
+    """numpy arrays of one training batch: 1 image per row, its placeholders first."""
+    import numpy as np
+
+    from moe_lvlm.config import num_image_tokens
+
+    n_img = num_image_tokens(cfg)
+    if seq <= n_img:
+        raise SystemExit(f"--seq {seq} must exceed the {n_img} image tokens")
+    rng = np.random.default_rng(seed)
+    vocab = cfg.decoder.vocab_size
+    ids = rng.integers(1, vocab - 1, (batch, seq), dtype=np.int64).astype(np.int32)
+    ids[:, :n_img] = cfg.image_token_id
+    targets = np.concatenate([ids[:, 1:], rng.integers(1, vocab - 1, (batch, 1))], 1)
+    loss_mask = np.ones((batch, seq), np.float32)
+    loss_mask[:, : n_img - 1] = 0.0
+    size = cfg.vision.image_size
+    images = rng.standard_normal((batch, 1, size, size, 3)).astype(np.float32)
+    return {
+        "input_ids": ids,
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "targets": targets.astype(np.int32),
+        "loss_mask": loss_mask,
+        "images": images,
+    }
+
+
+def init_params(model, cfg, rng):
+    """Parameters of the model's shapes without running it: norm scales 1, biases 0, other
+    weights N(0, 0.02)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    size = cfg.vision.image_size
+    dummy = (jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32),
+             jnp.ones((1, 8), jnp.int32), jnp.zeros((1, 1, size, size, 3), jnp.float32))
+    shapes = nn.meta.unbox(jax.eval_shape(lambda r: model.init(r, *dummy)["params"], rng))
+    flat = traverse_util.flatten_dict(shapes, sep="/")
+
+    def fill(key):
+        out = {}
+        for i, (path, s) in enumerate(sorted(flat.items())):
+            if path.endswith("scale"):
+                out[path] = jnp.ones(s.shape, s.dtype)
+            elif path.endswith("bias"):
+                out[path] = jnp.zeros(s.shape, s.dtype)
+            else:
+                out[path] = 0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
+        return traverse_util.unflatten_dict(out, sep="/")
+
+    return jax.jit(fill)(rng)
+
+
+# --------------------------------------------------------------------------- CPU profile
+# Where an XLA op's time goes, by the model part named in its source path (first match wins);
+# ops outside the model (no 'LVLM' in the path) are the loss, gradient clipping and AdamW.
+CPU_PARTS = (
+    ("attention: q/k/v/o projections", r"/attn/(q|k|v|o)/"),
+    ("attention: scores, softmax, PV", r"/attn/"),
+    ("MoE: router", r"/moe/.*(router|softmax|argmax|one_hot|top_k|log)"),
+    ("MoE: dispatch, experts, combine", r"/moe/"),
+    ("dense FFN", r"/mlp/"),
+    ("vision tower + projector", r"/(vision|projector)/"),
+    ("norms", r"norm"),
+    ("embedding, LM head", r"(embedding|lm_head|decoder/dot_general|decoder/einsum|take)"),
+    ("other model ops", r"LVLM"),
+    ("loss (log-softmax, CE)", r"(log_softmax|cross_entropy|take_along_axis)"),
+    ("optimizer (clip, AdamW, finite check)", r""),
+)
+
+
+def cpu_op_profile(fn: Callable[[], Any], hlo_text: str, top: int = 12) -> list[dict[str, Any]]:
+    """Wall time of one call of fn on CPU (jax.profiler trace) by model part (CPU_PARTS), the
+    forward and backward (transposed) shares of each, then the `top` single ops."""
+    from jax.profiler import ProfileData, trace
+
+    names = dict(re.findall(r'%([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"', hlo_text))
+    directory = tempfile.mkdtemp(prefix="bench_profile_")
+    with trace(directory):
+        fn()
+    paths = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
+    ops: dict[str, float] = {}
+    for plane in ProfileData.from_file(paths[0]).planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in names:
+                    ops[event.name] = ops.get(event.name, 0.0) + event.duration_ns / 1e6
+    grand = sum(ops.values()) or 1.0
+    parts: dict[str, list[float]] = {name: [0.0, 0.0] for name, _ in CPU_PARTS}
+    for op, ms in ops.items():
+        path = names[op]
+        part = next(name for name, pattern in CPU_PARTS if re.search(pattern, path))
+        parts[part][1 if "transpose(" in path else 0] += ms
+    rows = [{"op": f"{name} (fwd / bwd ms: {fwd:.1f} / {bwd:.1f})", "ms": round(fwd + bwd, 2),
+             "share": round((fwd + bwd) / grand, 4)} for name, (fwd, bwd) in parts.items()]
+    rows.sort(key=lambda r: -r["ms"])
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+    rows += [{"op": f"op {op}: {names[op][:90]}", "ms": round(ms, 2), "share": round(ms / grand, 4)}
+             for op, ms in ranked]
+    return rows + [{"op": "TOTAL (sum of op times)", "ms": round(grand, 2), "share": 1.0}]

@@ -150,7 +150,6 @@ def main(argv=None) -> None:
     if not args.hlo:
         return
 
-    from benchmarks.train_step import batch_arrays
     from configs import stages
     from moe_lvlm.train import stages as stages_lib
     from moe_lvlm.train.step import make_optimizer, make_schedule, train_step
@@ -159,7 +158,7 @@ def main(argv=None) -> None:
     stage = stages.stage(trainable, 2e-5, args.batch, 1000, "")
     optimizer, schedule = make_optimizer(stage, 1000), make_schedule(stage, 1000)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-             for k, v in batch_arrays(cfg, args.batch, args.seq).items()}
+             for k, v in common.batch_arrays(cfg, args.batch, args.seq).items()}
     print(f"XLA cost analysis of the lowered step on {jax.default_backend()} (attention "
           f"{cfg.attention}; unoptimised HLO, remat recomputation included):")
     for variant in args.hlo.split(","):

@@ -29,14 +29,13 @@ def random_model(args):
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.train_step import init_params
     from moe_lvlm.models.lvlm import build_model
 
     cfg = common.model_config(args.preset, args.layers)
     cfg.param_dtype = "bfloat16"
     cfg.attention = "xla"
     model = build_model(cfg)
-    params = init_params(model, cfg, jax.random.PRNGKey(0))
+    params = common.init_params(model, cfg, jax.random.PRNGKey(0))
     return model, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params), cfg
 
 

@@ -77,8 +77,7 @@ def attention_rows(a, platform: str, dtype) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from moe_lvlm.models.layers import attention_mask
-    from moe_lvlm.models.splash import splash_attention
+    from moe_lvlm.models.attention import self_attention
 
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (a.batch, a.seq, a.heads, a.head_dim), dtype)
@@ -88,21 +87,20 @@ def attention_rows(a, platform: str, dtype) -> list[dict]:
     seg = jnp.ones((a.batch, a.seq), jnp.int32)
     if a.packed:
         seg = seg.at[:, a.seq // 2:].set(2)
-    mask = attention_mask(seg, causal=True) if a.packed else None
 
     def fwd_bwd(attend):
         def loss(q, k, v):
             return jnp.sum(attend(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32))
         return lambda q, k, v: jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    impls = {"xla": fwd_bwd(functools.partial(
-        jax.nn.dot_product_attention, mask=mask, is_causal=not a.packed))}
+    names = ["xla", "blockwise"]
     if platform == "gpu" and not a.packed:
-        impls["cudnn"] = fwd_bwd(functools.partial(
-            jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
+        names.append("cudnn")
     if platform in ("tpu", "cpu"):
-        impls["splash"] = fwd_bwd(
-            lambda q, k, v: splash_attention(q, k, v, seg if a.packed else None, True))
+        names.append("splash")
+    impls = {name: fwd_bwd(functools.partial(
+        self_attention, segment_ids=seg if a.packed else None, causal=True, implementation=name))
+        for name in names}
     # Causal: half the score matrix; forward 2 matmuls, backward 4 (x 2 FLOP per MAC).
     flops = 3 * 2 * 2 * a.batch * a.heads * a.seq * a.seq * a.head_dim / 2
     shape = (f"b{a.batch} s{a.seq} h{a.heads}/{a.kv_heads} d{a.head_dim}"

@@ -89,6 +89,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # and training goes on (counted as nonfinite_steps); 'stop': checkpoint the state before
     # that step and stop with its number.
     cfg.nan_policy = "skip"
+    # A jax.profiler trace of steps [start_step, start_step + num_steps) of every stage, written
+    # to {workdir}/profile/{stage} (TensorBoard's profile plugin or Perfetto). 0 steps = off.
+    cfg.profile = ml_collections.ConfigDict(dict(start_step=2, num_steps=0))
     cfg.checkpoint = ml_collections.ConfigDict(
         dict(
             # Save every this many steps and at the end of each stage.

@@ -5,7 +5,7 @@
 Arguments (`configs/demo.py:steps=0.5,experts=8`): `steps` scales every stage's step count (and
 the vision pre-training's);
 `experts`, `top_k`, `dispatch` set the MoE layers; dispatch defaults to MoE-LLaVA's `capacity`
-(einsum dispatch, capacity factors 1.5 train / 2.0 eval), about 3x faster than `dropless` on CPU.
+(gather dispatch, capacity factors 1.5 train / 2.0 eval), about 3x faster than `dropless` on CPU.
 With no pretrained CLIP to start from, the demo pre-trains its vision tower on the built-in scenes
 (supervised, before stage I; docs/training.md) and keeps it frozen through the stages as MoE-LLaVA
 does, normalising images with the scenes' own pixel statistics.

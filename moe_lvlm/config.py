@@ -9,12 +9,13 @@ import ml_collections
 from moe_lvlm.cli import UserError
 
 DISPATCH_MODES = ("dropless", "capacity")
-GROUPED_MATMULS = ("auto", "xla", "mosaic", "megablox")
+GROUPED_MATMULS = ("auto", "xla", "tiled", "mosaic", "megablox")
 EP_DISPATCHES = ("auto", "all_gather", "ragged_a2a", "a2a_buffer")
 # MoE routing options (moe_lvlm/presets.py:moe_defaults documents each; moe_lvlm/models/moe.py).
 COMBINE_MODES = ("auto", "softmax", "renorm_chosen", "renorm_kept")
 NOISE_MODES = ("none", "train", "always")
 CAPACITY_GROUPS = ("sequence", "batch_shard")
+ATTENTIONS = ("auto", "xla", "cudnn", "blockwise", "splash")  # moe_lvlm/models/attention.py
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -196,6 +197,8 @@ def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> No
     for key, allowed in (("norm", ("rms", "layer")), ("ffn", ("swiglu", "mlp"))):
         if d.get(key, allowed[0]) not in allowed:
             raise ConfigError(f"model.decoder.{key}={d[key]!r}: use one of {allowed}")
+    if model.attention not in ATTENTIONS:
+        raise ConfigError(f"model.attention={model.attention!r}: use one of {ATTENTIONS}")
     moe_layer_indices(d.moe_layers, d.num_layers)
     moe_layer_indices(v.moe_layers, v.depth)
     _validate_moe(model.moe, expert_axis)

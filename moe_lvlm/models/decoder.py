@@ -20,7 +20,6 @@ from moe_lvlm.models.layers import (
     DenseFeedForward,
     LayerNorm,
     RMSNorm,
-    attention_mask,
     param_with_axes,
 )
 from moe_lvlm.models.moe import MoeFeedForward
@@ -73,9 +72,6 @@ class DecoderBlock(nn.Module):
         d = self.config.decoder
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         valid = segment_ids > 0
-        mask = None
-        if self.packed and not self.decode:
-            mask = attention_mask(segment_ids, causal=True)
         h = _norm(d, "attn_norm", kw)(x)
         attn = Attention(
             d.num_heads,
@@ -95,11 +91,10 @@ class DecoderBlock(nn.Module):
         )(
             h,
             positions,
-            mask=mask,
+            segment_ids=segment_ids if self.packed and not self.decode else None,
             decode=self.decode,
             max_len=self.max_len,
             kv_valid=valid,
-            segment_ids=segment_ids if mask is not None else None,
         )
         if not variant(d, "parallel_block"):
             x = x + attn

@@ -3,14 +3,17 @@
 x: [m, k] with rows grouped in order (group_sizes [g] sums to m); w: [g, k, n] -> [m, n].
 
 Implementations:
-  xla     `jax.lax.ragged_dot` (every platform; its gradients are ragged dots too).
+  auto    per platform: 'tiled' on CPU, 'xla' elsewhere.
+  xla     `jax.lax.ragged_dot` (every platform; its gradients are ragged dots too). XLA:CPU
+          lowers it as every row times every group's weight (g times the FLOPs).
+  tiled   dense batched matmuls over row tiles within one group (moe_lvlm/models/tiled_matmul.py).
   mosaic  Pallas Mosaic GPU kernels for Hopper (sm_90a): forward and input gradient with
           `ragged_dot_mgpu`, weight gradient with `transposed_ragged_dot_mgpu`, wired by a
           custom VJP. Needs k and n multiples of the block sizes below.
   megablox  the Pallas TPU kernels (`jax.experimental.pallas.ops.tpu.megablox`): `gmm` forward
           and input gradient, `tgmm` weight gradient (its own custom VJP); tiles from
           `megablox_tiling`; runs in Pallas interpret mode off TPU (slow: for tests).
-  auto    `default_grouped_matmul(platform)`: megablox on TPU, xla elsewhere.
+  auto    `default_grouped_matmul(platform)`: megablox on TPU, tiled on CPU, xla elsewhere.
 """
 
 import functools
@@ -20,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_lvlm.config import GROUPED_MATMULS
+from moe_lvlm.models.tiled_matmul import tiled_grouped_matmul
 
 Array = jax.Array
 
@@ -44,6 +48,8 @@ def grouped_matmul(
     """[m, k] x [g, k, n] -> [m, n] with rows of group i using w[i]."""
     if implementation == "auto":
         implementation = default_grouped_matmul(jax.default_backend())
+    if implementation == "tiled":
+        return tiled_grouped_matmul(x, w, group_sizes)
     if implementation == "xla":
         return jax.lax.ragged_dot(x, w, group_sizes)
     if implementation == "mosaic":
@@ -54,10 +60,11 @@ def grouped_matmul(
 
 
 def default_grouped_matmul(platform: str) -> str:
-    """The grouped matmul `auto` picks: megablox on TPU; `jax.lax.ragged_dot` elsewhere (XLA:GPU
-    has its own ragged-dot emitter; `mosaic` is opt-in because it needs Hopper and tile-aligned
+    """The grouped matmul `auto` picks: megablox on TPU; on CPU `tiled` (XLA:CPU lowers
+    `ragged_dot` as every row times every expert); `jax.lax.ragged_dot` elsewhere (XLA:GPU has
+    its own ragged-dot emitter; `mosaic` is opt-in because it needs Hopper and tile-aligned
     k, n)."""
-    return "megablox" if platform == "tpu" else "xla"
+    return {"tpu": "megablox", "cpu": "tiled"}.get(platform, "xla")
 
 
 def _round_up(x: int, to: int) -> int:

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_lvlm.models.splash import default_attention, splash_attention
+from moe_lvlm.models import attention
 
 Array = jax.Array
 
@@ -141,24 +141,14 @@ class Projection(nn.Module):
         return y
 
 
-def attention_mask(segment_ids: Array, causal: bool) -> Array:
-    """Boolean mask [batch, 1, q, kv]: same non-padding segment (packing), and causal if asked."""
-    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = mask & (segment_ids[:, None, :] > 0)
-    if causal:
-        seq = segment_ids.shape[1]
-        mask = mask & jnp.tril(jnp.ones((seq, seq), dtype=bool))[None]
-    return mask[:, None]
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional RoPE, qkv bias, qk-norm, KV cache.
 
-    x: [batch, seq, embed]. With `decode=True` keys/values are appended to a 'cache' collection of
-    `max_len` slots; `kv_valid` [batch, seq] marks which new slots hold real (non-padding) tokens.
-    `implementation`: `xla`, `cudnn` (jax.nn.dot_product_attention), `splash` (Pallas TPU,
-    moe_lvlm/models/splash.py; takes packing from `segment_ids` instead of `mask`, sharded over
-    `mesh`; decoding uses xla) or `auto` (splash on TPU, else xla).
+    x: [batch, seq, embed]; `segment_ids` [batch, seq] (packing; 0 = padding) confine attention
+    to a segment. `implementation`: moe_lvlm/models/attention.py (`splash` is sharded over
+    `mesh`). With `decode=True` keys/values are appended to a 'cache' collection of `max_len`
+    slots (decoding runs XLA's attention, or cuDNN's); `kv_valid` [batch, seq] marks which new
+    slots hold real (non-padding) tokens.
     """
 
     num_heads: int
@@ -171,7 +161,7 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     rope_theta: float | None = None
     rotary_fraction: float = 1.0
-    implementation: str = "xla"
+    implementation: str = "auto"
     mesh: Any = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -191,11 +181,10 @@ class Attention(nn.Module):
         self,
         x: Array,
         positions: Array | None = None,
-        mask: Array | None = None,
+        segment_ids: Array | None = None,
         decode: bool = False,
         max_len: int = 0,
         kv_valid: Array | None = None,
-        segment_ids: Array | None = None,
     ) -> Array:
         q = self._proj("q", self.num_heads, x)
         k = self._proj("k", self.num_kv_heads, x)
@@ -208,23 +197,16 @@ class Attention(nn.Module):
             q = rope(q, positions, self.rope_theta, self.rotary_fraction)
             k = rope(k, positions, self.rope_theta, self.rotary_fraction)
         q = nn.with_logical_constraint(q, BATCH_LENGTH_HEADS)
-        is_causal = self.causal and mask is None
+        implementation = attention.resolve(self.implementation, self.dtype)
         if decode:
             k, v, mask = self._update_cache(k, v, kv_valid, max_len)
-            is_causal = False
-        impl = self.implementation
-        if impl == "auto":
-            impl = default_attention(jax.default_backend())
-        if impl == "splash" and not decode:
-            out = splash_attention(q, k, v, segment_ids, self.causal, self.mesh)
-        else:
             out = jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=mask,
-                is_causal=is_causal,
-                implementation=None if impl in ("xla", "splash") else impl,
+                q, k, v, mask=mask, implementation="cudnn" if implementation == "cudnn" else None
+            )
+        else:
+            out = attention.self_attention(
+                q, k, v, segment_ids=segment_ids, causal=self.causal,
+                implementation=implementation, mesh=self.mesh,
             )
         out = nn.with_logical_constraint(out, BATCH_LENGTH_HEADS)
         return Projection(

@@ -12,6 +12,8 @@ The three steps are separate pure functions; `MoeFeedForward` owns the parameter
              C = max(min_capacity, ceil(tokens / E * k * factor)), fills them in GShard/DeepSpeed
              order (all first choices in position order, then all second choices, ...) and drops
              the overflow, whose output is zero so the token is carried by the residual alone.
+             Tokens reach their slots and come back by gathers of rows (not GShard's one-hot
+             [S, E, C] einsums: the same result without their S x E x C x d FLOPs).
 3. experts:  SwiGLU (decoder) or GELU-family MLP with bias (ViT, projector) per expert.
 
 With a mesh whose `expert` axis is > 1 the capacity path is expert-parallel: the dispatched slots
@@ -195,16 +197,27 @@ def dropless_moe(
     return jnp.einsum("tkd,tk->td", out, combine.astype(out.dtype))
 
 
-def capacity_dispatch_tensors(
-    expert_ids: Array, combine: Array, valid: Array, num_experts: int, cap: int
+def capacity_slot_index(
+    expert_ids: Array, valid: Array, num_experts: int, cap: int
 ) -> tuple[Array, Array, Array]:
-    """One-hot dispatch and combine tensors [G, S, E, C], and the kept mask [G, S, k]."""
+    """Where each (token, choice) pair goes and what fills each slot, per group.
+
+    Returns the flat slot e * cap + c of every pair [G, S, k] (E * cap: dropped), the token that
+    fills every slot [G, E * cap] (S: empty) and the kept mask [G, S, k].
+    """
+    groups, seq, k = expert_ids.shape
     slot, kept = capacity_slots(expert_ids, valid, num_experts, cap)
-    expert_hot = jax.nn.one_hot(expert_ids, num_experts, dtype=combine.dtype)
-    slot_hot = jax.nn.one_hot(jnp.where(kept, slot, cap), cap, dtype=combine.dtype)  # dropped: 0
-    dispatch = jnp.einsum("gske,gskc->gsec", expert_hot, slot_hot)
-    combine_t = jnp.einsum("gske,gskc,gsk->gsec", expert_hot, slot_hot, combine)
-    return dispatch, combine_t, kept
+    flat = jnp.where(kept, expert_ids * cap + slot, num_experts * cap)
+    token = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :, None], flat.shape)
+    filler = jnp.full((groups, num_experts * cap + 1), seq, jnp.int32)
+    filler = filler.at[jnp.arange(groups)[:, None, None], flat].set(token)  # kept slots unique
+    return flat, filler[:, :-1], kept
+
+
+def gather_rows(x: Array, index: Array) -> Array:
+    """x [G, n, d], index [G, m] in [0, n] -> [G, m, d]; index n reads a zero row."""
+    padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+    return jnp.take_along_axis(padded, index[..., None], axis=1, mode="promise_in_bounds")
 
 
 def expert_parallel(fn, mesh: Mesh, num_weights: int):
@@ -357,21 +370,21 @@ class MoeFeedForward(nn.Module):
                 for a in (x, expert_ids, combine, valid)
             )
             factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
-            cap = capacity(x.shape[1], num_experts, k, factor, cfg.get("min_capacity", 0))
+            groups_n, tokens = x.shape[:2]
+            cap = capacity(tokens, num_experts, k, factor, cfg.get("min_capacity", 0))
+            flat, filler, kept = capacity_slot_index(expert_ids, valid, num_experts, cap)
             if combine_mode == "renorm_kept":
-                combine = renorm_over_kept(
-                    combine, capacity_slots(expert_ids, valid, num_experts, cap)[1])
-            dispatch, combine_t, kept = capacity_dispatch_tensors(
-                expert_ids, combine.astype(self.dtype), valid, num_experts, cap
-            )
-            xe = jnp.einsum("bsec,bsd->becd", dispatch, x)  # [batch, E, C, d]
+                combine = renorm_over_kept(combine, kept)
+            xe = gather_rows(x, filler).reshape(groups_n, num_experts, cap, d_in)
             compute = lambda xe_, *w_: experts_dense(  # noqa: E731
                 dict(zip(weights, w_, strict=True)), xe_, self.activation, self.gated
             )
             if self.mesh is not None and self.mesh.shape["expert"] > 1:
                 compute = expert_parallel(compute, self.mesh, len(weights))
-            ye = compute(xe, *weights.values())
-            y = jnp.einsum("bsec,becd->bsd", combine_t, ye)
+            ye = compute(xe, *weights.values()).reshape(groups_n, num_experts * cap, d_out)
+            picked = gather_rows(ye, flat.reshape(groups_n, tokens * k))
+            picked = picked.reshape(groups_n, tokens, k, d_out)
+            y = jnp.einsum("bskd,bsk->bsd", picked, combine.astype(self.dtype))
             y, expert_ids, valid, kept = (
                 a.reshape(batch, seq, *a.shape[2:]) for a in (y, expert_ids, valid, kept))
         y = nn.with_logical_constraint(y, BATCH_LENGTH_EMBED)

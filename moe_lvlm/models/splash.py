@@ -5,7 +5,7 @@ full mask, packing by segment ids (a token attends only within its segment), gro
 (the kernel takes fewer kv heads than q heads). The kernel works on one example's
 [heads, seq, head_dim], so it is vmapped over the batch and, with a mesh, run inside
 `jax.shard_map` with the batch split over the batch axes and the heads over 'tensor'. Off TPU it
-runs in Pallas interpret mode (slow; for tests). `default_attention` gives each platform's `auto`.
+runs in Pallas interpret mode (slow; for tests).
 """
 
 import functools
@@ -19,12 +19,6 @@ from moe_lvlm.parallel.mesh import BATCH_AXES
 
 Array = jax.Array
 SEQ_MULTIPLE = 128  # sequences are padded to a multiple of this (the smallest block)
-
-
-def default_attention(platform: str) -> str:
-    """`auto`: splash on TPU; XLA's attention elsewhere (cuDNN needs bf16/fp16 inputs, so it stays
-    an explicit choice on GPU)."""
-    return "splash" if platform == "tpu" else "xla"
 
 
 def block_size(seq: int) -> int:

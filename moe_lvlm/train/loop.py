@@ -32,6 +32,7 @@ from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, batch_divisor, logical_sh
 from moe_lvlm.train import stages as stages_lib
 from moe_lvlm.train.checkpoint import StageCheckpoints, abstract_with_shardings, latest_step
 from moe_lvlm.train.preemption import Preempted, PreemptionWatch
+from moe_lvlm.train.profiling import StepTrace
 from moe_lvlm.train.reporting import MetricsWriter, plot_stage, read_metrics
 from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
 
@@ -224,13 +225,16 @@ class StageRunner:
         writer = MetricsWriter(self.dir, self.name, self.total_steps, start, enabled=is_main)
         log_every, save_every = self.cfg.log_every, self.cfg.checkpoint.every
         stop = self.cfg.nan_policy == "stop"
+        trace = StepTrace(self.cfg.profile, self.dir.parent / "profile" / self.name)
         tokens, nonfinite, since = 0, jnp.zeros((), jnp.int32), start
         t0 = time.perf_counter()
         with self.mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             for step in range(start + 1, self.total_steps + 1):
                 batch = next(data)
                 tokens += int(np.prod(batch["input_ids"].shape))
+                trace.before(step)
                 new_state, metrics = jitted(state, batch)
+                trace.after(step, metrics)
                 nonfinite = nonfinite + metrics["nonfinite"]
                 if stop and int(metrics["nonfinite"]):
                     self._save_before_bad_step(step, new_state, data)
@@ -253,9 +257,11 @@ class StageRunner:
                 if preemption is not None and preemption.reached():
                     if not saved:
                         self.ckpt.save(step, state, data, self.cfg)
+                    trace.close()
                     self.ckpt.wait()
                     writer.close()
                     raise Preempted(self.name, step)
+        trace.close()
         self.ckpt.wait()
         writer.close()
         if is_main:

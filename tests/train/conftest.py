@@ -4,8 +4,8 @@
 - `compile_cache`: a persistent XLA compilation cache shared by this process and the training
   subprocesses, so that the same train step is compiled once per session.
 - `reference_run`: one uninterrupted `python -m moe_lvlm.train` run of all three stages of the
-  demo recipe on a shrunk model (REFERENCE_OVERRIDES), logging every step; several tests compare
-  against it or read its outputs.
+  demo recipe on a shrunk model (REFERENCE_OVERRIDES), logging every step and tracing step 2;
+  several tests compare against it or read its outputs.
 """
 
 import os
@@ -37,6 +37,7 @@ REFERENCE_OVERRIDES = {
     "vision_pretrain.steps": 2,
     "log_every": 1,
     "checkpoint.every": 2,
+    "profile.num_steps": 1,  # a jax.profiler trace of step 2 of every stage (test_profile.py)
     **{f"stage{i}.num_steps": STEPS for i in (1, 2, 3)},
     **{f"stage{i}.batch_size": 4 for i in (1, 2, 3)},
 }

@@ -1,0 +1,123 @@
+"""Blockwise attention (moe_lvlm/models/attention.py) against attention and its gradients written
+out in numpy: causal and not, packed segments with padding, grouped-query heads, lengths that
+are not a multiple of the block; and the per-platform choice of `model.attention='auto'`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import models
+from moe_lvlm.models import attention
+from moe_lvlm.models.lvlm import build_model
+
+
+def allowed_keys(segment_ids, seq, causal):
+    """[b, q, kv] bool: same non-padding segment (or all keys), causal if asked."""
+    if segment_ids is None:
+        allowed = np.ones((1, seq, seq), bool)
+    else:
+        allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (
+            segment_ids[:, None, :] > 0
+        )
+    return allowed & np.tri(seq, dtype=bool) if causal else allowed
+
+
+def np_attention(q, k, v, dout, allowed):
+    """Output and (dq, dk, dv) for the cotangent `dout`; a query that sees no key outputs 0."""
+    b, s, h, d = q.shape
+    group = h // k.shape[2]
+    out, dq = np.zeros_like(q), np.zeros_like(q)
+    dk, dv = np.zeros_like(k), np.zeros_like(v)
+    for bi, hi in np.ndindex(b, h):
+        kh = hi // group
+        mask = allowed[bi % allowed.shape[0]]
+        scores = np.where(mask, q[bi, :, hi] @ k[bi, :, kh].T / np.sqrt(d), -np.inf)
+        seen = mask.any(-1)
+        p = np.zeros_like(scores)
+        e = np.exp(scores[seen] - scores[seen].max(-1, keepdims=True))
+        p[seen] = e / e.sum(-1, keepdims=True)
+        out[bi, :, hi] = p @ v[bi, :, kh]
+        do = dout[bi, :, hi]
+        dv[bi, :, kh] += p.T @ do
+        dp = do @ v[bi, :, kh].T
+        ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(d)
+        dq[bi, :, hi] = ds @ k[bi, :, kh]
+        dk[bi, :, kh] += ds.T @ q[bi, :, hi]
+    return out, (dq, dk, dv)
+
+
+@pytest.mark.parametrize(
+    "seq, block_q, block_kv, causal, packed",
+    [
+        (16, 4, 4, True, False),  # square blocks, causal blocks skipped
+        (19, 4, 8, True, True),  # length not a multiple of the block, packing with padding
+        (13, 5, 3, False, True),  # bidirectional (ViT-style), key blocks smaller than queries
+        (11, 4, 4, False, False),  # bidirectional with padded keys masked
+        (12, 64, 64, True, True),  # one block larger than the sequence
+    ],
+)
+def test_blockwise_matches_numpy(seq, block_q, block_kv, causal, packed):
+    rng = np.random.default_rng(seq)
+    b, heads, kv_heads, d = 2, 4, 2, 8  # grouped-query: 2 query heads per kv head
+    q = rng.standard_normal((b, seq, heads, d)).astype(np.float32)
+    k = rng.standard_normal((b, seq, kv_heads, d)).astype(np.float32)
+    v = rng.standard_normal((b, seq, kv_heads, d)).astype(np.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    segments = None
+    if packed:
+        segments = np.ones((b, seq), np.int32)
+        segments[0, seq // 3:] = 2
+        segments[0, -2:] = 0  # padding at the end of a packed row
+        segments[1, seq // 2:] = 0
+
+    def run(q_, k_, v_):
+        seg = None if segments is None else jnp.asarray(segments)
+        return attention.blockwise_attention(
+            q_, k_, v_, seg, causal=causal, block_q=block_q, block_kv=block_kv
+        )
+
+    out, vjp = jax.vjp(run, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    grads = vjp(jnp.asarray(dout))
+    want_out, want_grads = np_attention(q, k, v, dout, allowed_keys(segments, seq, causal))
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=1e-4)
+
+
+def test_auto_resolves_per_platform():
+    assert attention.resolve("auto", jnp.float32, "cpu") == "blockwise"
+    assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
+    assert attention.resolve("auto", jnp.float32, "gpu") == "xla"
+    assert attention.resolve("xla", jnp.float32, "cpu") == "xla"
+    with pytest.raises(ValueError, match="unknown attention"):
+        attention.resolve("flash", jnp.float32, "cpu")
+
+
+def test_model_default_runs_blockwise_on_cpu(monkeypatch):
+    """The presets' default ('auto') sends every attention layer of the model (ViT and decoder)
+    through the blockwise kernel on CPU, and the logits equal the 'xla' reference's."""
+    calls = []
+    original = attention.blockwise_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "blockwise_attention", spy)
+    cfg = models.tiny()
+    assert cfg.attention == "auto"
+    cfg.image_token_id = cfg.decoder.vocab_size - 1
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.decoder.vocab_size - 1)
+    positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    segments = jnp.concatenate([jnp.ones((2, 12), jnp.int32), jnp.full((2, 12), 2)], axis=1)
+    images = jnp.zeros((2, 1, 32, 32, 3))
+    model = build_model(cfg)
+    params = model.init(jax.random.PRNGKey(0), ids, positions, segments, images)
+    calls.clear()
+    logits, _ = model.apply(params, ids, positions, segments, images, packed=True)
+    decoder_calls = [shape for shape in calls if shape[1] == 24]
+    assert len(decoder_calls) == cfg.decoder.num_layers and len(calls) > len(decoder_calls)
+    cfg.attention = "xla"
+    want, _ = build_model(cfg).apply(params, ids, positions, segments, images, packed=True)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=1e-4, rtol=1e-4)
