@@ -3,6 +3,7 @@
 one line `error: ...` and exit code 2, with the workdir usable afterwards."""
 
 import errno
+import os
 import shutil
 import subprocess
 import sys
@@ -67,14 +68,14 @@ def test_missing_workdir_is_one_line(tmp_path, capsys):
 def test_evaluate_on_a_read_only_workdir_names_out_dir(workdir, tmp_path, capsys, monkeypatch):
     """Tests run as root, where a chmod does not stop writes: the workdir's file system is made
     read-only by failing every mkdir under it as the kernel would (EROFS)."""
-    mkdir = Path.mkdir
+    mkdir = os.mkdir
 
-    def read_only_mkdir(self, *args, **kwargs):
-        if str(self).startswith(str(workdir)):
-            raise OSError(errno.EROFS, "Read-only file system", str(self))
-        return mkdir(self, *args, **kwargs)
+    def read_only_mkdir(path, *args, **kwargs):
+        if os.fspath(path).startswith(str(workdir)):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+        return mkdir(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
     args = ["--workdir", str(workdir), "--split", "builtin:test", "--limit=1"]
     line = one_error_line(capsys, lambda: cli.run_argparse(evaluate.main, args))
     assert line.startswith(f"error: cannot write answers to {workdir}/eval/")
