@@ -7,9 +7,10 @@ Forward + backward of each, median of `--steps` after one warm-up call, with the
 difference from the first (reference) implementation relative to its largest value:
 
 - attention, causal over [batch, seq, heads (kv_heads), head_dim] (`--packed`: two segments per
-  row): `xla` against `splash` (TPU; Pallas interpret mode on CPU) and `cudnn` (GPU, not packed).
+  row): `xla` against `blockwise` (CPU's default), `splash` (TPU; Pallas interpret mode on CPU) and
+  `cudnn` (GPU, not packed).
 - grouped matmul [tokens * top_k, d] x [E, d, f], random routing: `xla` (jax.lax.ragged_dot)
-  against `megablox` (TPU; interpret on CPU) and `mosaic` (Hopper GPUs).
+  against `tiled` (CPU's default), `megablox` (TPU; interpret on CPU) and `mosaic` (Hopper GPUs).
 - dropless MoE layer (SwiGLU experts, expert axis = min(E, devices), the rest data) with
   `moe.ep_dispatch` `all_gather` against `ragged_a2a` (GPU/TPU) and `a2a_buffer`; needs > 1
   device.
@@ -136,7 +137,8 @@ def grouped_matmul_rows(a, platform: str, dtype) -> list[dict]:
             return jnp.sum(grouped_matmul(x, w, sizes, impl).astype(jnp.float32) ** 2)
         return lambda x, w: jax.value_and_grad(loss, argnums=(0, 1))(x, w)
 
-    names = ["xla"] + {"tpu": ["megablox"], "cpu": ["megablox"], "gpu": ["mosaic"]}[platform]
+    extra = {"tpu": ["megablox"], "cpu": ["tiled", "megablox"], "gpu": ["tiled", "mosaic"]}
+    names = ["xla"] + extra[platform]
     return compare("grouped matmul", f"m{m} d{a.d} f{a.f} E{a.experts}",
                    {n: fwd_bwd(n) for n in names}, (x, w), a.steps, 3 * 2 * m * a.d * a.f)
 
