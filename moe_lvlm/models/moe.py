@@ -205,12 +205,17 @@ def capacity_slot_index(
     Returns the flat slot e * cap + c of every pair [G, S, k] (E * cap: dropped), the token that
     fills every slot [G, E * cap] (S: empty) and the kept mask [G, S, k].
     """
-    groups, seq, k = expert_ids.shape
+    _, seq, k = expert_ids.shape
     slot, kept = capacity_slots(expert_ids, valid, num_experts, cap)
     flat = jnp.where(kept, expert_ids * cap + slot, num_experts * cap)
-    token = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[None, :, None], flat.shape)
-    filler = jnp.full((groups, num_experts * cap + 1), seq, jnp.int32)
-    filler = filler.at[jnp.arange(groups)[:, None, None], flat].set(token)  # kept slots unique
+    token = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[:, None], (seq, k))
+
+    def fill(flat_g: Array) -> Array:  # one group's slots; kept slots are unique
+        return jnp.full((num_experts * cap + 1,), seq, jnp.int32).at[flat_g].set(token)
+
+    # vmap, not an explicit group index: the scatter keeps the group as a batch dimension, so a
+    # mesh that shards the groups scatters locally (no all-gather of the indices).
+    filler = jax.vmap(fill)(flat)
     return flat, filler[:, :-1], kept
 
 

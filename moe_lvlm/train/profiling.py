@@ -1,4 +1,11 @@
-"""A jax.profiler trace of chosen training steps (`config.profile`), for TensorBoard/Perfetto."""
+"""A jax.profiler trace of chosen training steps (`config.profile`), for TensorBoard/Perfetto.
+
+The profiler writes local files; a trace for a remote workdir (gs://) is written to a local
+temporary folder and uploaded through the path layer when it ends (the profiler's own GCS client
+neither reads the project's credentials setup nor a GCS emulator)."""
+
+import shutil
+import tempfile
 
 import jax
 import ml_collections
@@ -17,12 +24,17 @@ class StepTrace:
         self.directory = paths.path(directory)
         if jax.process_count() > 1:
             self.directory = self.directory / f"process_{jax.process_index()}"
+        self.local = None  # where the profiler writes: the directory, or a temporary folder
         self.active = False
 
     def before(self, step: int) -> None:
         if self.first <= step <= self.last and not self.active:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.directory))
+            if paths.is_remote(self.directory):
+                self.local = tempfile.mkdtemp(prefix="moe_lvlm_profile_")
+            else:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.local = str(self.directory)
+            jax.profiler.start_trace(self.local)
             self.active = True
 
     def after(self, step: int, outputs) -> None:
@@ -34,5 +46,8 @@ class StepTrace:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if self.local != str(self.directory):
+                paths.upload(self.local, self.directory)
+                shutil.rmtree(self.local, ignore_errors=True)
             print(f"profile: trace of steps {self.first}-{self.last} in {self.directory}",
                   flush=True)
