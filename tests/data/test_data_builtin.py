@@ -1,9 +1,8 @@
-"""The built-in digit-scenes dataset: build time, splits, held-out images, tokenizer, pipeline."""
+"""The built-in digit-scenes dataset: built once, splits, held-out images, tokenizer, pipeline."""
 
 import json
 import os
 import re
-import time
 
 import numpy as np
 import pytest
@@ -15,9 +14,8 @@ from moe_lvlm.data import builtin, pipeline, sources
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    start = time.perf_counter()
     builtin.ensure_built(data_dir)
-    return data_dir, time.perf_counter() - start
+    return data_dir
 
 
 def _records(data_dir, split, n=None):
@@ -25,17 +23,22 @@ def _records(data_dir, split, n=None):
     return [src[i] for i in range(len(src) if n is None else n)]
 
 
-def test_builds_fast_and_once(built):
-    data_dir, seconds = built
-    assert seconds < 60
-    start = time.perf_counter()
-    builtin.ensure_built(data_dir)  # cached: no rebuild
-    assert time.perf_counter() - start < 5
-    assert os.path.exists(os.path.join(data_dir, "digit_scenes", "1.2.0", "tokenizer.model"))
+def _file_stamps(directory: str) -> dict[str, int]:
+    return {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def test_builds_once(built):
+    data_dir = built
+    version_dir = os.path.join(data_dir, "digit_scenes", str(builtin.DigitScenes.VERSION))
+    assert os.path.exists(os.path.join(version_dir, "tokenizer.model"))
+    before = _file_stamps(data_dir)
+    assert builtin.ensure_built(data_dir).rstrip("/").endswith(os.path.basename(version_dir))
+    assert _file_stamps(data_dir) == before  # found prepared: nothing rewritten
 
 
 def test_split_sizes_and_fields(built):
-    data_dir, _ = built
+    data_dir = built
     for split, size in builtin.SPLIT_SIZES.items():
         assert len(sources.open_source(f"builtin:{split}", data_dir)) == size
     for rec in _records(data_dir, "stage1", 50):
@@ -57,7 +60,7 @@ def test_split_sizes_and_fields(built):
 
 
 def test_count_answers_match_the_pixels(built):
-    data_dir, _ = built
+    data_dir = built
     src = sources.open_source("builtin:test", data_dir)
     checked = 0
     for i in range(len(src)):
@@ -77,7 +80,7 @@ def test_count_answers_match_the_pixels(built):
 def test_pixel_statistics_describe_the_scenes(built):
     from moe_lvlm.data.image import decode
 
-    data_dir, _ = built
+    data_dir = built
     pixels = np.stack([np.asarray(decode(r["image"]), np.float64) / 255
                        for r in _records(data_dir, "stage3", 400)])
     np.testing.assert_allclose(pixels.mean((0, 1, 2)), builtin.PIXEL_MEAN, atol=0.01)
@@ -87,7 +90,7 @@ def test_pixel_statistics_describe_the_scenes(built):
 def test_train_and_test_share_no_digit_image(built):
     import tensorflow_datasets as tfds
 
-    data_dir, _ = built
+    data_dir = built
     ds = tfds.data_source("digit_scenes", data_dir=data_dir,
                           decoders={"image": tfds.decode.SkipDecoding()})
 
@@ -102,7 +105,7 @@ def test_train_and_test_share_no_digit_image(built):
 
 
 def test_split_scenes_describe_the_built_records(built):
-    data_dir, _ = built
+    data_dir = built
     scenes = builtin.split_scenes("test")
     records = _records(data_dir, "test")
     assert sorted(scenes) == sorted(r["id"] for r in records)
@@ -126,7 +129,7 @@ def test_split_scenes_describe_the_built_records(built):
 
 
 def test_tokenizer(built):
-    data_dir, _ = built
+    data_dir = built
     tok = builtin.load_tokenizer(data_dir)
     assert tok.pad_id == 0 and tok.vocab_size <= builtin.VOCAB_SIZE
     assert (tok.image_token_id, tok.im_start_id, tok.im_end_id) == (4, 5, 6)
@@ -139,7 +142,7 @@ def test_tokenizer(built):
 
 
 def test_pipeline_on_a_mixture(built):
-    data_dir, _ = built
+    data_dir = built
     cfg = base.get_base_config()
     cfg.data.update(data_dir=data_dir, system_prompt="", prefetch=0)
     tok = pipeline.load_tokenizer(cfg.data)
