@@ -296,7 +296,8 @@ def validate_training(cfg: ml_collections.ConfigDict, overrides: Collection[str]
                       ("prefetch", 0), ("max_consecutive_skips", 1)):
         if name in data:
             _at_least(data, "data", name, low)
-    if data.tokenizer and _is_local(data.tokenizer):
+    in_workdir = str(data.tokenizer).startswith("{workdir}")  # checked when loaded, in the workdir
+    if data.tokenizer and _is_local(data.tokenizer) and not in_workdir:
         _require(os.path.exists(os.path.expanduser(data.tokenizer)), "data.tokenizer",
                  data.tokenizer, "the file does not exist")
     for name in ("llm", "vision"):

@@ -1,10 +1,13 @@
 """Import a MoE-LLaVA checkpoint directory (PKU-YuanGroup/MoE-LLaVA layout) into a workdir:
 
     python -m moe_lvlm.import_checkpoint --src=DIR --workdir=W \
-        --config=configs/moe_llava.py --tokenizer=TOKENIZER.model [--vision_config=CLIP_DIR]
+        --config=configs/moe_llava.py:model=stablelm [--tokenizer=FILE] [--vision_config=CLIP_DIR]
 
-W then holds config.json (the run config with the imported model), the tokenizer and one
-checkpoint in the layout `python -m moe_lvlm.train` writes:
+The tokenizer is DIR's own (tokenizer.model, else tokenizer.json, else *.tiktoken: StableLM-2 and
+Phi-2 ship tokenizer.json, Qwen-1 qwen.tiktoken) unless --tokenizer names one (a file of those
+kinds, or a directory holding one). W then holds config.json (the run config with the imported
+model; `data.tokenizer` is `{workdir}/<the tokenizer's file>`, so W can move), a copy of the
+tokenizer and one checkpoint in the layout `python -m moe_lvlm.train` writes:
 
   MoE model (config `moe.moe_enable`)  stage3, step 0 (params and a fresh optimizer state):
       evaluate / generate read it, and `train --config=configs/workdir.py:W --workdir=W` runs
@@ -27,18 +30,22 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/moe_llava.py).")
 _SRC = flags.DEFINE_string("src", None, "MoE-LLaVA checkpoint directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir to write (must not hold checkpoints).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model of the model's vocab.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "The model's *.model, tokenizer.json or *.tiktoken; default: DIR's."
+)
 _VISION = flags.DEFINE_string("vision_config", None, "Directory with the tower's config.json.")
 flags.DEFINE_bool("debug", False, "Show the traceback of a bad input.")
-flags.mark_flags_as_required(["config", "src", "workdir", "tokenizer"])
+flags.mark_flags_as_required(["config", "src", "workdir"])
 
 
-def import_checkpoint(src, workdir, cfg, tokenizer_path, vision_config=None) -> tuple[str, int]:
+def import_checkpoint(
+    src, workdir, cfg, tokenizer_path=None, vision_config=None
+) -> tuple[str, int]:
     """Writes the workdir (module docstring); returns (stage, step) of its checkpoint."""
     import jax  # noqa: PLC0415
 
     from moe_lvlm.config import moe_layer_indices, validate  # noqa: PLC0415
-    from moe_lvlm.data.tokenizer import Tokenizer  # noqa: PLC0415
+    from moe_lvlm.data import tokenizer as tokenizer_lib  # noqa: PLC0415
     from moe_lvlm.interop import moe_llava  # noqa: PLC0415
     from moe_lvlm.parallel.mesh import make_mesh  # noqa: PLC0415
     from moe_lvlm.train.loop import StageRunner, stage_names  # noqa: PLC0415
@@ -47,10 +54,15 @@ def import_checkpoint(src, workdir, cfg, tokenizer_path, vision_config=None) -> 
     if any(workdir.glob("stage*/checkpoints")):
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir")
     model_cfg, params, hf = moe_llava.import_moe_llava(src, vision_config)
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+    if tokenizer_path is None:
+        tokenizer_path = tokenizer_lib.find_in_directory(src)
+        if tokenizer_path is None:
+            raise ValueError(f"{src} holds no tokenizer (tokenizer.model, tokenizer.json or "
+                             "*.tiktoken); pass --tokenizer")
+    tokenizer = tokenizer_lib.load(tokenizer_path)
     if tokenizer.vocab_size > model_cfg.decoder.vocab_size:
         raise ValueError(
-            f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces (with <image> and the "
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens (with <image> and the "
             f"chat tokens), more than the model's {model_cfg.decoder.vocab_size} embedding rows"
         )
     cfg = copy.deepcopy(cfg)
@@ -58,8 +70,8 @@ def import_checkpoint(src, workdir, cfg, tokenizer_path, vision_config=None) -> 
         model_cfg[key] = cfg.model[key]
     cfg.model = model_cfg
     workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(workdir / "tokenizer.model"))
-    cfg.data.tokenizer = str((workdir / "tokenizer.model").absolute())
+    tokenizer.save(str(workdir / tokenizer.file_name))
+    cfg.data.tokenizer = f"{tokenizer_lib.WORKDIR}/{tokenizer.file_name}"
     cfg.data.aspect = "pad" if hf.get("image_aspect_ratio", "pad") == "pad" else "resize"
     moe = bool(moe_layer_indices(model_cfg.decoder.moe_layers, model_cfg.decoder.num_layers))
     name = "stage3" if moe else "stage2"

@@ -74,7 +74,7 @@ def load_trained(
     if step not in ocp.utils.checkpoint_steps(directory):
         raise WorkdirError(f"{directory} has no checkpoint {step}; it has "
                            f"{sorted(ocp.utils.checkpoint_steps(directory))}")
-    tokenizer = pipeline.load_tokenizer(cfg.data)
+    tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
     model_cfg = stages_lib.stage_model_config(cfg, names, names.index(stage))
     model_cfg.image_token_id = tokenizer.image_token_id
     # The newest checkpoint that restores, unless a step was asked for (a training restart moves

@@ -5,6 +5,9 @@ the ids concatenated (so a segment boundary is also a token boundary). `<image>`
 segment and becomes `num_image_tokens` copies of `tokenizer.image_token_id`. Trained tokens are the
 assistant's answer and its end-of-turn token (`</s>` for vicuna_v1 and plain, `<|im_end|>` for
 ChatML); everything else (system prompt, user turns, role headers) is context only.
+`<s>` is there only for tokenizers that start texts with BOS (SentencePiece; not the byte-level BPE
+of StableLM-2, Phi-2, Qwen-1). A vicuna_v1 answer follows a space; with byte-level BPE it is
+encoded with that space, so ids equal those of the whole conversation text (as LLaVA tokenizes it).
 
   vicuna_v1 (LLaVA v1):  <s> "{system} USER: {q1} ASSISTANT:" [a1 </s>]
                          "USER: {q2} ASSISTANT:" [a2 </s>]
@@ -82,6 +85,15 @@ def _text(tok: Tokenizer, text: str, num_image_tokens: int) -> list[int]:
     return ids
 
 
+def _bos(tok: Tokenizer) -> list[int]:
+    return [tok.bos_id] if tok.add_bos else []
+
+
+def _answer(tok: Tokenizer, answer: str, end: int, after_space: bool) -> list[int]:
+    text = f" {answer}" if after_space and tok.leading_space else answer
+    return tok.encode(text) + [end]
+
+
 def _segments(
     turns, template: str, tok: Tokenizer, num_image_tokens: int, system: str | None
 ) -> list[tuple[list[int], bool]]:
@@ -95,19 +107,19 @@ def _segments(
         if len(pairs) != 1:
             raise BadRecord("malformed_record", "the plain template takes a single turn")
         question, answer = pairs[0]
-        segs.append(([tok.bos_id] + [tok.image_token_id] * num_image_tokens
+        segs.append((_bos(tok) + [tok.image_token_id] * num_image_tokens
                       * question.count(IMAGE_TOKEN), False))
         if answer is not None:
-            segs.append((tok.encode(answer) + [tok.eos_id], True))
+            segs.append((_answer(tok, answer, tok.eos_id, after_space=False), True))
         return segs
     if template == "vicuna_v1":
         system = VICUNA_SYSTEM if system is None else system
-        segs.append(([tok.bos_id], False))
+        segs.append((_bos(tok), False))
         for i, (question, answer) in enumerate(pairs):
             head = f"{system} USER: " if i == 0 and system else "USER: "
             segs.append((_text(tok, f"{head}{question} ASSISTANT:", num_image_tokens), False))
             if answer is not None:
-                segs.append((tok.encode(answer) + [tok.eos_id], True))
+                segs.append((_answer(tok, answer, tok.eos_id, after_space=True), True))
         return segs
     system = CHATML_SYSTEM if system is None else system
     if system:
@@ -116,7 +128,7 @@ def _segments(
         segs.append(([tok.im_start_id] + _text(tok, f"user\n{question}", num_image_tokens)
                      + [tok.im_end_id, tok.im_start_id] + tok.encode("assistant\n"), False))
         if answer is not None:
-            segs.append((tok.encode(answer) + [tok.im_end_id], True))
+            segs.append((_answer(tok, answer, tok.im_end_id, after_space=False), True))
     return segs
 
 

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from moe_lvlm import config as config_lib
 from moe_lvlm import paths
 from moe_lvlm.data import conversation, image, sources
+from moe_lvlm.data import tokenizer as tokenizer_lib
 from moe_lvlm.data.tokenizer import Tokenizer
 from moe_lvlm.parallel.mesh import BATCH_AXES
 
@@ -52,10 +53,13 @@ DEFAULT_MAX_SKIPS = 2000
 DataError = sources.DataError
 
 
-def load_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
-    """`data.tokenizer` (a SentencePiece .model path) or, when empty, the built-in one."""
+def load_tokenizer(
+    data_cfg: ml_collections.ConfigDict, workdir: paths.PathLike | None = None
+) -> Tokenizer:
+    """`data.tokenizer` (a SentencePiece .model, tokenizer.json or *.tiktoken path, `{workdir}/...`
+    inside `workdir`) or, when empty, the built-in one."""
     if data_cfg.tokenizer:
-        return Tokenizer.from_file(data_cfg.tokenizer)
+        return tokenizer_lib.load(data_cfg.tokenizer, None if workdir is None else str(workdir))
     from moe_lvlm.data import builtin  # imports tensorflow_datasets
 
     return builtin.load_tokenizer(data_cfg.data_dir)

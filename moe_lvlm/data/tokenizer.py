@@ -1,11 +1,24 @@
-"""SentencePiece tokenizer with the special tokens the chat templates need.
+"""Tokenizers with the special tokens the chat templates need, one interface for three formats.
 
-Any `.model` file loads; the special tokens (`<image>`, `<|im_start|>`, `<|im_end|>`) that it lacks
-are appended to its vocabulary as user-defined pieces, so `vocab_size` may grow by up to three (the
-model's embedding table must then be at least that large). Padding always uses id 0: built-in
-tokenizers reserve it for `<pad>`; for other models padded positions are marked by segment_ids == 0.
+`load(path)` picks the backend by file:
+  `*.model`                          SentencePiece (LLaMA/Vicuna, the built-in tokenizer)
+  `tokenizer.json` (or a directory holding one; its `tokenizer_config.json` names bos/eos/pad)
+                                     a HuggingFace `tokenizers` model: StableLM-2, Phi-2, ... (BPE)
+  `*.tiktoken`                       Qwen-1's tiktoken vocabulary (`qwen.tiktoken`) with its special
+                                     tokens `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, ...
+A directory holding `tokenizer.model` loads that first (moe_lvlm/data/bpe.py has the BPE backends).
+
+The special tokens a tokenizer lacks (`<image>`, `<|im_start|>`, `<|im_end|>`) are appended to its
+vocabulary, so `vocab_size` (largest id + 1) may grow by up to three: the model's embedding table
+must be at least that large. `encode` never adds BOS/EOS; the templates add `bos_id` where the
+tokenizer itself would (`add_bos`) and `eos_id` after each answer. Padded positions are marked by
+segment_ids == 0, whatever `pad_id` holds (0 for SentencePiece, the pad or eos token for BPE).
+
+`data.tokenizer` may start with `{workdir}/` (what import_checkpoint writes): the file then lives
+in the run's workdir, which can move as a whole.
 """
 
+import abc
 import io
 from collections.abc import Iterable, Sequence
 
@@ -18,13 +31,121 @@ IMAGE_TOKEN = "<image>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (IMAGE_TOKEN, IM_START, IM_END)
+WORKDIR = "{workdir}"
 _USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
+    """The interface the data pipeline, generation and export use.
+
+    vocab_size: largest id + 1; bos_id / eos_id / pad_id / image_token_id / im_start_id /
+    im_end_id: token ids; add_bos: the tokenizer starts a text with BOS (the templates do so
+    too); leading_space: a word that follows a space in a template must carry that space
+    (byte-level BPE), where False means encode() starts every text as a word (SentencePiece's
+    dummy prefix); file_name: the name `save` should be given; added_tokens: the special
+    tokens appended to the vocabulary.
+    """
+
+    name: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    image_token_id: int
+    im_start_id: int
+    im_end_id: int
+    add_bos: bool
+    leading_space: bool
+    file_name: str
+    added_tokens: tuple[str, ...]
+
+    @classmethod
+    def from_file(cls, path: str) -> "Tokenizer":
+        """The tokenizer in `path`, of the kind its name says (module docstring)."""
+        return load(path)
+
+    @abc.abstractmethod
+    def save(self, path: str) -> None:
+        """Writes the tokenizer (with its added tokens) so that `load(path)` gives the same ids."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, without BOS or EOS."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`, leaving out padding and control tokens."""
+
+    @abc.abstractmethod
+    def piece_to_id(self, piece: str) -> int:
+        """The id of a token given as its text (-1 or the unknown id when absent)."""
+
+    def _check(self) -> None:
+        if min(self.bos_id, self.eos_id) < 0:
+            raise ValueError(f"tokenizer {self.name} has no bos or eos token; both are needed")
+
+
+def kind(path: str) -> str:
+    """'sentencepiece', 'hf' or 'tiktoken' for a tokenizer file or directory (module docstring)."""
+    name = str(path).rstrip("/")
+    if name.endswith(".model"):
+        return "sentencepiece"
+    if name.endswith(".json"):
+        return "hf"
+    if name.endswith(".tiktoken"):
+        return "tiktoken"
+    found = find_in_directory(name)
+    if found is None:
+        raise ValueError(
+            f"tokenizer {path}: not a SentencePiece *.model, a HuggingFace tokenizer.json, a "
+            "*.tiktoken file or a directory holding one"
+        )
+    return kind(found)
+
+
+def find_in_directory(directory: str) -> str | None:
+    """A directory's tokenizer file: tokenizer.model, else tokenizer.json, else *.tiktoken."""
+    root = paths.path(directory)
+    if not root.is_dir():
+        return None
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (root / name).exists():
+            return str(root / name)
+    found = sorted(root.glob("*.tiktoken"))
+    return str(found[0]) if found else None
+
+
+def load(path: str, workdir: str | None = None) -> Tokenizer:
+    """The tokenizer in `path` (a file or a directory holding one); `{workdir}/...` paths are
+    taken inside `workdir`."""
+    path = resolve(path, workdir)
+    which = kind(path)
+    if paths.path(path).is_dir():
+        path = find_in_directory(path)
+    if which == "sentencepiece":
+        return SentencePieceTokenizer.from_file(path)
+    from moe_lvlm.data import bpe  # noqa: PLC0415
+
+    backend = bpe.HFTokenizer if which == "hf" else bpe.TiktokenTokenizer
+    return backend.from_file(path)
+
+
+def resolve(path: str, workdir: str | None) -> str:
+    """`path` with a leading `{workdir}` replaced by `workdir`."""
+    if not str(path).startswith(WORKDIR):
+        return str(path)
+    if workdir is None:
+        raise ValueError(f"data.tokenizer={path} lies in a run's workdir, and none is known here")
+    return paths.join(str(workdir), str(path)[len(WORKDIR):].lstrip("/"))
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model plus the ids of the template's special tokens."""
 
     pad_id = 0
+    add_bos = True
+    leading_space = False
+    file_name = "tokenizer.model"
 
     def __init__(self, model_proto: bytes, name: str = "<bytes>"):
         proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
@@ -41,11 +162,10 @@ class Tokenizer:
         self.image_token_id: int = self._sp.piece_to_id(IMAGE_TOKEN)
         self.im_start_id: int = self._sp.piece_to_id(IM_START)
         self.im_end_id: int = self._sp.piece_to_id(IM_END)
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"tokenizer {name} has no bos or eos piece; both are needed")
+        self._check()
 
     @classmethod
-    def from_file(cls, path: str) -> "Tokenizer":
+    def from_file(cls, path: str) -> "SentencePieceTokenizer":
         return cls(paths.read_bytes(path), name=str(path))
 
     def save(self, path: str) -> None:
@@ -70,7 +190,7 @@ class Tokenizer:
 def train_tokenizer(
     texts: Sequence[str], vocab_size: int, *, byte_fallback: bool = True,
     model_type: str = "unigram",
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
     """Trains a SentencePiece model (`model_type` 'unigram' or 'bpe') on `texts` with pad=0,
     unk=1, bos=2, eos=3 and the special tokens as user-defined pieces 4, 5, 6. `vocab_size` is
     an upper bound."""
@@ -92,4 +212,4 @@ def train_tokenizer(
         num_threads=1,
         minloglevel=2,
     )
-    return Tokenizer(out.getvalue(), name="<trained>")
+    return SentencePieceTokenizer(out.getvalue(), name="<trained>")

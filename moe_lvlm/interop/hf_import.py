@@ -516,12 +516,6 @@ def _check_identity(ckpt: Checkpoint, prefix: str) -> None:
         )
 
 
-def tokenizer_model(directory: str | Path) -> Path | None:
-    """The directory's sentencepiece `tokenizer.model`, if it has one."""
-    path = Path(directory) / "tokenizer.model"
-    return path if path.exists() else None
-
-
 # --------------------------------------------------------------------------- stage I init
 def with_pretrained(
     model_cfg: ml_collections.ConfigDict, llm_dir: str | None = None, vision_dir: str | None = None
@@ -576,12 +570,13 @@ def pretrained_init(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.Conf
     and the pretrained params (nested numpy; training starts its fresh stages from them).
 
     The model takes the pretrained architectures (`with_pretrained`). With init.llm, the LLM
-    directory's sentencepiece `tokenizer.model` becomes `data.tokenizer` unless that is set; a
+    directory's tokenizer (tokenizer.model, tokenizer.json or *.tiktoken) becomes `data.tokenizer`
+    unless that is set; a
     directory without one is an error (the built-in tokenizer's ids mean nothing to the LLM). The
     tokenizer may add `<image>`, `<|im_start|>`, `<|im_end|>` to the vocabulary: the embedding
     then grows (`grow_vocab`).
     """
-    from moe_lvlm.data.tokenizer import Tokenizer  # noqa: PLC0415
+    from moe_lvlm.data import tokenizer as tokenizer_lib  # noqa: PLC0415
 
     init = cfg.get("init") or ml_collections.ConfigDict()
     llm, vision = init.get("llm") or None, init.get("vision") or None
@@ -589,14 +584,14 @@ def pretrained_init(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.Conf
     out.model, params = with_pretrained(cfg.model, llm, vision)
     if llm:
         if not out.data.tokenizer:
-            path = tokenizer_model(llm)
+            path = tokenizer_lib.find_in_directory(llm)
             if path is None:
                 raise CheckpointError(
-                    f"init.llm={llm} has no sentencepiece tokenizer.model; set data.tokenizer to "
-                    "the sentencepiece model this LLM was trained with"
+                    f"init.llm={llm} has no tokenizer (tokenizer.model, tokenizer.json or "
+                    "*.tiktoken); set data.tokenizer to the tokenizer this LLM was trained with"
                 )
             out.data.tokenizer = str(path)
-        vocab = Tokenizer.from_file(out.data.tokenizer).vocab_size
+        vocab = tokenizer_lib.load(out.data.tokenizer).vocab_size
         if vocab > out.model.decoder.vocab_size:
             params = grow_vocab(params, vocab)
             out.model.decoder.vocab_size = vocab

@@ -1,4 +1,8 @@
-"""The run's sentencepiece tokenizer as transformers files, encoding and decoding as it does.
+"""The run's tokenizer as transformers files, encoding and decoding as it does.
+
+A HuggingFace tokenizer.json (moe_lvlm/data/bpe.py) is written as it is with the added template
+tokens, and a tokenizer_config.json naming bos/eos/pad and `<image>`, padding on the left. A
+sentencepiece model is written as:
 
   tokenizer.model         the sentencepiece model with the project's added pieces (`<image>`, ...),
                           so ids match training; transformers' SentencePieceBackend reads it
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from sentencepiece import sentencepiece_model_pb2
 
+from moe_lvlm.data import bpe
 from moe_lvlm.data.tokenizer import IM_END, IM_START, IMAGE_TOKEN, Tokenizer
 
 _Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
@@ -30,6 +35,32 @@ def write_tokenizer(tok: Tokenizer, out: Path, template: str = "") -> dict:
     tokens `<|im_start|>` / `<|im_end|>` are special (`skip_special_tokens` drops them), and with
     the 'chatml' template `<|im_end|>` is an end-of-sequence id, as in moe_lvlm.generate.
     """
+    if isinstance(tok, bpe.HFTokenizer):
+        _write_json(tok, out)
+    else:
+        _write_sentencepiece(tok, out)
+    eos = [tok.im_end_id, tok.eos_id] if template == "chatml" else tok.eos_id
+    return dict(bos_token_id=tok.bos_id, eos_token_id=eos, pad_token_id=tok.pad_id)
+
+
+def _write_json(tok: bpe.HFTokenizer, out: Path) -> None:
+    (out / "tokenizer.json").write_text(tok.to_str())
+    token = tok.id_to_token
+    config = dict(
+        tokenizer_class="PreTrainedTokenizerFast",
+        bos_token=token(tok.bos_id),
+        eos_token=token(tok.eos_id),
+        pad_token=token(tok.pad_id),
+        image_token=IMAGE_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+    )
+    if (unk := bpe.config_token(tok.config, "unk_token")) is not None:
+        config["unk_token"] = unk
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _write_sentencepiece(tok: Tokenizer, out: Path) -> None:
     path = out / "tokenizer.model"
     tok.save(str(path))
     proto = sentencepiece_model_pb2.ModelProto.FromString(path.read_bytes())
@@ -50,8 +81,6 @@ def write_tokenizer(tok: Tokenizer, out: Path, template: str = "") -> dict:
     )
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     fast_tokenizer(proto, tok.bos_id).save(str(out / "tokenizer.json"))
-    eos = [tok.im_end_id, tok.eos_id] if template == "chatml" else tok.eos_id
-    return dict(bos_token_id=tok.bos_id, eos_token_id=eos, pad_token_id=tok.pad_id)
 
 
 def bpe_merges(pieces: list[tuple[str, float]], skip: set[str]) -> list[tuple[str, str]]:

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     workdir = paths.path(_WORKDIR.value)
     for line in resume.check_resume(workdir, cfg):
         print(line, flush=True)
-    tokenizer = pipeline.load_tokenizer(cfg.data)
+    tokenizer = pipeline.load_tokenizer(cfg.data, workdir)
     is_main = jax.process_index() == 0
     if is_main:
         # Written whole (a rename locally; one object upload on GCS): the other processes may be

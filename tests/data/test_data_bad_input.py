@@ -8,7 +8,7 @@ from PIL import Image
 
 from configs import base
 from moe_lvlm.data import pipeline
-from moe_lvlm.data.tokenizer import Tokenizer
+from moe_lvlm.data.tokenizer import SentencePieceTokenizer
 
 LONG = " ".join(["item"] * 60)
 
@@ -62,7 +62,7 @@ def cfg(sp_model_path):
 
 @pytest.fixture
 def tok(sp_model_bytes):
-    return Tokenizer(sp_model_bytes)
+    return SentencePieceTokenizer(sp_model_bytes)
 
 
 def _run(cfg, tok, spec, **kw):

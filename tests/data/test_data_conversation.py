@@ -7,7 +7,7 @@ import pytest
 import sentencepiece as spm
 
 from moe_lvlm.data import conversation
-from moe_lvlm.data.tokenizer import Tokenizer
+from moe_lvlm.data.tokenizer import SentencePieceTokenizer, Tokenizer
 
 N = 4  # image tokens per image in these tests
 CONV = [
@@ -29,7 +29,7 @@ def sp(sp_model_bytes):
 
 @pytest.fixture
 def tok(sp_model_bytes):
-    return Tokenizer(sp_model_bytes)
+    return SentencePieceTokenizer(sp_model_bytes)
 
 
 def _build(parts):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from configs import base
 from moe_lvlm.data import pipeline
-from moe_lvlm.data.tokenizer import Tokenizer
+from moe_lvlm.data.tokenizer import SentencePieceTokenizer
 from moe_lvlm.models.decoder import splice_image_features
 
 N_IMG = 16  # image tokens at the base config's 32x32 input and 8x8 patches
@@ -25,7 +25,7 @@ SEQ = 64
 ])
 def test_image_inside_the_question(tmp_path, sp_model_bytes, sp_model_path, user, parts):
     sp = spm.SentencePieceProcessor(model_proto=sp_model_bytes)
-    tok = Tokenizer(sp_model_bytes)
+    tok = SentencePieceTokenizer(sp_model_bytes)
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "a.png")
     records = [{"id": "q-0", "image": "a.png", "conversations": [
         {"from": "human", "value": user}, {"from": "gpt", "value": "red"}]}]

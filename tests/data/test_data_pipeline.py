@@ -12,7 +12,7 @@ from PIL import Image
 
 from configs import base
 from moe_lvlm.data import conversation, image, pipeline
-from moe_lvlm.data.tokenizer import Tokenizer
+from moe_lvlm.data.tokenizer import SentencePieceTokenizer
 
 N_RECORDS = 36
 
@@ -47,7 +47,7 @@ def cfg(sp_model_path):
 
 @pytest.fixture
 def tok(sp_model_bytes):
-    return Tokenizer(sp_model_bytes)
+    return SentencePieceTokenizer(sp_model_bytes)
 
 
 def items(batch, tok, prefix="item"):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from moe_lvlm.data.conversation import VICUNA_SYSTEM, encode_prompt
 from moe_lvlm.data.image import preprocess
-from moe_lvlm.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from moe_lvlm.data.tokenizer import SPECIAL_TOKENS, SentencePieceTokenizer, Tokenizer
 from moe_lvlm.interop import hf_export
 from moe_lvlm.models.lvlm import build_model
 from tests.interop.hf_helpers import jit_apply, random_params, tiny_model_config, torch
@@ -75,7 +75,7 @@ def export_with_tokenizer(out, tok: Tokenizer, **kw):
 
 @pytest.mark.parametrize("kind", ["unigram", "bpe"])
 def test_tokenizers_encode_and_decode_like_sentencepiece(tmp_path, kind):
-    tok = Tokenizer(sentencepiece(kind))
+    tok = SentencePieceTokenizer(sentencepiece(kind))
     export_with_tokenizer(tmp_path, tok)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     assert sp.piece_to_id("<image>") == tok.image_token_id
@@ -93,7 +93,7 @@ def test_tokenizers_encode_and_decode_like_sentencepiece(tmp_path, kind):
 
 
 def test_autoprocessor_and_generate_follow_the_pipeline(tmp_path):
-    tok = Tokenizer(sentencepiece("unigram"))
+    tok = SentencePieceTokenizer(sentencepiece("unigram"))
     cfg, params = export_with_tokenizer(tmp_path, tok, aspect="pad")
     processor = transformers.AutoProcessor.from_pretrained(tmp_path)
     model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path)
@@ -122,7 +122,7 @@ def test_autoprocessor_and_generate_follow_the_pipeline(tmp_path):
 
 
 def test_export_refuses_a_tokenizer_the_model_was_not_trained_with(tmp_path):
-    tok = Tokenizer(sentencepiece("unigram"))
+    tok = SentencePieceTokenizer(sentencepiece("unigram"))
     cfg = tiny_model_config(vocab_size=64)
     cfg.image_token_id = tok.image_token_id
     with pytest.raises(hf_export.ExportError, match="more than the model's decoder.vocab_size=64"):
