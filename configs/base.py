@@ -35,7 +35,8 @@ def data_config() -> ml_collections.ConfigDict:
             template="vicuna_v1",
             # System prompt; None = the template's default, '' = none.
             system_prompt=ml_collections.FieldReference(None, field_type=str),
-            # SentencePiece .model path; '' = the built-in dataset's tokenizer.
+            # Tokenizer: SentencePiece *.model, tokenizer.json, *.tiktoken (or a directory holding
+            # one; moe_lvlm/data/tokenizer.py); '' = the built-in dataset's tokenizer.
             tokenizer="",
             # Image preprocessing: 'pad' (LLaVA pad-to-square with the mean colour) or 'resize'
             # (CLIP shortest-side resize + centre crop).
