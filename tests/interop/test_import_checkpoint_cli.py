@@ -1,7 +1,10 @@
 """`python -m moe_lvlm.import_checkpoint` on tiny MoE-LLaVA checkpoints, then the other commands on
-the workdir it writes: generate, evaluate, export (dense StableLM: logits of the HF model equal to
-the original PyTorch model's; MoE StableLM and Phi-2: refused, saying why) and a continued stage
-III run."""
+the workdir it writes: generate (dense StableLM: the original PyTorch model's greedy answer),
+evaluate, export (dense StableLM: logits of the HF model equal to the original PyTorch model's,
+transformers' tokenizer equal to the run's; MoE StableLM and Phi-2: refused, saying why) and a
+continued stage III run. The StableLM checkpoints ship a byte-level BPE tokenizer.json, as the
+released ones do, which the import picks up and copies into the workdir; Phi-2's is a SentencePiece
+model given with --tokenizer."""
 
 import json
 import os
@@ -11,8 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tokenizers
 from PIL import Image
 
+from moe_lvlm.data import tokenizer as tokenizer_lib
+from moe_lvlm.data.conversation import VICUNA_SYSTEM
+from tests.data import bpe_files
 from tests.generate.tiny_workdir import tiny_tokenizer
 from tests.interop import moe_llava_fixtures as fx
 from tests.interop.hf_helpers import TOL, max_err, torch
@@ -61,17 +68,24 @@ def _llava_data(root: Path) -> str:
     return f"llava:{root / 'data.json'}?image_root={root}"
 
 
-def _import(tmp_path, backbone, moe_layers):
+def _import(tmp_path, backbone, moe_layers, bpe=False):
+    """Imports a tiny checkpoint; `bpe`: its own tokenizer.json (fits the 128-row embedding),
+    else a SentencePiece model passed with --tokenizer."""
     model = fx.build(backbone, moe_layers)
     fx.save(model, backbone, tmp_path / "ckpt", moe_layers)
-    tiny_tokenizer().save(str(tmp_path / "tok.model"))
+    if bpe:
+        bpe_files.write_tokenizer_json(tmp_path / "ckpt", vocab_size=120, full_alphabet=False)
+        tokenizer = []
+    else:
+        tiny_tokenizer().save(str(tmp_path / "tok.model"))
+        tokenizer = [f"--tokenizer={tmp_path / 'tok.model'}"]
     workdir = tmp_path / "workdir"
     proc = _run(
         "moe_lvlm.import_checkpoint",
         f"--src={tmp_path / 'ckpt'}",
         f"--workdir={workdir}",
         "--config=configs/moe_llava.py",
-        f"--tokenizer={tmp_path / 'tok.model'}",
+        *tokenizer,
         f"--vision_config={tmp_path / 'ckpt/clip'}",
         "--config.model.dtype=float32",
         "--config.model.remat=none",
@@ -81,14 +95,17 @@ def _import(tmp_path, backbone, moe_layers):
 
 @pytest.mark.slow
 def test_moe_import_generate_evaluate_continue(tmp_path):
-    _, workdir, out = _import(tmp_path, "stablelm", (0,))
+    _, imported, out = _import(tmp_path, "stablelm", (0,), bpe=True)
     assert "stage3 checkpoint 0" in out
-    _run(
-        "moe_lvlm.generate",
-        f"--workdir={workdir}",
-        "--prompt=How many digits?",
-        "--max_new_tokens=3",
-    )
+    # The workdir holds its tokenizer and names it relative to itself: it works moved.
+    saved = json.loads((imported / "config.json").read_text())["data"]["tokenizer"]
+    assert saved == "{workdir}/tokenizer.json"
+    workdir = imported.rename(tmp_path / "moved")
+    tok = tokenizer_lib.load(str(workdir / "tokenizer.json"))
+    ref = tokenizer_lib.load(str(tmp_path / "ckpt"))
+    assert tok.encode("How many digits?") == ref.encode("How many digits?")
+    assert tok.vocab_size == ref.vocab_size <= fx.SIZES["vocab_size"]
+    # (`generate` on an imported workdir: test_dense_import_exports_to_transformers.)
     spec = _llava_data(tmp_path / "data")
     _run("moe_lvlm.evaluate", f"--workdir={workdir}", f"--split={spec}", "--limit=2",
          "--batch_size=2", "--max_new_tokens=3")
@@ -125,7 +142,7 @@ def test_phi_export_refused(tmp_path):
 def test_dense_import_exports_to_transformers(tmp_path):
     import transformers  # noqa: PLC0415
 
-    model, workdir, out = _import(tmp_path, "stablelm", ())
+    model, workdir, out = _import(tmp_path, "stablelm", (), bpe=True)
     assert "stage2 checkpoint" in out
     _run("moe_lvlm.export", f"--workdir={workdir}", f"--out={tmp_path / 'hf'}", "--dtype=float32")
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
@@ -139,6 +156,27 @@ def test_dense_import_exports_to_transformers(tmp_path):
     ids_ref = ids.copy()
     ids_ref[ids == image_id] = fx.IMAGE_TOKEN_ID
     assert max_err(got, fx.forward(model, ids_ref, pixels)) <= TOL
+
+    # The exported tokenizer.json: transformers encodes as the run does, pads on the left.
+    ours = tokenizer_lib.load(str(workdir / "tokenizer.json"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = f"{VICUNA_SYSTEM} USER: How many digits? ASSISTANT:"
+    ids = ours.encode(prompt)
+    assert hf_tok.encode(prompt) == ids and hf_tok.padding_side == "left"
+    assert hf_tok.convert_tokens_to_ids("<image>") == image_id == ours.image_token_id
+    assert hf_tok.eos_token_id == ours.eos_id == hf.generation_config.eos_token_id
+    # Generation from the CLI with the BPE tokenizer: the original model's greedy answer.
+    answer = _run("moe_lvlm.generate", f"--workdir={workdir}", "--prompt=How many digits?",
+                  "--max_new_tokens=4").stdout.strip()
+    new = []
+    for _ in range(4):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + new])).logits[0, -1, : ours.vocab_size]
+        new.append(int(logits.argmax()))
+        if new[-1] == ours.eos_id:
+            break
+    want = tokenizers.Tokenizer.from_file(str(tmp_path / "ckpt/tokenizer.json"))
+    assert answer == want.decode(new, skip_special_tokens=True).strip()
 
 
 def test_bad_source_is_one_error_line(tmp_path):
