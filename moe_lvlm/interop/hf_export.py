@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 from flax.linen import meta
 
+from moe_lvlm.cli import UserError
 from moe_lvlm.config import moe_layer_indices, num_image_tokens
 from moe_lvlm.data.bpe import TiktokenTokenizer
 from moe_lvlm.data.image import ASPECT_MODES
@@ -47,8 +48,9 @@ HEAD_KEY = "language_model.lm_head.weight"
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 
 
-class ExportError(ValueError):
-    """The model has no exact transformers equivalent; the message says which part and why."""
+class ExportError(UserError, ValueError):
+    """The model has no exact transformers equivalent; the message says which part and why (the
+    export CLI prints it as one `error: ...` line)."""
 
 
 # --------------------------------------------------------------------------- configs
