@@ -160,7 +160,7 @@ class TiktokenTokenizer(Tokenizer):
             specials[t] = first + len(specials)
         self._enc = tiktoken.Encoding(name, pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
                                       special_tokens=specials)
-        self._ranks, self._specials = ranks, specials
+        self.ranks, self.special_tokens = ranks, specials
         self.vocab_size = first + len(specials)
         self.bos_id = self.eos_id = self.pad_id = specials[ENDOFTEXT]
         self.image_token_id, self.im_start_id, self.im_end_id = (
@@ -188,6 +188,6 @@ class TiktokenTokenizer(Tokenizer):
                                 errors="replace")
 
     def piece_to_id(self, piece: str) -> int:
-        if piece in self._specials:
-            return self._specials[piece]
-        return self._ranks.get(piece.encode(), -1)
+        if piece in self.special_tokens:
+            return self.special_tokens[piece]
+        return self.ranks.get(piece.encode(), -1)

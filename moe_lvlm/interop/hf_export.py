@@ -33,7 +33,6 @@ from flax.linen import meta
 
 from moe_lvlm.cli import UserError
 from moe_lvlm.config import moe_layer_indices, num_image_tokens
-from moe_lvlm.data.bpe import TiktokenTokenizer
 from moe_lvlm.data.image import ASPECT_MODES
 from moe_lvlm.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from moe_lvlm.interop import hf_tokenizer, layout
@@ -351,14 +350,7 @@ def warn_dropped_tokens(model_cfg: ml_collections.ConfigDict) -> None:
 
 # --------------------------------------------------------------------------- tokenizer
 def check_tokenizer(tok: Tokenizer, model_cfg: ml_collections.ConfigDict) -> None:
-    """The tokenizer must be the one the model was trained with (ids within its vocabulary) and
-    one transformers can read without remote code."""
-    if isinstance(tok, TiktokenTokenizer):
-        raise ExportError(
-            f"tokenizer {tok.name} is Qwen-1's tiktoken vocabulary, which transformers reads only "
-            "with Qwen's remote code (QWenTokenizer, without <image>); export writes no tokenizer "
-            "for it"
-        )
+    """The tokenizer must be the one the model was trained with (ids within its vocabulary)."""
     if tok.vocab_size > model_cfg.decoder.vocab_size:
         raise ExportError(
             f"tokenizer {tok.name} has {tok.vocab_size} pieces, more than the model's "

@@ -1,8 +1,10 @@
 """The run's tokenizer as transformers files, encoding and decoding as it does.
 
 A HuggingFace tokenizer.json (moe_lvlm/data/bpe.py) is written as it is with the added template
-tokens, and a tokenizer_config.json naming bos/eos/pad and `<image>`, padding on the left. A
-sentencepiece model is written as:
+tokens, and a tokenizer_config.json naming bos/eos/pad and `<image>`, padding on the left. Qwen-1's
+tiktoken vocabulary becomes such a tokenizer.json (`tiktoken_as_json`: byte-level BPE with Qwen's
+split pattern, NFC, merges from the ranks, its special tokens at their ids). A sentencepiece model
+is written as:
 
   tokenizer.model         the sentencepiece model with the project's added pieces (`<image>`, ...),
                           so ids match training; transformers' SentencePieceBackend reads it
@@ -35,6 +37,8 @@ def write_tokenizer(tok: Tokenizer, out: Path, template: str = "") -> dict:
     tokens `<|im_start|>` / `<|im_end|>` are special (`skip_special_tokens` drops them), and with
     the 'chatml' template `<|im_end|>` is an end-of-sequence id, as in moe_lvlm.generate.
     """
+    if isinstance(tok, bpe.TiktokenTokenizer):
+        tok = tiktoken_as_json(tok)
     if isinstance(tok, bpe.HFTokenizer):
         _write_json(tok, out)
     else:
@@ -58,6 +62,58 @@ def _write_json(tok: bpe.HFTokenizer, out: Path) -> None:
     if (unk := bpe.config_token(tok.config, "unk_token")) is not None:
         config["unk_token"] = unk
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def byte_chars() -> list[str]:
+    """GPT-2's byte-level alphabet: byte b as a printable character (printable Latin-1 bytes as
+    themselves, the others as chr(256 + n) in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def tiktoken_as_json(tok: bpe.TiktokenTokenizer) -> bpe.HFTokenizer:
+    """The tiktoken vocabulary as a `tokenizers` byte-level BPE with the same ids: every token is
+    its bytes in GPT-2's alphabet, its rank its id; each two-part split of a token into tokens is
+    a merge, ranked by the token's rank (tiktoken merges the pair whose concatenation has the
+    lowest rank), and whole pre-tokens found in the vocabulary are taken as they are, as tiktoken
+    does. The special tokens follow at their ids."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Fast
+
+    chars = byte_chars()
+    text = lambda b: "".join(chars[x] for x in b)  # noqa: E731
+    ranks = tok.ranks
+    merges = sorted(
+        (rank, ranks[t[:i]], text(t[:i]), text(t[i:]))
+        for t, rank in ranks.items()
+        for i in range(1, len(t))
+        if t[:i] in ranks and t[i:] in ranks
+    )
+    fast = Fast(models.BPE({text(t): r for t, r in ranks.items()},
+                           [(left, right) for *_, left, right in merges], ignore_merges=True))
+    fast.normalizer = normalizers.NFC()
+    fast.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(bpe.QWEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    fast.decoder = decoders.ByteLevel()
+    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in specials])
+    wrong = [t for t, i in specials if fast.token_to_id(t) != i]
+    if wrong or len(ranks) != max(ranks.values()) + 1:
+        raise ValueError(f"tokenizer {tok.name}: its ranks are not 0..{len(ranks) - 1}, so no "
+                         f"tokenizer.json keeps its ids (special tokens {wrong[:3]} move)")
+    eos = bpe.ENDOFTEXT
+    return bpe.HFTokenizer(fast.to_str(), dict(bos_token=eos, eos_token=eos, pad_token=eos),
+                           name=f"{tok.name} as tokenizer.json")
 
 
 def _write_sentencepiece(tok: Tokenizer, out: Path) -> None:

@@ -52,3 +52,17 @@ def write_tiktoken(path: Path) -> dict[bytes, int]:
         ranks[token] = len(ranks)
     path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
     return ranks
+
+
+def write_tiktoken_from_bpe(path: Path, tokenizer_json: Path) -> dict[bytes, int]:
+    """A larger `*.tiktoken` file: every byte, then the merged tokens of a trained byte-level BPE
+    (tokenizer.json) in merge order; returns the ranks."""
+    tk = Tokenizer.from_file(str(tokenizer_json))
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in json.loads(tokenizer_json.read_text())["model"]["merges"]:
+        left, right = merge if isinstance(merge, list) else merge.split(" ")
+        token = tk.decoder.decode([left + right])
+        if "\ufffd" not in token and token.encode() not in ranks:
+            ranks[token.encode()] = len(ranks)
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return ranks
