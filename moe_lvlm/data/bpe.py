@@ -5,10 +5,16 @@
                      `tokenizer_config.json` (or `special_tokens_map.json`) beside it, else from
                      the usual token names; whether BOS starts a text is what the file's
                      post-processor does.
-  TiktokenTokenizer  Qwen-1's `qwen.tiktoken` (one `base64(token) rank` per line) as Qwen's own
-                     tokenizer reads it: its split pattern, NFC normalisation, and the special
-                     tokens `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|extra_0..204|>`
-                     numbered from the largest rank + 1. No BOS; `<|endoftext|>` is eos and pad.
+  TiktokenTokenizer  a tiktoken file (one `base64(token) rank` per line) as its model's own
+                     tokenizer reads it; the file holds neither the split pattern nor the special
+                     tokens, so its name says whose it is:
+                       qwen.tiktoken        Qwen-1: `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`,
+                                            `<|extra_0..204|>` from the largest rank + 1
+                       arcade100k.tiktoken  StableLM-2 before its tokenizer.json: `<|endoftext|>`,
+                                            FIM, StarCoder, `<|im_start|>`, `<|im_end|>`, ... from
+                                            the largest rank + 2 (100257; 100256 stays unused)
+                     Both: the same split pattern, NFC normalisation, no BOS, `<|endoftext|>` eos
+                     and pad.
 
 Both append the template tokens they lack (`<image>`, ...) as special tokens after the vocabulary,
 never split them, and leave special tokens out of `decode`.
@@ -23,12 +29,21 @@ from moe_lvlm import paths
 from moe_lvlm.data.tokenizer import IM_END, IM_START, SPECIAL_TOKENS, Tokenizer
 
 ENDOFTEXT = "<|endoftext|>"
-# Qwen-1's pre-tokenizer split (Qwen/Qwen-1_8B tokenization_qwen.py) and special tokens.
+# Qwen-1's pre-tokenizer split (Qwen/Qwen-1_8B tokenization_qwen.py; Arcade100k's is the same),
+# and the special tokens of each tiktoken file with the offset of the first after the largest rank.
 QWEN_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 QWEN_SPECIALS = (ENDOFTEXT, IM_START, IM_END) + tuple(f"<|extra_{i}|>" for i in range(205))
+ARCADE_SPECIALS = (
+    ENDOFTEXT, "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<gh_stars>", "<filename>", "<issue_start>", "<issue_comment>", "<issue_closed>",
+    "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<empty_output>",
+    "<commit_before>", "<commit_msg>", "<commit_after>", "<reponame>", "<|endofprompt|>",
+    IM_START, IM_END, "<|pause|>", *(f"<|reg{i}|>" for i in range(8)), "<|extra0|>",
+)
+TIKTOKEN_FILES = {"qwen.tiktoken": (QWEN_SPECIALS, 1), "arcade100k.tiktoken": (ARCADE_SPECIALS, 2)}
 
 
 def config_token(config: dict, key: str) -> str | None:
@@ -139,29 +154,32 @@ def read_ranks(data: bytes, name: str) -> dict[bytes, int]:
 
 
 class TiktokenTokenizer(Tokenizer):
-    """Qwen-1's tiktoken vocabulary (module docstring)."""
+    """Qwen-1's or Arcade100k's tiktoken vocabulary; `file_name` is which (module docstring)."""
 
     add_bos = False
     leading_space = True
-    file_name = "qwen.tiktoken"
 
-    def __init__(self, data: bytes, name: str = "<tiktoken>"):
+    def __init__(self, data: bytes, file_name: str, name: str = "<tiktoken>"):
         try:
             import tiktoken  # noqa: PLC0415
         except ImportError as e:
             raise ImportError(f"tokenizer {name} needs the `tiktoken` package: pip install "
                               "tiktoken") from e
-        self.name, self._data = name, data
+        if file_name not in TIKTOKEN_FILES:
+            raise ValueError(f"tokenizer {name}: a tiktoken file holds no split pattern or special "
+                             f"tokens, so only the known ones load: {sorted(TIKTOKEN_FILES)}")
+        self.name, self._data, self.file_name = name, data, file_name
         ranks = read_ranks(data, name)
-        first = max(ranks.values()) + 1
-        specials = {t: first + i for i, t in enumerate(QWEN_SPECIALS)}
+        names, offset = TIKTOKEN_FILES[file_name]
+        first = max(ranks.values()) + offset
+        specials = {t: first + i for i, t in enumerate(names)}
         self.added_tokens = tuple(t for t in SPECIAL_TOKENS if t not in specials)
         for t in self.added_tokens:
             specials[t] = first + len(specials)
         self._enc = tiktoken.Encoding(name, pat_str=QWEN_PATTERN, mergeable_ranks=ranks,
                                       special_tokens=specials)
         self.ranks, self.special_tokens = ranks, specials
-        self.vocab_size = first + len(specials)
+        self.vocab_size = max(specials.values()) + 1
         self.bos_id = self.eos_id = self.pad_id = specials[ENDOFTEXT]
         self.image_token_id, self.im_start_id, self.im_end_id = (
             specials[t] for t in SPECIAL_TOKENS)
@@ -169,13 +187,13 @@ class TiktokenTokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path: str) -> "TiktokenTokenizer":
-        return cls(paths.read_bytes(path), name=str(path))
+        return cls(paths.read_bytes(path), paths.path(path).name, name=str(path))
 
     def save(self, path: str) -> None:
         paths.write_bytes(path, self._data)
 
     def __getstate__(self):
-        return {"data": self._data, "name": self.name}
+        return {"data": self._data, "file_name": self.file_name, "name": self.name}
 
     def __setstate__(self, state):
         self.__init__(**state)

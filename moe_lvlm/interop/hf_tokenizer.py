@@ -1,10 +1,10 @@
 """The run's tokenizer as transformers files, encoding and decoding as it does.
 
 A HuggingFace tokenizer.json (moe_lvlm/data/bpe.py) is written as it is with the added template
-tokens, and a tokenizer_config.json naming bos/eos/pad and `<image>`, padding on the left. Qwen-1's
-tiktoken vocabulary becomes such a tokenizer.json (`tiktoken_as_json`: byte-level BPE with Qwen's
-split pattern, NFC, merges from the ranks, its special tokens at their ids). A sentencepiece model
-is written as:
+tokens, and a tokenizer_config.json naming bos/eos/pad and `<image>`, padding on the left. A
+tiktoken vocabulary (Qwen-1, Arcade100k) becomes such a tokenizer.json (`tiktoken_as_json`:
+byte-level BPE with its split pattern, NFC, merges from the ranks, its special tokens at their
+ids). A sentencepiece model is written as:
 
   tokenizer.model         the sentencepiece model with the project's added pieces (`<image>`, ...),
                           so ids match training; transformers' SentencePieceBackend reads it
@@ -105,9 +105,12 @@ def tiktoken_as_json(tok: bpe.TiktokenTokenizer) -> bpe.HFTokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     fast.decoder = decoders.ByteLevel()
-    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
-    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in specials])
-    wrong = [t for t, i in specials if fast.token_to_id(t) != i]
+    # Special tokens at their ids; an id tiktoken leaves unused (Arcade100k's 100256) gets a
+    # placeholder special token.
+    by_id = {i: t for t, i in tok.special_tokens.items()}
+    specials = [by_id.get(i, f"<|unused_{i}|>") for i in range(len(ranks), tok.vocab_size)]
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    wrong = [t for t, i in tok.special_tokens.items() if fast.token_to_id(t) != i]
     if wrong or len(ranks) != max(ranks.values()) + 1:
         raise ValueError(f"tokenizer {tok.name}: its ranks are not 0..{len(ranks) - 1}, so no "
                          f"tokenizer.json keeps its ids (special tokens {wrong[:3]} move)")

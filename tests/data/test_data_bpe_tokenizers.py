@@ -75,11 +75,11 @@ def test_tokenizer_json_with_bos_post_processor(tmp_path):
 def test_tiktoken_matches_qwen_reference(tmp_path):
     ranks = bpe_files.write_tiktoken(tmp_path / "qwen.tiktoken")
     tok = tokenizer_lib.load(str(tmp_path))  # a directory holding *.tiktoken
-    assert isinstance(tok, bpe.TiktokenTokenizer)
+    assert isinstance(tok, bpe.TiktokenTokenizer) and tok.file_name == "qwen.tiktoken"
     n = len(ranks)
     ref = tiktoken.Encoding("ref", pat_str=QWEN_PAT, mergeable_ranks=ranks,
                             special_tokens={t: n + i for i, t in enumerate(QWEN_SPECIAL)})
-    for text in TEXTS:
+    for text in TEXTS + ["<|im_start|>user\n<|extra_3|>hi<|im_end|>"]:
         assert tok.encode(text) == ref.encode(text, allowed_special="all")
     # Hand-computed: the merges in bpe_files.TIKTOKEN_MERGES, ranked after the 256 bytes.
     assert tok.encode("hello world") == [ranks[b"hello"], ranks[b" world"]]
@@ -93,11 +93,31 @@ def test_tiktoken_matches_qwen_reference(tmp_path):
     assert pickle.loads(pickle.dumps(tok)).encode(TEXTS[1]) == tok.encode(TEXTS[1])
 
 
+def test_arcade100k_tiktoken(tmp_path):
+    """StableLM-2's first tokenizer: Qwen's split, its special tokens from 100257 (the largest
+    rank 100255 + 2), as stabilityai/stablelm-2-1_6b's tokenization_arcade100k.py numbers them."""
+    ranks = bpe_files.write_tiktoken(tmp_path / "arcade100k.tiktoken")
+    tok = tokenizer_lib.load(str(tmp_path / "arcade100k.tiktoken"))
+    n = len(ranks) + 1  # 100257 for the real file
+    ids = {"<|endoftext|>": n, "<|endofprompt|>": n + 19, "<|im_start|>": n + 20,
+           "<|im_end|>": n + 21, "<|extra0|>": n + 31}
+    ref = tiktoken.Encoding("ref", pat_str=QWEN_PAT, mergeable_ranks=ranks, special_tokens=ids)
+    text = "<|im_start|>user\nhello world<|im_end|><|endofprompt|><|extra0|>item 7<|endoftext|>"
+    assert tok.encode(text) == ref.encode(text, allowed_special="all")
+    assert (tok.eos_id, tok.pad_id, tok.im_start_id, tok.im_end_id) == (n, n, n + 20, n + 21)
+    assert tok.image_token_id == n + 32 and tok.vocab_size == n + 33
+    assert tok.decode(tok.encode(text)) == "user\nhello worlditem 7"
+
+
 def test_bad_tokenizer_files_name_the_file(tmp_path):
-    bad = tmp_path / "bad.tiktoken"
+    bad = tmp_path / "qwen.tiktoken"
     bad.write_text("aGVsbG8= 0\nnot-a-line\n")
-    with pytest.raises(ValueError, match=r"bad.tiktoken line 2: not `base64-token rank`"):
+    with pytest.raises(ValueError, match=r"qwen.tiktoken line 2: not `base64-token rank`"):
         tokenizer_lib.load(str(bad))
+    bpe_files.write_tiktoken(tmp_path / "cl100k_base.tiktoken")
+    with pytest.raises(ValueError, match=r"cl100k_base.tiktoken: a tiktoken file holds no split "
+                       r"pattern or special tokens, so only the known ones load: \['arcade100k"):
+        tokenizer_lib.load(str(tmp_path / "cl100k_base.tiktoken"))
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="is not a HuggingFace tokenizer.json"):
         tokenizer_lib.load(str(tmp_path / "tokenizer.json"))

@@ -16,12 +16,12 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["tokenizer.json", "tiktoken"])
+@pytest.mark.parametrize("kind", ["tokenizer.json", "qwen.tiktoken", "arcade100k.tiktoken"])
 def test_exported_tokenizer_matches_the_run(tmp_path, kind):
     trained = bpe_files.write_tokenizer_json(tmp_path / "bpe")
-    if kind == "tiktoken":
-        bpe_files.write_tiktoken_from_bpe(tmp_path / "qwen.tiktoken", trained)
-        tok = tokenizer_lib.load(str(tmp_path / "qwen.tiktoken"))
+    if kind.endswith(".tiktoken"):
+        bpe_files.write_tiktoken_from_bpe(tmp_path / kind, trained)
+        tok = tokenizer_lib.load(str(tmp_path / kind))
     else:
         tok = tokenizer_lib.load(str(trained))
     out = tmp_path / "hf"
