@@ -150,6 +150,8 @@ def read_ranks(data: bytes, name: str) -> dict[bytes, int]:
             raise ValueError(f"{name} line {n}: not `base64-token rank`: {line[:60]!r}") from None
     if not ranks:
         raise ValueError(f"{name}: no tokens; a *.tiktoken file has one `base64-token rank` a line")
+    if len(set(ranks.values())) != len(ranks) or max(ranks.values()) != len(ranks) - 1:
+        raise ValueError(f"{name}: the ranks are not 0..{len(ranks) - 1}, each once")
     return ranks
 
 
@@ -183,7 +185,7 @@ class TiktokenTokenizer(Tokenizer):
         self.bos_id = self.eos_id = self.pad_id = specials[ENDOFTEXT]
         self.image_token_id, self.im_start_id, self.im_end_id = (
             specials[t] for t in SPECIAL_TOKENS)
-        self._special_ids = set(specials.values())
+        self._text_ids = len(ranks)  # ids below are text; the rest special or unused
 
     @classmethod
     def from_file(cls, path: str) -> "TiktokenTokenizer":
@@ -202,7 +204,7 @@ class TiktokenTokenizer(Tokenizer):
         return self._enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._enc.decode([int(i) for i in ids if int(i) not in self._special_ids],
+        return self._enc.decode([int(i) for i in ids if 0 <= int(i) < self._text_ids],
                                 errors="replace")
 
     def piece_to_id(self, piece: str) -> int:

@@ -4,9 +4,10 @@
   `*.model`                          SentencePiece (LLaMA/Vicuna, the built-in tokenizer)
   `tokenizer.json` (or a directory holding one; its `tokenizer_config.json` names bos/eos/pad)
                                      a HuggingFace `tokenizers` model: StableLM-2, Phi-2, ... (BPE)
-  `*.tiktoken`                       Qwen-1's tiktoken vocabulary (`qwen.tiktoken`) with its special
-                                     tokens `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, ...
-A directory holding `tokenizer.model` loads that first (moe_lvlm/data/bpe.py has the BPE backends).
+  `qwen.tiktoken`, `arcade100k.tiktoken`
+                                     a tiktoken vocabulary (Qwen-1; StableLM-2's first release) with
+                                     its model's split pattern and special tokens
+A directory is searched in that order (moe_lvlm/data/bpe.py has the BPE backends).
 
 The special tokens a tokenizer lacks (`<image>`, `<|im_start|>`, `<|im_end|>`) are appended to its
 vocabulary, so `vocab_size` (largest id + 1) may grow by up to three: the model's embedding table
