@@ -259,6 +259,25 @@ def test_pretrained_init_takes_the_llm_tokenizer_and_grows_the_vocabulary(tmp_pa
     assert max_err(logits[..., :vocab], want) <= TOL
 
 
+def test_pretrained_init_takes_a_tokenizer_json(tmp_path, llama_dir):
+    """An LLM shipping a BPE tokenizer.json (StableLM-2, Phi-2): it becomes data.tokenizer and
+    the embedding grows to its ids."""
+    from configs import demo
+    from moe_lvlm.data import tokenizer as tokenizer_lib
+    from tests.data import bpe_files
+
+    for f in ("config.json", "model.safetensors"):
+        (tmp_path / f).write_bytes((llama_dir / f).read_bytes())
+    bpe_files.write_tokenizer_json(tmp_path, vocab_size=90, full_alphabet=False)
+    run = demo.get_config()
+    run.init = ml_collections.ConfigDict(dict(llm=str(tmp_path), vision=""))
+    cfg, params = hf_import.pretrained_init(run)
+    assert cfg.data.tokenizer == str(tmp_path / "tokenizer.json")
+    tok = tokenizer_lib.load(cfg.data.tokenizer)
+    assert cfg.model.decoder.vocab_size == tok.vocab_size > SIZES["vocab_size"]
+    assert params["decoder"]["embedding"].shape[0] == tok.vocab_size
+
+
 def test_pretrained_init_refuses_mismatched_inputs(tmp_path, llama_dir):
     from configs import demo
 
