@@ -34,6 +34,9 @@ def test_exported_tokenizer_matches_the_run(tmp_path, kind):
         ids = tok.encode(text)
         assert hf.encode(text, add_special_tokens=False) == ids == hf.encode(text), text
         assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids)
+    if kind.endswith(".tiktoken"):  # single bytes are ranks 0..255; invalid UTF-8 decodes alike
+        ids = [0xC3, 0xA9, 0xFF, 0x41, 0xE2, 0x98, 0x42, 0xC3]
+        assert hf.decode(ids) == tok.decode(ids) == "é\ufffdA\ufffdB\ufffd"
     assert hf.convert_tokens_to_ids("<image>") == tok.image_token_id
     assert (hf.eos_token_id, hf.pad_token_id) == (tok.eos_id, tok.pad_id)
     assert hf.padding_side == "left" and hf.image_token == "<image>"
