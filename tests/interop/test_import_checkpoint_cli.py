@@ -17,8 +17,8 @@ import pytest
 import tokenizers
 from PIL import Image
 
+from configs import moe_llava
 from moe_lvlm.data import tokenizer as tokenizer_lib
-from moe_lvlm.data.conversation import VICUNA_SYSTEM
 from tests.data import bpe_files
 from tests.generate.tiny_workdir import tiny_tokenizer
 from tests.interop import moe_llava_fixtures as fx
@@ -166,7 +166,7 @@ def test_dense_import_exports_to_transformers(tmp_path):
     # The exported tokenizer.json: transformers encodes as the run does, pads on the left.
     ours = tokenizer_lib.load(str(workdir / "tokenizer.json"))
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    prompt = f"{VICUNA_SYSTEM} USER: How many digits? ASSISTANT:"
+    prompt = f"{moe_llava.SYSTEM} USER: How many digits? ASSISTANT:"  # MoE-LLaVA's conv_stablelm
     ids = ours.encode(prompt)
     assert hf_tok.encode(prompt) == ids and hf_tok.padding_side == "left"
     assert hf_tok.convert_tokens_to_ids("<image>") == image_id == ours.image_token_id
