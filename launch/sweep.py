@@ -46,7 +46,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -518,33 +518,53 @@ def log_dir(run: Run, log_root: str | None) -> Path:
     return Path(log_root or "sweep-logs") / run.name
 
 
+def train_run(run: Run, opts, axis: str, overrides: Sequence[str],
+              launcher_args: Sequence[str], shared: tuple[str, list[str]] | None,
+              source_trained: Future | None) -> str:
+    """Train one run unless its state says it trained; 'ok' or why not. With `shared` (source
+    run, stages) it first copies those dense stages, once `source_trained` says they trained."""
+    logs = log_dir(run, opts.log_dir)
+    if read_state(run.workdir).get("train"):
+        print(f"[sweep] {run.name}: trained before (sweep_state.json), not retrained", flush=True)
+        return "ok"
+    if shared is not None:
+        source, stages = shared
+        if source_trained is not None and source_trained.result() != "ok":
+            return f"train failed (its dense stages' run {source} failed)"
+        copied = dense_stages.copy_dense(source, run.workdir, stages)
+        print(f"[sweep] {run.name}: dense stages {stages} from {source} (copied: "
+              f"{', '.join(copied) or 'nothing, already there'})", flush=True)
+    print(f"[sweep] {run.name}: training in {run.workdir} ({opts.launcher})", flush=True)
+    job = run.name.replace("/", "-")
+    cmd = train_command(opts.config, axis, run.value, run.workdir, opts.config_args,
+                        [*seed_overrides(run.seed), *overrides], launcher=opts.launcher,
+                        launcher_args=for_run(launcher_args, run), job_name=job)
+    result = run_logged(cmd, logs / "train.log")
+    if result.returncode != 0:
+        return f"train failed (exit {result.returncode}, see {logs / 'train.log'})"
+    mark_done(run.workdir, "train")
+    return "ok"
+
+
 def execute(run: Run, opts, axis: str, overrides: Sequence[str], eval_args: Sequence[str],
             launcher_args: Sequence[str], shared: tuple[str, list[str]] | None = None,
-            source_done: Any = None) -> tuple[str, str]:
-    """Train, evaluate and analyse one run, skipping the steps its state marks done; returns
-    (status, evaluation). With `shared` (source run, stages) the run first copies those finished
-    dense stages, once `source_done` (a future of the source run's outcome) says it trained."""
+            source_trained: Future | None = None,
+            trained: Future | None = None) -> tuple[str, str]:
+    """Train (`train_run`), evaluate and analyse one run, skipping the steps its state marks
+    done; returns (status, evaluation). `trained` gets the training's status as soon as it is
+    known, so that runs sharing its dense stages need not wait for its evaluation."""
     logs = log_dir(run, opts.log_dir)
     state = read_state(run.workdir)
-    if state.get("train"):
-        print(f"[sweep] {run.name}: trained before (sweep_state.json), not retrained", flush=True)
-    else:
-        if shared is not None:
-            source, stages = shared
-            if source_done is not None and source_done.result()[0] != "ok":
-                return f"train failed (its dense stages' run {source} failed)", ""
-            copied = dense_stages.copy_dense(source, run.workdir, stages)
-            print(f"[sweep] {run.name}: dense stages {stages} from {source} (copied: "
-                  f"{', '.join(copied) or 'nothing, already there'})", flush=True)
-        print(f"[sweep] {run.name}: training in {run.workdir} ({opts.launcher})", flush=True)
-        job = run.name.replace("/", "-")
-        cmd = train_command(opts.config, axis, run.value, run.workdir, opts.config_args,
-                            [*seed_overrides(run.seed), *overrides], launcher=opts.launcher,
-                            launcher_args=for_run(launcher_args, run), job_name=job)
-        result = run_logged(cmd, logs / "train.log")
-        if result.returncode != 0:
-            return f"train failed (exit {result.returncode}, see {logs / 'train.log'})", ""
-        mark_done(run.workdir, "train")
+    try:
+        status = train_run(run, opts, axis, overrides, launcher_args, shared, source_trained)
+    except BaseException:
+        if trained is not None:
+            trained.set_result("train failed (the sweep raised)")
+        raise
+    if trained is not None:
+        trained.set_result(status)
+    if status != "ok":
+        return status, ""
     evaluated = "skipped"
     if not opts.no_eval:
         evaluated = "ok" if state.get("eval") else evaluate_point(run.workdir, eval_args,
@@ -639,13 +659,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ThreadPoolExecutor(opts.jobs) as pool:
             # Runs that copy another's dense stages wait for it: sources are submitted first, so
             # a waiting run never holds a slot that its source needs.
-            sources = {s for s, _ in sharing.values()}
+            trained = {s: Future() for s, _ in sharing.values()}
             futures = {}
-            for run in sorted(runs, key=lambda r: r.workdir not in sources):
+            for run in sorted(runs, key=lambda r: r.workdir not in trained):
                 shared = sharing.get(run.name)
-                done = futures.get(shared[0]) if shared else None
+                source = trained.get(shared[0]) if shared else None
                 futures[run.workdir] = pool.submit(execute, run, opts, axis, overrides, eval_args,
-                                                   launcher_args, shared, done)
+                                                   launcher_args, shared, source,
+                                                   trained.get(run.workdir))
             outcomes = [futures[run.workdir].result() for run in runs]
     rows = []
     for run, (status, evaluated) in zip(runs, outcomes, strict=True):
