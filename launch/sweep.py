@@ -659,7 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with ThreadPoolExecutor(opts.jobs) as pool:
             # Runs that copy another's dense stages wait for it: sources are submitted first, so
             # a waiting run never holds a slot that its source needs.
-            trained = {s: Future() for s, _ in sharing.values()}
+            workdirs = {run.workdir for run in runs}
+            trained = {s: Future() for s, _ in sharing.values() if s in workdirs}
             futures = {}
             for run in sorted(runs, key=lambda r: r.workdir not in trained):
                 shared = sharing.get(run.name)
