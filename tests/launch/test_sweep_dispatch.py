@@ -212,7 +212,8 @@ class SharingFake:
         self.found[run] = sorted(p.name for p in workdir.iterdir()) if workdir.exists() else []
         if run in self.fails:
             return type("Result", (), {"returncode": 1})()
-        write_run(workdir, int(workdir.parent.name.split("_")[-1]), [3.0, 2.0])
+        experts = workdir.parent.name.split("_")[-1]
+        write_run(workdir, int(experts) if experts.isdigit() else 4, [3.0, 2.0])
         for stage in ("stage1", "stage2"):
             if not (workdir / stage).exists():
                 (workdir / stage).mkdir()
@@ -264,19 +265,25 @@ def test_share_dense_stages_refuses_an_axis_that_changes_them(capsys):
            "/r/recipe_full to /r/recipe_no_stage2" in capsys.readouterr().out
 
 
-def test_dense_stages_from_another_run_checks_its_config(tmp_path, capsys):
+def test_dense_stages_from_another_run_checks_its_config(tmp_path, capsys, monkeypatch):
     source = tmp_path / "top_k_1" / "seed_0"
-    source.mkdir(parents=True)
+    (source / "stage1").mkdir(parents=True)
+    (source / "stage2").mkdir()
     cfg = sweep.point_config("configs/ablations/top_k.py", "top_k=1,dispatch=capacity",
                              sweep.seed_overrides(0))
     (source / "config.json").write_text(json.dumps(cfg.to_dict()))
-    args = ["--workdir=/r", "--seeds=1", "--dry-run", "--no-eval",
+    args = ["configs/ablations/combine_weights.py", "--values=softmax", "--seeds=1", "--no-eval",
             f"--dense-stages-from={source}"]
     # combine_weights runs top-2 with capacity dispatch: its dense stages are top_k's.
-    assert sweep.main(["configs/ablations/combine_weights.py", "--values=softmax", *args]) == 0
+    assert sweep.main([*args, "--workdir=/r", "--dry-run"]) == 0
     assert f"copy vision_pretrain.npz, vision_pretrain.json, stage1, stage2 of {source}" in \
         capsys.readouterr().out
     # Another seed trains other dense stages.
-    assert sweep.main(["configs/ablations/combine_weights.py", "--values=softmax", *args, "--",
-                       "--config.seed=1"]) == 2
+    assert sweep.main([*args, "--workdir=/r", "--dry-run", "--", "--config.seed=1"]) == 2
     assert "(seed: 0 -> 1)" in capsys.readouterr().err
+    # Run: the source is no run of this sweep, nothing waits for it.
+    fake = SharingFake()
+    monkeypatch.setattr(sweep, "run_logged", fake)
+    monkeypatch.setattr(sweep, "param_counts", lambda config: {})
+    assert sweep.main([*args, f"--workdir={tmp_path / 'cw'}", "--jobs=2"]) == 0
+    assert fake.found == {"cw/combine_weights_softmax": ["stage1", "stage2"]}
