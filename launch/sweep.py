@@ -357,7 +357,7 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def numeric_columns(rows: Sequence[dict]) -> list[str]:
-    evals = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    evals = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.endswith("_std")})
     return ["step", *RESULT_COLUMNS, *evals]
 
 

@@ -287,3 +287,12 @@ def test_dense_stages_from_another_run_checks_its_config(tmp_path, capsys, monke
     monkeypatch.setattr(sweep, "param_counts", lambda config: {})
     assert sweep.main([*args, f"--workdir={tmp_path / 'cw'}", "--jobs=2"]) == 0
     assert fake.found == {"cw/combine_weights_softmax": ["stage1", "stage2"]}
+
+
+def test_seed_table_has_one_column_per_score(tmp_path):
+    rows = [{"point": "p", "a": 1, "status": "ok", "eval": "ok", "eval/exact_match": x}
+            for x in (40.0, 44.0)]
+    sweep.write_seed_tables(sweep.aggregate(rows, "a"), "a", tmp_path)
+    header, _, row = (tmp_path / "results.md").read_text().splitlines()[:3]
+    assert header.count("eval/exact_match") == 1 and "_std" not in header
+    assert "| 42 ± 2.828 |" in row
