@@ -3,7 +3,8 @@
     python launch/sweep.py configs/ablations/experts.py --workdir=runs/ablations/experts \
         [--values=1,8] [--seeds=3] [--config-args=steps=0.1] [--eval-args=--limit=200] \
         [--no-eval] [--routing] [--launcher=local|tpu_pod|slurm] [--launcher-args='...'] \
-        [--jobs=N] [--dry-run | --collect-only] [-- --config.data.data_dir=DIR ...]
+        [--jobs=N] [--share-dense-stages | --dense-stages-from=RUN] [--dry-run | --collect-only]
+        [-- --config.data.data_dir=DIR ...]
 
 Each value V of the file's `AXIS` (default: all its `VALUES`) trains
 `python -m moe_lvlm.train --config=FILE:AXIS=V[,CONFIG_ARGS] --workdir=WORKDIR/AXIS_V [ARGS]`,
@@ -15,6 +16,9 @@ preemptions until training is complete); `slurm` runs `launch/slurm_submit.sh LA
 name, e.g. `--name=abl-{run}` for one TPU slice per run).
 With `--seeds=N` (N > 1) every point trains N times, seeds 0..N-1 (`--config.seed`,
 `--config.data.seed`, `--config.vision_pretrain.seed`), in `WORKDIR/AXIS_V/seed_S`.
+With `--share-dense-stages` the first point of each seed trains fully and the others start
+from a copy of its finished dense stages (launch/dense_stages.py: refused for an axis that
+changes them); `--dense-stages-from=RUN` copies them from a finished run (RUN/seed_S) instead.
 After training, each run is scored here with `python -m moe_lvlm.evaluate --workdir=...` (its JSON
 summary kept in `eval.json`) and, with `--routing`, analysed with
 `python -m moe_lvlm.analyze_routing --workdir=RUN --out=RUN/routing`.
@@ -42,7 +46,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `configs` and `moe_l
     sys.path.insert(0, str(REPO_ROOT))
 
 from etils import epath  # noqa: E402  (after the sys.path line, like the project imports)
+
+from launch import dense_stages  # noqa: E402
 
 EVAL_FILE = "eval.json"
 STATE_FILE = "sweep_state.json"
@@ -137,8 +143,7 @@ def train_command(config: str, axis: str, value: Any, workdir: str, config_args:
                   launcher: str = "local", launcher_args: Sequence[str] = (),
                   job_name: str = "") -> list[str]:
     """The command that trains one run, through `launcher` (run from the repository root)."""
-    arg = ",".join(filter(None, [f"{axis}={value}", config_args]))
-    where = [f"--config={config}:{arg}", f"--workdir={workdir}"]
+    where = [f"--config={config}:{point_arg(axis, value, config_args)}", f"--workdir={workdir}"]
     if launcher == "local":
         return [python, "-m", "moe_lvlm.train", *where, *overrides]
     if launcher == "tpu_pod":
@@ -147,6 +152,55 @@ def train_command(config: str, axis: str, value: Any, workdir: str, config_args:
         return ["launch/slurm_submit.sh", *launcher_args, "--wait", f"--job-name={job_name}",
                 "--", *where, *overrides]
     raise ValueError(f"--launcher={launcher!r}: use one of {LAUNCHERS}")
+
+
+def point_config(config: str, arg: str, overrides: Sequence[str]):
+    """The run config `moe_lvlm.train --config=CONFIG:ARG OVERRIDES` builds (its `--config.*`
+    overrides applied as the training flags apply them)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["sweep", f"--config={config}:{arg}",
+            *[o for o in overrides if o.startswith("--config.")]]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def plan_sharing(runs: Sequence[Run], opts, axis: str,
+                 overrides: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
+    """With --share-dense-stages, for each run that starts from another's dense stages: (the
+    run it copies them from, the stages). Refuses (ValueError) a point that trains them
+    otherwise."""
+    if not (opts.share_dense_stages or opts.dense_stages_from):
+        return {}
+    plan = {}
+    for run in runs:
+        over = [*seed_overrides(run.seed), *overrides]
+        if opts.dense_stages_from:
+            source = opts.dense_stages_from if run.seed is None else join(
+                opts.dense_stages_from, f"seed_{run.seed}")
+            stored = epath_of(source) / "config.json"
+            if not stored.exists():
+                raise ValueError(f"--dense-stages-from: {stored} not found (train that run first)")
+            import ml_collections
+
+            first = ml_collections.ConfigDict(json.loads(stored.read_text()))
+        else:
+            source_run = next(r for r in runs if r.seed == run.seed)
+            if source_run is run:
+                continue
+            source = source_run.workdir
+            first = point_config(opts.config, point_arg(axis, source_run.value, opts.config_args),
+                                 over)
+        cfg = point_config(opts.config, point_arg(axis, run.value, opts.config_args), over)
+        plan[run.name] = (source, dense_stages.shared_stages(first, cfg, source, run.name))
+    return plan
+
+
+def point_arg(axis: str, value: Any, config_args: str) -> str:
+    return ",".join(filter(None, [f"{axis}={value}", config_args]))
 
 
 def eval_command(workdir: str | Path, eval_args: Sequence[str],
@@ -303,7 +357,7 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def numeric_columns(rows: Sequence[dict]) -> list[str]:
-    evals = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    evals = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.endswith("_std")})
     return ["step", *RESULT_COLUMNS, *evals]
 
 
@@ -464,24 +518,53 @@ def log_dir(run: Run, log_root: str | None) -> Path:
     return Path(log_root or "sweep-logs") / run.name
 
 
+def train_run(run: Run, opts, axis: str, overrides: Sequence[str],
+              launcher_args: Sequence[str], shared: tuple[str, list[str]] | None,
+              source_trained: Future | None) -> str:
+    """Train one run unless its state says it trained; 'ok' or why not. With `shared` (source
+    run, stages) it first copies those dense stages, once `source_trained` says they trained."""
+    logs = log_dir(run, opts.log_dir)
+    if read_state(run.workdir).get("train"):
+        print(f"[sweep] {run.name}: trained before (sweep_state.json), not retrained", flush=True)
+        return "ok"
+    if shared is not None:
+        source, stages = shared
+        if source_trained is not None and source_trained.result() != "ok":
+            return f"train failed (its dense stages' run {source} failed)"
+        copied = dense_stages.copy_dense(source, run.workdir, stages)
+        print(f"[sweep] {run.name}: dense stages {stages} from {source} (copied: "
+              f"{', '.join(copied) or 'nothing, already there'})", flush=True)
+    print(f"[sweep] {run.name}: training in {run.workdir} ({opts.launcher})", flush=True)
+    job = run.name.replace("/", "-")
+    cmd = train_command(opts.config, axis, run.value, run.workdir, opts.config_args,
+                        [*seed_overrides(run.seed), *overrides], launcher=opts.launcher,
+                        launcher_args=for_run(launcher_args, run), job_name=job)
+    result = run_logged(cmd, logs / "train.log")
+    if result.returncode != 0:
+        return f"train failed (exit {result.returncode}, see {logs / 'train.log'})"
+    mark_done(run.workdir, "train")
+    return "ok"
+
+
 def execute(run: Run, opts, axis: str, overrides: Sequence[str], eval_args: Sequence[str],
-            launcher_args: Sequence[str]) -> tuple[str, str]:
-    """Train, evaluate and analyse one run, skipping the steps its state marks done; returns
-    (status, evaluation)."""
+            launcher_args: Sequence[str], shared: tuple[str, list[str]] | None = None,
+            source_trained: Future | None = None,
+            trained: Future | None = None) -> tuple[str, str]:
+    """Train (`train_run`), evaluate and analyse one run, skipping the steps its state marks
+    done; returns (status, evaluation). `trained` gets the training's status as soon as it is
+    known, so that runs sharing its dense stages need not wait for its evaluation."""
     logs = log_dir(run, opts.log_dir)
     state = read_state(run.workdir)
-    if state.get("train"):
-        print(f"[sweep] {run.name}: trained before (sweep_state.json), not retrained", flush=True)
-    else:
-        print(f"[sweep] {run.name}: training in {run.workdir} ({opts.launcher})", flush=True)
-        job = run.name.replace("/", "-")
-        cmd = train_command(opts.config, axis, run.value, run.workdir, opts.config_args,
-                            [*seed_overrides(run.seed), *overrides], launcher=opts.launcher,
-                            launcher_args=for_run(launcher_args, run), job_name=job)
-        result = run_logged(cmd, logs / "train.log")
-        if result.returncode != 0:
-            return f"train failed (exit {result.returncode}, see {logs / 'train.log'})", ""
-        mark_done(run.workdir, "train")
+    try:
+        status = train_run(run, opts, axis, overrides, launcher_args, shared, source_trained)
+    except BaseException:
+        if trained is not None:
+            trained.set_result("train failed (the sweep raised)")
+        raise
+    if trained is not None:
+        trained.set_result(status)
+    if status != "ok":
+        return status, ""
     evaluated = "skipped"
     if not opts.no_eval:
         evaluated = "ok" if state.get("eval") else evaluate_point(run.workdir, eval_args,
@@ -517,6 +600,13 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="options for launch/tpu_pod.sh or launch/slurm_submit.sh")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs in flight at once (each trains, evaluates, analyses)")
+    parser.add_argument("--share-dense-stages", action="store_true",
+                        help="train the first point of each seed fully; the other points start "
+                        "from a copy of its dense stages (vision pre-training, stages I, II) and "
+                        "train only the MoE stages")
+    parser.add_argument("--dense-stages-from", default=None, metavar="RUN",
+                        help="every point starts from a copy of the dense stages of the finished "
+                        "run RUN (RUN/seed_S with --seeds), e.g. another sweep's first point")
     parser.add_argument("--log-dir", default=None,
                         help="logs of runs whose workdir is remote (default ./sweep-logs)")
     mode = parser.add_mutually_exclusive_group()
@@ -542,9 +632,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_args = shlex.split(opts.eval_args)
     launcher_args = shlex.split(opts.launcher_args)
     runs = plan_runs(opts.workdir, axis, values, opts.seeds)
+    try:
+        sharing = plan_sharing(runs, opts, axis, overrides)
+    except ValueError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
     if opts.dry_run:
         for run in runs:
             job = run.name.replace("/", "-")
+            if run.name in sharing:
+                source, stages = sharing[run.name]
+                print(f"# {run.name}: copy {', '.join([*dense_stages.TOWER_FILES, *stages])} "
+                      f"of {source} to {run.workdir}")
             print(shlex.join(train_command(
                 opts.config, axis, run.value, run.workdir, opts.config_args,
                 [*seed_overrides(run.seed), *overrides], "python", opts.launcher,
@@ -558,8 +657,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes = [("ok", "skipped" if opts.no_eval else "")] * len(runs)
     else:
         with ThreadPoolExecutor(opts.jobs) as pool:
-            outcomes = list(pool.map(
-                lambda run: execute(run, opts, axis, overrides, eval_args, launcher_args), runs))
+            # Runs that copy another's dense stages wait for it: sources are submitted first, so
+            # a waiting run never holds a slot that its source needs.
+            workdirs = {run.workdir for run in runs}
+            trained = {s: Future() for s, _ in sharing.values() if s in workdirs}
+            futures = {}
+            for run in sorted(runs, key=lambda r: r.workdir not in trained):
+                shared = sharing.get(run.name)
+                source = trained.get(shared[0]) if shared else None
+                futures[run.workdir] = pool.submit(execute, run, opts, axis, overrides, eval_args,
+                                                   launcher_args, shared, source,
+                                                   trained.get(run.workdir))
+            outcomes = [futures[run.workdir].result() for run in runs]
     rows = []
     for run, (status, evaluated) in zip(runs, outcomes, strict=True):
         row = {"point": run.point, axis: run.value, "seed": run.seed,

@@ -15,6 +15,7 @@ EP_DISPATCHES = ("auto", "all_gather", "ragged_a2a", "a2a_buffer")
 COMBINE_MODES = ("auto", "softmax", "renorm_chosen", "renorm_kept")
 NOISE_MODES = ("none", "train", "always")
 CAPACITY_GROUPS = ("sequence", "batch_shard")
+DROP_POLICIES = ("position", "random")
 ATTENTIONS = ("auto", "xla", "cudnn", "blockwise", "splash")  # moe_lvlm/models/attention.py
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
@@ -145,8 +146,9 @@ def _validate_moe(moe: ml_collections.ConfigDict, expert_axis: int) -> None:
         )
     for name, allowed in (("combine_weights", COMBINE_MODES),
                           ("second_choice_noise", NOISE_MODES),
-                          ("capacity_group", CAPACITY_GROUPS)):
-        if moe[name] not in allowed:
+                          ("capacity_group", CAPACITY_GROUPS),
+                          ("drop_policy", DROP_POLICIES)):
+        if moe.get(name, allowed[0]) not in allowed:
             raise ConfigError(f"model.moe.{name}={moe[name]!r} is unknown; use one of {allowed}")
     if moe.top_k == 1 and moe.combine_weights in ("renorm_chosen", "renorm_kept"):
         raise ConfigError(

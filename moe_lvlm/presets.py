@@ -37,6 +37,10 @@ def moe_defaults() -> ml_collections.ConfigDict:
             capacity_factor_eval=2.0,
             min_capacity=0,
             capacity_group="sequence",
+            # Which pairs keep an over-full expert's slots, within each choice round: 'position'
+            # (the earliest tokens: GShard, DeepSpeed top2gating) or 'random' (uniform priorities
+            # drawn on every call: DeepSpeed top1gating's random token selection, use_rts).
+            drop_policy="position",
             # Weights of the chosen experts' outputs: 'softmax' (raw probabilities: Switch,
             # DeepSpeed top1gating), 'renorm_chosen' (renormalised over the k chosen: GShard),
             # 'renorm_kept' (over the choices kept after the capacity drop: DeepSpeed

@@ -10,8 +10,10 @@ The three steps are separate pure functions; `MoeFeedForward` owns the parameter
              routing group (`moe.capacity_group`: one sequence, or all tokens of a batch shard as
              DeepSpeed gates a device's micro-batch) with
              C = max(min_capacity, ceil(tokens / E * k * factor)), fills them in GShard/DeepSpeed
-             order (all first choices in position order, then all second choices, ...) and drops
-             the overflow, whose output is zero so the token is carried by the residual alone.
+             order (all first choices, then all second choices, ...; within each round in position
+             order, or in random order with `moe.drop_policy='random'`: DeepSpeed's `use_rts`) and
+             drops the overflow, whose output is zero so the token is carried by the residual
+             alone.
              Tokens reach their slots and come back by gathers of rows (not GShard's one-hot
              [S, E, C] einsums: the same result without their S x E x C x d FLOPs).
 3. experts:  SwiGLU (decoder) or GELU-family MLP with bias (ViT, projector) per expert.
@@ -121,21 +123,31 @@ def capacity(
 
 
 def capacity_slots(
-    expert_ids: Array, valid: Array, num_experts: int, cap: int
+    expert_ids: Array, valid: Array, num_experts: int, cap: int, priority: Array | None = None
 ) -> tuple[Array, Array]:
     """Slot of each (token, choice) in its expert's buffer, per group. expert_ids: [G, S, k].
 
-    Slots are filled choice by choice (all first choices in position order, then the second
-    choices, ...). Returns slot ids [G, S, k] and whether each pair is kept (valid and slot < cap).
+    Slots are filled choice by choice (all first choices, then the second choices, ...); within
+    a choice round in position order, or with `priority` [G, S, k] (values in [0, 1)) in
+    decreasing priority: uniform priorities keep a random subset of an over-full expert's tokens
+    (DeepSpeed's random token selection). Returns slot ids [G, S, k] and whether each pair is
+    kept (valid and slot < cap).
     """
+    groups, seq, k = expert_ids.shape
     onehot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.int32)  # [G, S, k, E]
     onehot = onehot * valid[..., None, None].astype(jnp.int32)
-    # Order the pairs choice-major: [G, k, S, E], then a running count per expert.
-    choice_major = jnp.swapaxes(onehot, 1, 2).reshape(onehot.shape[0], -1, num_experts)
-    position = jnp.cumsum(choice_major, axis=1) - 1
-    position = jnp.swapaxes(
-        position.reshape(onehot.shape[0], onehot.shape[2], -1, num_experts), 1, 2
-    )
+    # Order the pairs choice-major: [G, k * S, E], then a running count per expert.
+    choice_major = jnp.swapaxes(onehot, 1, 2).reshape(groups, k * seq, num_experts)
+    if priority is None:
+        position = jnp.cumsum(choice_major, axis=1) - 1
+    else:
+        # Sort key j - u in (j - 1, j]: round j before round j + 1, higher priority first.
+        rounds = jnp.arange(k, dtype=priority.dtype)[:, None]
+        key = (rounds - jnp.swapaxes(priority, 1, 2)).reshape(groups, k * seq)
+        order = jnp.argsort(key, axis=1, stable=True)
+        ranked = jnp.cumsum(jnp.take_along_axis(choice_major, order[..., None], axis=1), 1) - 1
+        position = jnp.take_along_axis(ranked, jnp.argsort(order, axis=1)[..., None], axis=1)
+    position = jnp.swapaxes(position.reshape(groups, k, seq, num_experts), 1, 2)
     slot = jnp.sum(position * onehot, axis=-1)
     kept = valid[..., None] & (slot < cap)
     return slot, kept
@@ -198,15 +210,16 @@ def dropless_moe(
 
 
 def capacity_slot_index(
-    expert_ids: Array, valid: Array, num_experts: int, cap: int
+    expert_ids: Array, valid: Array, num_experts: int, cap: int, priority: Array | None = None
 ) -> tuple[Array, Array, Array]:
-    """Where each (token, choice) pair goes and what fills each slot, per group.
+    """Where each (token, choice) pair goes and what fills each slot, per group (`priority`:
+    `capacity_slots`).
 
     Returns the flat slot e * cap + c of every pair [G, S, k] (E * cap: dropped), the token that
     fills every slot [G, E * cap] (S: empty) and the kept mask [G, S, k].
     """
     _, seq, k = expert_ids.shape
-    slot, kept = capacity_slots(expert_ids, valid, num_experts, cap)
+    slot, kept = capacity_slots(expert_ids, valid, num_experts, cap, priority)
     flat = jnp.where(kept, expert_ids * cap + slot, num_experts * cap)
     token = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32)[:, None], (seq, k))
 
@@ -377,7 +390,11 @@ class MoeFeedForward(nn.Module):
             factor = cfg.capacity_factor_train if train else cfg.capacity_factor_eval
             groups_n, tokens = x.shape[:2]
             cap = capacity(tokens, num_experts, k, factor, cfg.get("min_capacity", 0))
-            flat, filler, kept = capacity_slot_index(expert_ids, valid, num_experts, cap)
+            priority = None
+            if cfg.get("drop_policy", "position") == "random":
+                priority = jax.random.uniform(self._drop_rng(), expert_ids.shape)
+            flat, filler, kept = capacity_slot_index(
+                expert_ids, valid, num_experts, cap, priority)
             if combine_mode == "renorm_kept":
                 combine = renorm_over_kept(combine, kept)
             xe = gather_rows(x, filler).reshape(groups_n, num_experts, cap, d_in)
@@ -403,10 +420,19 @@ class MoeFeedForward(nn.Module):
         mode = {False: "none", True: "train"}.get(mode, mode)  # bool in older workdir configs
         if mode == "none" or (mode == "train" and not train):
             return None
+        return self._router_key(0)
+
+    def _drop_rng(self) -> Array:
+        """Key of the random token selection (every call, as DeepSpeed's top1gating selects at
+        random in evaluation too): the 'router' rng, or without one a key fixed per layer."""
+        return self._router_key(1)
+
+    def _router_key(self, stream: int) -> Array:
+        """A fresh key of the 'router' rng, or without one a key fixed per layer and stream."""
         if self.has_rng("router"):
             return self.make_rng("router")
         path_hash = zlib.crc32("/".join(self.path).encode()) & 0x7FFFFFFF
-        return jax.random.fold_in(jax.random.PRNGKey(0), path_hash)
+        return jax.random.fold_in(jax.random.PRNGKey(stream), path_hash)
 
     def _metrics(self, logits, probs, expert_ids, valid, kept) -> dict[str, Array]:
         cfg = self.config

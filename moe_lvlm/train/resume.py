@@ -24,6 +24,9 @@ from moe_lvlm.train.checkpoint import latest_step
 FIXED = ("model", "init", "data.tokenizer")
 FIXED_ONCE_STARTED = ("trainable", "upcycle", "init_from")
 DATA_STAGE_FIELDS = ("mixture", "seq_len", "batch_size")
+# Fields added since runs were stored, with the value such a run was trained with: a stored
+# config without the field resumes when the new config keeps that value.
+ADDED_FIELDS = {"model.moe.drop_policy": "position"}
 FREE_DATA_FIELDS = ("data.num_workers", "data.read_threads", "data.prefetch",
                     "data.max_consecutive_skips", "data.bad_records", "data.eval_source")
 
@@ -56,7 +59,7 @@ def check_resume(workdir: paths.PathLike, cfg: ml_collections.ConfigDict) -> lis
     path = paths.path(workdir) / "config.json"
     if not path.exists():
         return []
-    stored = _normalised(json.loads(path.read_text()))
+    stored = {**ADDED_FIELDS, **_normalised(json.loads(path.read_text()))}
     new = _normalised(cfg)
     changed = sorted(k for k in stored.keys() | new.keys() if stored.get(k) != new.get(k))
     started = [s for s in stage_sections(cfg)

@@ -196,3 +196,103 @@ def test_jobs_keep_runs_in_flight_together(tmp_path, monkeypatch):
                                   ("moe_lvlm.train", "num_experts_2")]
     with (tmp_path / "results.csv").open() as f:
         assert [r["point"] for r in csv.DictReader(f)] == ["num_experts_1", "num_experts_2"]
+
+
+class SharingFake:
+    """Training writes a run with dense stages (stage1, stage2 holding the run's path, and a
+    vision tower) and records what the workdir held before; `fails` names runs that fail."""
+
+    def __init__(self, fails=()):
+        self.found: dict[str, list[str]] = {}
+        self.fails = fails
+
+    def __call__(self, cmd, log):
+        workdir = Path(next(c for c in cmd if c.startswith("--workdir=")).split("=", 1)[1])
+        run = f"{workdir.parent.name}/{workdir.name}"
+        self.found[run] = sorted(p.name for p in workdir.iterdir()) if workdir.exists() else []
+        if run in self.fails:
+            return type("Result", (), {"returncode": 1})()
+        experts = workdir.parent.name.split("_")[-1]
+        write_run(workdir, int(experts) if experts.isdigit() else 4, [3.0, 2.0])
+        for stage in ("stage1", "stage2"):
+            if not (workdir / stage).exists():
+                (workdir / stage).mkdir()
+                (workdir / stage / "metrics.jsonl").write_text(run)
+        (workdir / "vision_pretrain.npz").write_bytes(run.encode())
+        return type("Result", (), {"returncode": 0})()
+
+
+def test_share_dense_stages_copies_the_first_points_per_seed(tmp_path, monkeypatch):
+    """Each seed's first point trains from nothing; the other point of that seed starts from a
+    copy of its dense stages (not its config), after it has trained, with --jobs too."""
+    fake = SharingFake()
+    monkeypatch.setattr(sweep, "run_logged", fake)
+    monkeypatch.setattr(sweep, "param_counts", lambda config: {})  # not what this checks
+    assert sweep.main([CONFIG, f"--workdir={tmp_path}", "--values=1,2", "--seeds=2", "--jobs=2",
+                       "--no-eval", "--share-dense-stages"]) == 0
+    assert fake.found == {
+        "num_experts_1/seed_0": [], "num_experts_1/seed_1": [],
+        "num_experts_2/seed_0": ["stage1", "stage2", "vision_pretrain.npz"],
+        "num_experts_2/seed_1": ["stage1", "stage2", "vision_pretrain.npz"]}
+    for seed in (0, 1):
+        copy = tmp_path / "num_experts_2" / f"seed_{seed}"
+        assert (copy / "stage2" / "metrics.jsonl").read_text() == f"num_experts_1/seed_{seed}"
+
+
+def test_share_dense_stages_waits_for_a_source_that_failed(tmp_path, monkeypatch):
+    fake = SharingFake(fails=("num_experts_1/seed_0",))
+    monkeypatch.setattr(sweep, "run_logged", fake)
+    monkeypatch.setattr(sweep, "param_counts", lambda config: {})
+    assert sweep.main([CONFIG, f"--workdir={tmp_path}", "--values=1,2", "--seeds=2",
+                       "--no-eval", "--share-dense-stages"]) == 1
+    assert "num_experts_2/seed_0" not in fake.found and "num_experts_2/seed_1" in fake.found
+    with (tmp_path / "runs.csv").open() as f:
+        status = {(r["point"], r["seed"]): r["status"] for r in csv.DictReader(f)}
+    assert "dense stages' run" in status[("num_experts_2", "0")]
+
+
+def test_share_dense_stages_refuses_an_axis_that_changes_them(capsys):
+    """Without stage I, stage II starts fresh: its dense stages differ from the full recipe's."""
+    assert sweep.main(["configs/ablations/stages.py", "--workdir=/r", "--share-dense-stages",
+                       "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "recipe_no_stage1" in err
+    assert "stage2.init_from: 'stage1' -> 'none'" in err
+    # Without stage II, stage III upcycles stage I: that one is shared (the dry run says so).
+    assert sweep.main(["configs/ablations/stages.py", "--workdir=/r", "--share-dense-stages",
+                       "--values=full,no_stage2", "--dry-run", "--no-eval"]) == 0
+    assert "# recipe_no_stage2: copy vision_pretrain.npz, vision_pretrain.json, stage1 of " \
+           "/r/recipe_full to /r/recipe_no_stage2" in capsys.readouterr().out
+
+
+def test_dense_stages_from_another_run_checks_its_config(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "top_k_1" / "seed_0"
+    (source / "stage1").mkdir(parents=True)
+    (source / "stage2").mkdir()
+    cfg = sweep.point_config("configs/ablations/top_k.py", "top_k=1,dispatch=capacity",
+                             sweep.seed_overrides(0))
+    (source / "config.json").write_text(json.dumps(cfg.to_dict()))
+    args = ["configs/ablations/combine_weights.py", "--values=softmax", "--seeds=1", "--no-eval",
+            f"--dense-stages-from={source}"]
+    # combine_weights runs top-2 with capacity dispatch: its dense stages are top_k's.
+    assert sweep.main([*args, "--workdir=/r", "--dry-run"]) == 0
+    assert f"copy vision_pretrain.npz, vision_pretrain.json, stage1, stage2 of {source}" in \
+        capsys.readouterr().out
+    # Another seed trains other dense stages.
+    assert sweep.main([*args, "--workdir=/r", "--dry-run", "--", "--config.seed=1"]) == 2
+    assert "(seed: 0 -> 1)" in capsys.readouterr().err
+    # Run: the source is no run of this sweep, nothing waits for it.
+    fake = SharingFake()
+    monkeypatch.setattr(sweep, "run_logged", fake)
+    monkeypatch.setattr(sweep, "param_counts", lambda config: {})
+    assert sweep.main([*args, f"--workdir={tmp_path / 'cw'}", "--jobs=2"]) == 0
+    assert fake.found == {"cw/combine_weights_softmax": ["stage1", "stage2"]}
+
+
+def test_seed_table_has_one_column_per_score(tmp_path):
+    rows = [{"point": "p", "a": 1, "status": "ok", "eval": "ok", "eval/exact_match": x}
+            for x in (40.0, 44.0)]
+    sweep.write_seed_tables(sweep.aggregate(rows, "a"), "a", tmp_path)
+    header, _, row = (tmp_path / "results.md").read_text().splitlines()[:3]
+    assert header.count("eval/exact_match") == 1 and "_std" not in header
+    assert "| 42 ± 2.828 |" in row

@@ -1,11 +1,11 @@
 """Combine weights, capacity and second-choice noise against hand-computed examples and against a
 PyTorch transcription of DeepSpeed's gating (the 0.9.5 release MoE-LLaVA pins), written here.
 
-The transcription follows deepspeed/moe/sharded_moe.py's top1gating (no noisy gate policy, no
-random token selection, tokens dropped) and top2gating: one routing group of S tokens (the
-flattened micro-batch of one device), capacity ceil(S / E * k * factor) but at least
-min_capacity, first choices placed before second choices, combine weights [S, E, C]. Its noise
-is passed in, so that the same Gumbel sample can be given to both sides.
+The transcription follows deepspeed/moe/sharded_moe.py's top1gating (no noisy gate policy, tokens
+dropped, random token selection with its uniform draws passed in) and top2gating: one routing
+group of S tokens (the flattened micro-batch of one device), capacity ceil(S / E * k * factor) but
+at least min_capacity, first choices placed before second choices, combine weights [S, E, C].
+Its noise is passed in, so that the same Gumbel sample can be given to both sides.
 """
 
 import math
@@ -30,17 +30,24 @@ def ds_capacity(num_tokens, num_experts, factor, min_capacity):
     return max(cap, min_capacity)
 
 
-def ds_top1gating(logits, capacity_factor, min_capacity):
-    """(l_aux, combine [S, E, C]): top1gating with noisy_gate_policy=None, use_rts=False."""
+def ds_top1gating(logits, capacity_factor, min_capacity, uniform=None):
+    """(l_aux, combine [S, E, C]): top1gating with noisy_gate_policy=None; use_rts=False, or
+    use_rts=True with `uniform` [S, E] as its draw."""
     gates = torch.softmax(logits, dim=1)
     num_experts = gates.shape[1]
     cap = ds_capacity(gates.shape[0], num_experts, capacity_factor, min_capacity)
     first = torch.argmax(gates, dim=1)
     mask1 = torch.nn.functional.one_hot(first, num_experts)
     l_aux = torch.sum(gates.mean(0) * mask1.float().mean(0)) * num_experts
-    # Without random token selection the first `cap` tokens (position order) of each expert stay.
-    locations1 = torch.cumsum(mask1, dim=0) - 1
-    mask1 = mask1 * (locations1 < cap)
+    if uniform is None:
+        # Without random token selection the first `cap` tokens (position order) of each expert
+        # stay.
+        locations1 = torch.cumsum(mask1, dim=0) - 1
+        mask1 = mask1 * (locations1 < cap)
+    else:  # the `cap` tokens of highest uniform draw stay, then slots in position order
+        top_idx = torch.topk(mask1 * uniform, k=min(cap, mask1.shape[0]), dim=0)[1]
+        mask1 = mask1 * torch.zeros_like(mask1).scatter_(0, top_idx, 1)
+        locations1 = torch.cumsum(mask1, dim=0) - 1
     loc1 = torch.sum(locations1 * mask1, dim=1)
     weights = gates * mask1.float()
     combine = weights[:, :, None] * torch.nn.functional.one_hot(loc1, cap).float()[:, None, :]
@@ -78,12 +85,13 @@ def ds_top2gating(logits, capacity_factor, min_capacity, noise, normalize_before
 
 
 # --------------------------------------------------------------------------- helpers
-def ours_combine(logits, k, factor, min_capacity, mode, key=None):
+def ours_combine(logits, k, factor, min_capacity, mode, key=None, priority=None):
     """Our pure functions on one routing group: (capacity, combine [S, E, C] as numpy)."""
     num_tokens, num_experts = logits.shape
     ids, weights, _ = moe.route(jnp.asarray(logits)[None], k, key, mode)
     cap = moe.capacity(num_tokens, num_experts, k, factor, min_capacity)
-    slot, kept = moe.capacity_slots(ids, jnp.ones((1, num_tokens), bool), num_experts, cap)
+    valid = jnp.ones((1, num_tokens), bool)
+    slot, kept = moe.capacity_slots(ids, valid, num_experts, cap, priority)
     if mode == "renorm_kept":
         weights = moe.renorm_over_kept(weights, kept)
     combine = np.zeros((num_tokens, num_experts, cap), np.float32)
@@ -110,7 +118,7 @@ def one_hot_expert_params(probs, num_experts):
     }, np.log(np.asarray(probs, np.float32))[None]
 
 
-def layer_weights(probs, **overrides):
+def layer_weights(probs, rngs=None, **overrides):
     """Per token and expert, the weight the MoE layer gives that expert's output."""
     probs = np.asarray(probs, np.float32)
     num_experts = probs.shape[-1]
@@ -119,7 +127,7 @@ def layer_weights(probs, **overrides):
                **overrides)
     params, x = one_hot_expert_params(probs, num_experts)
     layer = moe.MoeFeedForward(cfg, 4, activation="gelu", gated=False)
-    y, metrics = layer.apply({"params": params}, x, train=True)
+    y, metrics = layer.apply({"params": params}, x, train=True, rngs=rngs)
     return np.asarray(y)[0], metrics
 
 
@@ -198,6 +206,57 @@ def test_top1_softmax_matches_deepspeed_top1gating(factor, min_capacity):
     ours_aux = moe.balance_loss(probs, ids, jnp.ones(24, bool), "top1")
     np.testing.assert_allclose(ours_aux, l_aux.item(), rtol=1e-5)
     assert (want.sum((1, 2)) == 0).any() or factor == 1.0  # some tokens are dropped
+
+
+@pytest.mark.parametrize("factor, min_capacity", [(0.5, 0), (0.25, 6)])
+def test_top1_random_drop_policy_matches_deepspeed_use_rts(factor, min_capacity):
+    """drop_policy='random' is top1gating's use_rts given the same uniform draws: which tokens
+    keep an over-full expert's slots (their slot order may differ: both fill C unique slots)."""
+    logits = skewed_logits(0, 24, 4)
+    priority = jax.random.uniform(jax.random.key(4), (1, 24, 1))
+    uniform = np.repeat(np.asarray(priority)[0], 4, axis=1)  # DeepSpeed draws [S, E]
+    _, want = ds_top1gating(torch.from_numpy(logits), factor, min_capacity,
+                            torch.from_numpy(uniform))
+    cap, got = ours_combine(logits, 1, factor, min_capacity, "softmax", priority=priority)
+    assert cap == want.shape[-1]
+    np.testing.assert_allclose(got.sum(-1), want.numpy().sum(-1), rtol=1e-6, atol=1e-7)
+    assert ((got > 0).sum(0) <= 1).all()  # one token per slot
+    _, by_position = ours_combine(logits, 1, factor, min_capacity, "softmax")
+    assert not np.array_equal(got.sum(-1) > 0, by_position.sum(-1) > 0)  # another subset kept
+
+
+def test_random_drop_policy_hand_example():
+    """Top-1, E=2, cap 2: the four tokens all choose expert 0; the two of highest priority stay.
+    Top-2: choice rounds keep their order (a second choice never takes a first choice's slot),
+    priority orders the pairs within a round."""
+    slot, kept = moe.capacity_slots(np.zeros((1, 4, 1), np.int32), np.ones((1, 4), bool), 2, 2,
+                                    jnp.asarray([[[0.1], [0.9], [0.3], [0.5]]]))
+    np.testing.assert_array_equal(slot[0, :, 0], [3, 0, 2, 1])
+    np.testing.assert_array_equal(kept[0, :, 0], [False, True, False, True])
+    ids = np.array([[[0, 1], [0, 1], [1, 0]]], np.int32)
+    priority = jnp.asarray([[[0.2, 0.9], [0.8, 0.1], [0.5, 0.4]]])
+    slot, kept = moe.capacity_slots(ids, np.ones((1, 3), bool), 2, 2, priority)
+    # Round 1: expert 0 takes token 1 then token 0, expert 1 token 2. Round 2: expert 1 takes
+    # token 0 (priority 0.9) into its last slot, token 1 is dropped; expert 0 is full (token 2).
+    np.testing.assert_array_equal(slot, [[[1, 1], [0, 2], [0, 2]]])
+    np.testing.assert_array_equal(kept, [[[True, True], [True, False], [True, False]]])
+
+
+def test_layer_random_drop_policy():
+    """In the layer: each over-full expert keeps exactly C tokens, a subset that changes with
+    the 'router' rng; without one (evaluation) the subset is fixed per layer."""
+    probs = [[0.7, 0.2, 0.1]] * 6 + [[0.1, 0.8, 0.1]] * 2  # capacity ceil(8 / 3 * 0.75) = 2
+    overrides = dict(top_k=1, drop_policy="random", capacity_factor_train=0.75)
+    subsets = set()
+    for seed in range(4):
+        got, _ = layer_weights(probs, rngs={"router": jax.random.key(seed)}, **overrides)
+        kept = got.sum(-1) > 0
+        assert kept[:6].sum() == 2 and kept[6:].all()
+        np.testing.assert_allclose(got[kept].max(-1), [0.7, 0.7, 0.8, 0.8], rtol=1e-5)
+        subsets.add(tuple(np.flatnonzero(kept[:6])))
+    assert len(subsets) > 1
+    fixed = [layer_weights(probs, **overrides)[0] for _ in range(2)]
+    np.testing.assert_array_equal(*fixed)
 
 
 @pytest.mark.parametrize("mode", ["renorm_kept", "renorm_chosen"])
