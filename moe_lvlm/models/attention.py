@@ -186,6 +186,12 @@ def _flash_fwd(causal, bq, bk, qt, kt, vt, seg):
 
 def _flash_bwd(causal, bq, bk, res, dout):
     qt, kt, vt, seg, out, lse = res
+    # A zero from `dout` that XLA may not fold (0 * x is NaN for x = inf): with the blocks below
+    # depending on it, XLA can neither merge the recomputed scores and key/value slices with the
+    # forward's (CSE; XLA:CPU drops optimization barriers first) nor compute them before the
+    # loss, which kept every layer's [q, kv] blocks alive at once (benchmarks/RESULTS.md).
+    zero = 0.0 * dout.reshape(-1)[0]
+    qt, kt, vt = (x + zero.astype(x.dtype) for x in (qt, kt, vt))
     length = qt.shape[3]
     scale = 1.0 / math.sqrt(qt.shape[-1])
     qs = _scale(qt)
