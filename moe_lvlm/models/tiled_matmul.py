@@ -8,8 +8,8 @@ dense lowering of `jax.lax.ragged_dot` on CPU; gradients come from autodiff (the
 transposes are scatter-adds, the weight gradient sums the tiles of each group).
 
 `tiled_experts` runs a whole expert FFN in tile space (rows tiled once, read back once), and
-the per-tile weights [tiles, k, n] are gathered inside a checkpoint, so that the backward pass
-gathers them again instead of keeping them from the forward pass.
+the per-tile weights [tiles, k, n] and the activation are recomputed in the backward pass
+(moe_lvlm/models/recompute.py) instead of kept from the forward pass.
 """
 
 from collections.abc import Callable
@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from moe_lvlm.models.recompute import recompute
 
 Array = jax.Array
 
@@ -64,7 +66,7 @@ def from_tiles(y: Array, t: Tiles) -> Array:
     return jnp.take(y.reshape(-1, y.shape[-1]), t.position, axis=0, mode="clip")
 
 
-@jax.checkpoint
+@recompute
 def _tile_matmul(xt: Array, w: Array, group: Array) -> Array:
     wt = jnp.take(w, group, axis=0, mode="clip").astype(xt.dtype)
     return jnp.einsum("tmk,tkn->tmn", xt, wt)
@@ -91,10 +93,10 @@ def tiled_experts(
     t = tile_layout(group_sizes, x.shape[0], tile)
     xt = to_tiles(x, t)
     if gated:
-        h = jax.checkpoint(lambda g, u: act(g) * u)(
+        h = recompute(lambda g, u: act(g) * u)(
             tiles_matmul(xt, weights["gate"], t), tiles_matmul(xt, weights["up"], t)
         )
         return from_tiles(tiles_matmul(h, weights["down"], t), t)
     bias = lambda name: weights[name][t.group][:, None].astype(x.dtype)  # noqa: E731
-    h = jax.checkpoint(act)(tiles_matmul(xt, weights["fc1"], t) + bias("fc1_bias"))
+    h = recompute(act)(tiles_matmul(xt, weights["fc1"], t) + bias("fc1_bias"))
     return from_tiles(tiles_matmul(h, weights["fc2"], t) + bias("fc2_bias"), t)
