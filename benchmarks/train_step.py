@@ -254,7 +254,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         ("system / variant", "label", "s"), ("step s", "median_s", ".4f"),
         ("tokens/s", "tokens_s", ",.0f"), ("model TFLOP/s", "tflops", ".1f"),
         ("MFU", "mfu", ".3f"), ("peak GB", "peak_gb", ".1f"),
-        ("XLA step GB", "step_gb", ".1f"), ("compile s", "compile_s", ".1f"),
+        ("XLA step GB", "step_gb", ".2f"), ("compile s", "compile_s", ".1f"),
         ("loss", "loss", ".3f")]))
     peers = [r for r in rows if r["system"] == "torch" and "tokens_s" in r]
     if peers:

@@ -5,7 +5,9 @@
 Arguments (`configs/demo.py:steps=0.5,experts=8`): `steps` scales every stage's step count (and
 the vision pre-training's);
 `experts`, `top_k`, `dispatch` set the MoE layers; dispatch defaults to MoE-LLaVA's `capacity`
-(gather dispatch, capacity factors 1.5 train / 2.0 eval), about 3x faster than `dropless` on CPU.
+(gather dispatch, capacity factors 1.5 train / 2.0 eval), the setting the README's accuracy was
+measured with. On CPU `dropless` (tiled experts) is now the faster one: 1.43x capacity's step at
+stage III's shape (32 x 40 tokens, 4 experts top-2; benchmarks/RESULTS.md); stage II is dense.
 With no pretrained CLIP to start from, the demo pre-trains its vision tower on the built-in scenes
 (supervised, before stage I; docs/training.md) and keeps it frozen through the stages as MoE-LLaVA
 does, normalising images with the scenes' own pixel statistics.

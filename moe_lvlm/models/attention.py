@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moe_lvlm.config import ATTENTIONS
+from moe_lvlm.models.recompute import after
 from moe_lvlm.models.splash import splash_attention
 
 Array = jax.Array
@@ -186,6 +187,9 @@ def _flash_fwd(causal, bq, bk, qt, kt, vt, seg):
 
 def _flash_bwd(causal, bq, bk, res, dout):
     qt, kt, vt, seg, out, lse = res
+    # Recomputed from `dout` on: XLA:CPU would otherwise merge the scores and key/value slices
+    # with the forward's and keep every layer's blocks alive at once (moe_lvlm/models/recompute.py).
+    qt, kt, vt = after(dout, qt, kt, vt)
     length = qt.shape[3]
     scale = 1.0 / math.sqrt(qt.shape[-1])
     qs = _scale(qt)

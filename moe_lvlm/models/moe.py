@@ -38,8 +38,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from moe_lvlm.models.dropless_ep import default_ep_dispatch, dropless_expert_parallel
-from moe_lvlm.models.grouped_matmul import grouped_matmul
+from moe_lvlm.models.grouped_matmul import default_grouped_matmul, grouped_matmul
 from moe_lvlm.models.layers import BATCH_LENGTH_EMBED, activation_fn, param_with_axes
+from moe_lvlm.models.tiled_matmul import tiled_experts
 from moe_lvlm.parallel.mesh import BATCH_AXES, batch_divisor
 
 Array = jax.Array
@@ -176,8 +177,13 @@ def experts_grouped(
 ) -> Array:
     """Experts as grouped matmuls over rows sorted by expert. x: [m, d] -> [m, d_out].
 
-    `gmm` picks the grouped matmul (moe_lvlm/models/grouped_matmul.py)."""
+    `gmm` picks the grouped matmul (moe_lvlm/models/grouped_matmul.py); `tiled` runs the
+    whole FFN in tile space (`tiled_experts`)."""
     act = activation_fn(activation)
+    if gmm == "auto":
+        gmm = default_grouped_matmul(jax.default_backend())
+    if gmm == "tiled":
+        return tiled_experts(weights, x, group_sizes, act, gated)
     mm = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=gmm)
     if gated:
         h = act(mm(x, weights["gate"]))

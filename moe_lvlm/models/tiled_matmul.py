@@ -6,20 +6,38 @@ group padded to whole tiles with zero rows), every tile is multiplied by its gro
 those of the rows plus at most one tile of padding per group, not E times the rows as XLA's
 dense lowering of `jax.lax.ragged_dot` on CPU; gradients come from autodiff (the gathers'
 transposes are scatter-adds, the weight gradient sums the tiles of each group).
+
+`tiled_experts` runs a whole expert FFN in tile space (rows tiled once, read back once), and
+the per-tile weights [tiles, k, n] and the activation are recomputed in the backward pass
+(moe_lvlm/models/recompute.py) instead of kept from the forward pass.
 """
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from moe_lvlm.models.recompute import recompute
 
 Array = jax.Array
 
 TILE = 128
 
 
-def tile_layout(group_sizes: Array, rows: int, tile: int) -> tuple[Array, Array, int]:
-    """Where each sorted row goes among the padded tiles [rows], which row fills each padded
-    slot [tiles * tile] (`rows`: none), and the static number of tiles."""
+class Tiles(NamedTuple):
+    """Where rows sorted by group go among whole tiles of one group each."""
+
+    position: Array  # [rows]: the padded slot of each row
+    source: Array  # [tiles * tile]: the row that fills each slot (`rows`: none, a zero row)
+    group: Array  # [tiles]: the group of each tile
+    tile: int
+
+
+def tile_layout(group_sizes: Array, rows: int, tile: int = TILE) -> Tiles:
+    """The tiles of `rows` rows sorted by group (group_sizes [g]); `tile` capped at `rows`."""
     groups = group_sizes.shape[0]
+    tile = max(1, min(tile, rows))
     tiles = -(-rows // tile) + groups
     padded = -(-group_sizes // tile) * tile
     start = jnp.cumsum(group_sizes) - group_sizes
@@ -31,19 +49,54 @@ def tile_layout(group_sizes: Array, rows: int, tile: int) -> tuple[Array, Array,
     source = jnp.full((tiles * tile,), rows, jnp.int32).at[position].set(
         jnp.arange(rows, dtype=jnp.int32), mode="drop"
     )
-    return position, source, tiles
+    group = jnp.minimum(
+        jnp.searchsorted(jnp.cumsum(padded), jnp.arange(tiles) * tile, side="right"), groups - 1
+    )
+    return Tiles(position, source, group, tile)
+
+
+def to_tiles(x: Array, t: Tiles) -> Array:
+    """[rows, k] -> [tiles, tile, k], padding slots zero."""
+    xz = jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)
+    return jnp.take(xz, t.source, axis=0, mode="clip").reshape(-1, t.tile, x.shape[-1])
+
+
+def from_tiles(y: Array, t: Tiles) -> Array:
+    """[tiles, tile, n] -> [rows, n]: the rows' slots in order."""
+    return jnp.take(y.reshape(-1, y.shape[-1]), t.position, axis=0, mode="clip")
+
+
+@recompute
+def _tile_matmul(xt: Array, w: Array, group: Array) -> Array:
+    wt = jnp.take(w, group, axis=0, mode="clip").astype(xt.dtype)
+    return jnp.einsum("tmk,tkn->tmn", xt, wt)
+
+
+def tiles_matmul(xt: Array, w: Array, t: Tiles) -> Array:
+    """[tiles, tile, k] x [g, k, n] -> [tiles, tile, n], each tile times its group's weight."""
+    return _tile_matmul(xt, w, t.group)
 
 
 def tiled_grouped_matmul(x: Array, w: Array, group_sizes: Array, tile: int = TILE) -> Array:
     """[m, k] x [g, k, n] -> [m, n]: rows of group i (in order) times w[i]."""
-    rows, groups = x.shape[0], w.shape[0]
-    tile = max(1, min(tile, rows))
-    position, source, tiles = tile_layout(group_sizes, rows, tile)
-    padded_ends = jnp.cumsum(-(-group_sizes // tile) * tile)
-    tile_group = jnp.minimum(
-        jnp.searchsorted(padded_ends, jnp.arange(tiles) * tile, side="right"), groups - 1
-    )
-    xz = jnp.concatenate([x, jnp.zeros_like(x[:1])], axis=0)
-    xt = jnp.take(xz, source, axis=0, mode="clip").reshape(tiles, tile, -1)
-    yt = jnp.einsum("tmk,tkn->tmn", xt, jnp.take(w, tile_group, axis=0).astype(x.dtype))
-    return jnp.take(yt.reshape(tiles * tile, -1), position, axis=0, mode="clip")
+    t = tile_layout(group_sizes, x.shape[0], tile)
+    return from_tiles(tiles_matmul(to_tiles(x, t), w, t), t)
+
+
+def tiled_experts(
+    weights: dict[str, Array], x: Array, group_sizes: Array, act: Callable[[Array], Array],
+    gated: bool, tile: int = TILE,
+) -> Array:
+    """An expert FFN over rows sorted by expert, in tile space. x: [m, d] -> [m, d_out].
+
+    Gated: down(act(x gate) * (x up)); else fc2(act(x fc1 + b1)) + b2 (biases [g, n])."""
+    t = tile_layout(group_sizes, x.shape[0], tile)
+    xt = to_tiles(x, t)
+    if gated:
+        h = recompute(lambda g, u: act(g) * u)(
+            tiles_matmul(xt, weights["gate"], t), tiles_matmul(xt, weights["up"], t)
+        )
+        return from_tiles(tiles_matmul(h, weights["down"], t), t)
+    bias = lambda name: weights[name][t.group][:, None].astype(x.dtype)  # noqa: E731
+    h = recompute(act)(tiles_matmul(xt, weights["fc1"], t) + bias("fc1_bias"))
+    return from_tiles(tiles_matmul(h, weights["fc2"], t) + bias("fc2_bias"), t)
