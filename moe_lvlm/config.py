@@ -11,6 +11,7 @@ from moe_lvlm.cli import UserError
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "xla", "tiled", "mosaic", "megablox")
 EP_DISPATCHES = ("auto", "all_gather", "ragged_a2a", "a2a_buffer")
+EXPERT_COMPUTES = ("auto", "routed", "dense")
 # MoE routing options (moe_lvlm/presets.py:moe_defaults documents each; moe_lvlm/models/moe.py).
 COMBINE_MODES = ("auto", "softmax", "renorm_chosen", "renorm_kept")
 NOISE_MODES = ("none", "train", "always")
@@ -133,6 +134,11 @@ def _validate_moe(moe: ml_collections.ConfigDict, expert_axis: int) -> None:
     if moe.get("ep_dispatch", "auto") not in EP_DISPATCHES:
         raise ConfigError(
             f"model.moe.ep_dispatch={moe.ep_dispatch!r} is unknown; use one of {EP_DISPATCHES}"
+        )
+    if moe.get("expert_compute", "auto") not in EXPERT_COMPUTES:
+        raise ConfigError(
+            f"model.moe.expert_compute={moe.expert_compute!r} is unknown; use one of "
+            f"{EXPERT_COMPUTES}"
         )
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(

@@ -193,6 +193,42 @@ def experts_grouped(
     return mm(act(h), weights["fc2"]) + weights["fc2_bias"][group_ids]
 
 
+def experts_all_tokens(
+    weights: dict[str, Array], x: Array, combine: Array, activation: str, gated: bool
+) -> Array:
+    """Every expert on every token, weighted: x [..., d], combine [..., E] -> [..., d_out].
+
+    `combine` is zero for the pairs a dispatch would not compute (not chosen, dropped, padding),
+    so the result is the routed one (dropless or capacity) with no gather or scatter, at E / k
+    times the expert FLOPs. Each expert's weight scales its hidden activations, so the combine
+    is part of the down projection: one contraction over (expert, hidden)."""
+    act = activation_fn(activation)
+    c = combine.astype(x.dtype)[..., None]
+    if gated:
+        h = act(jnp.einsum("...d,edf->...ef", x, weights["gate"]))
+        h = h * jnp.einsum("...d,edf->...ef", x, weights["up"])
+        return jnp.einsum("...ef,efd->...d", h * c, weights["down"])
+    h = act(jnp.einsum("...d,edf->...ef", x, weights["fc1"]) + weights["fc1_bias"])
+    out = jnp.einsum("...ef,efd->...d", h * c, weights["fc2"])
+    return out + jnp.einsum("...e,ed->...d", combine.astype(x.dtype), weights["fc2_bias"])
+
+
+def per_expert(expert_ids: Array, weights: Array, num_experts: int) -> Array:
+    """[..., k] choice weights -> [..., E], zero for the experts not chosen."""
+    onehot = jax.nn.one_hot(expert_ids, num_experts, dtype=weights.dtype)
+    return jnp.einsum("...ke,...k->...e", onehot, weights)
+
+
+def default_expert_compute(platform: str, num_experts: int, top_k: int, expert_axis: int) -> str:
+    """What `moe.expert_compute='auto'` runs: 'dense' (every expert on every token) on CPU
+    without expert parallelism when it costs at most twice the routed expert FLOPs (E <= 2k),
+    where the dispatch's gathers and scatters cost more than the extra matmuls
+    (benchmarks/RESULTS.md, issue 15); else 'routed'."""
+    if platform == "cpu" and expert_axis == 1 and num_experts <= 2 * top_k:
+        return "dense"
+    return "routed"
+
+
 # --------------------------------------------------------------------------- dispatch
 def dropless_moe(
     weights: dict[str, Array],
@@ -346,8 +382,20 @@ class MoeFeedForward(nn.Module):
         )()
         weights = {name: w.astype(self.dtype) for name, w in weights.items()}
         x = x.astype(self.dtype)
+        compute = cfg.get("expert_compute", "auto")
+        if compute == "auto":
+            expert_axis = 1 if self.mesh is None else self.mesh.shape["expert"]
+            compute = default_expert_compute(jax.default_backend(), num_experts, k, expert_axis)
 
-        if cfg.dispatch == "dropless":
+        if cfg.dispatch == "dropless" and compute == "dense":
+            kept = valid[..., None] & jnp.ones_like(expert_ids, bool)
+            if combine_mode == "renorm_kept":
+                combine = renorm_over_kept(combine, kept)
+            y = experts_all_tokens(
+                weights, x, per_expert(expert_ids, combine, num_experts), self.activation,
+                self.gated,
+            )
+        elif cfg.dispatch == "dropless":
             ep = cfg.get("ep_dispatch", "auto")
             if ep == "auto":
                 ep = default_ep_dispatch(jax.default_backend())
@@ -399,25 +447,39 @@ class MoeFeedForward(nn.Module):
             priority = None
             if cfg.get("drop_policy", "position") == "random":
                 priority = jax.random.uniform(self._drop_rng(), expert_ids.shape)
-            flat, filler, kept = capacity_slot_index(
-                expert_ids, valid, num_experts, cap, priority)
-            if combine_mode == "renorm_kept":
-                combine = renorm_over_kept(combine, kept)
-            xe = gather_rows(x, filler).reshape(groups_n, num_experts, cap, d_in)
-            compute = lambda xe_, *w_: experts_dense(  # noqa: E731
-                dict(zip(weights, w_, strict=True)), xe_, self.activation, self.gated
-            )
-            if self.mesh is not None and self.mesh.shape["expert"] > 1:
-                compute = expert_parallel(compute, self.mesh, len(weights))
-            ye = compute(xe, *weights.values()).reshape(groups_n, num_experts * cap, d_out)
-            picked = gather_rows(ye, flat.reshape(groups_n, tokens * k))
-            picked = picked.reshape(groups_n, tokens, k, d_out)
-            y = jnp.einsum("bskd,bsk->bsd", picked, combine.astype(self.dtype))
+            if compute == "dense":
+                kept = capacity_slots(expert_ids, valid, num_experts, cap, priority)[1]
+                if combine_mode == "renorm_kept":
+                    combine = renorm_over_kept(combine, kept)
+                gates = per_expert(expert_ids, combine * kept, num_experts)
+                y = experts_all_tokens(weights, x, gates, self.activation, self.gated)
+            else:
+                y, kept = self._capacity_dispatch(
+                    weights, x, expert_ids, combine, valid, cap, priority, combine_mode)
             y, expert_ids, valid, kept = (
                 a.reshape(batch, seq, *a.shape[2:]) for a in (y, expert_ids, valid, kept))
         y = nn.with_logical_constraint(y, BATCH_LENGTH_EMBED)
         metrics = self._metrics(logits, probs, expert_ids, valid, kept)
         return y, metrics
+
+    def _capacity_dispatch(self, weights, x, expert_ids, combine, valid, cap, priority,
+                           combine_mode):
+        """Capacity dispatch of groups x [G, T, d]: (y [G, T, d_out], kept [G, T, k])."""
+        groups_n, tokens, d_in = x.shape
+        num_experts = self.config.num_experts
+        flat, filler, kept = capacity_slot_index(expert_ids, valid, num_experts, cap, priority)
+        if combine_mode == "renorm_kept":
+            combine = renorm_over_kept(combine, kept)
+        xe = gather_rows(x, filler).reshape(groups_n, num_experts, cap, d_in)
+        compute = lambda xe_, *w_: experts_dense(  # noqa: E731
+            dict(zip(weights, w_, strict=True)), xe_, self.activation, self.gated
+        )
+        if self.mesh is not None and self.mesh.shape["expert"] > 1:
+            compute = expert_parallel(compute, self.mesh, len(weights))
+        ye = compute(xe, *weights.values()).reshape(groups_n, num_experts * cap, -1)
+        picked = gather_rows(ye, flat.reshape(groups_n, tokens * self.config.top_k))
+        picked = picked.reshape(groups_n, tokens, self.config.top_k, -1)
+        return jnp.einsum("bskd,bsk->bsd", picked, combine.astype(self.dtype)), kept
 
     def _noise_rng(self, train: bool) -> Array | None:
         """Key of the second-choice noise, or None without noise. Outside training without a

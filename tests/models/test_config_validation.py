@@ -53,6 +53,10 @@ BAD = {
         lambda c: c.model.moe.update(ep_dispatch="nccl"), 1,
         ["model.moe.ep_dispatch='nccl'", "ragged_a2a", "a2a_buffer", "all_gather"],
     ),
+    "unknown_expert_compute": (
+        lambda c: c.model.moe.update(expert_compute="sparse"), 1,
+        ["model.moe.expert_compute='sparse'", "routed", "dense"],
+    ),
     "unknown_grouped_matmul": (
         lambda c: c.model.moe.update(grouped_matmul="cutlass"), 1,
         ["model.moe.grouped_matmul='cutlass'", "megablox"],

@@ -178,11 +178,17 @@ CASES = {
 }
 
 
+# Both expert computations: routed (the dispatch's gathers, tiled grouped matmul on CPU) and
+# dense (every expert on every token, weights zero where not routed or dropped).
+COMPUTES = ("routed", "dense")
+
+
+@pytest.mark.parametrize("compute", COMPUTES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_moe_layer_matches_reference(case):
+def test_moe_layer_matches_reference(case, compute):
     gated, activation, dispatch, train, overrides, shape, shift, seed = CASES[case]
     batch, seq, d_in, hidden, d_out = shape
-    cfg = moe_config(dispatch=dispatch, **overrides)
+    cfg = moe_config(dispatch=dispatch, expert_compute=compute, **overrides)
     rng = np.random.default_rng(seed)
     params = random_moe_params(rng, d_in, hidden, d_out, cfg.num_experts, gated)
     x = (rng.normal(size=(batch, seq, d_in)) + shift).astype(np.float32)
@@ -339,13 +345,15 @@ GRAD_CASES = {
 }
 
 
+@pytest.mark.parametrize("compute", COMPUTES)
 @pytest.mark.parametrize("case", sorted(GRAD_CASES))
-def test_moe_gradients_match_hand_derived_backward(case):
-    """Grads of sum(y * cotangent) w.r.t. router, experts and x: ragged_dot (dropless) and the
-    einsum capacity path, with unused experts (empty ragged groups), padding and drops."""
+def test_moe_gradients_match_hand_derived_backward(case, compute):
+    """Grads of sum(y * cotangent) w.r.t. router, experts and x: routed (grouped matmul for
+    dropless, gathers for capacity) and dense, with unused experts (empty groups), padding and
+    drops."""
     gated, activation, dispatch, train, overrides, shift, seed = GRAD_CASES[case]
     batch, seq, d, hidden = 2, 6, 8, 12
-    cfg = moe_config(dispatch=dispatch, **overrides)
+    cfg = moe_config(dispatch=dispatch, expert_compute=compute, **overrides)
     rng = np.random.default_rng(seed)
     params = random_moe_params(rng, d, hidden, d, cfg.num_experts, gated)
     x = (rng.normal(size=(batch, seq, d)) + shift).astype(np.float32)

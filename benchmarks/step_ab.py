@@ -1,0 +1,197 @@
+"""Interleaved A/B of training-step variants: each variant is compiled in its own worker
+process (so XLA flags may differ), then the workers take one step each in turn, round after
+round, only one running at a time; each variant's median is reported with its speed relative to
+the first. On a shared box absolute times drift with the load, but variants timed alternately
+see the same load: their ratios are what to read.
+
+  PYTHONPATH=. python benchmarks/step_ab.py --shape demo3 \
+      --variant base --variant dense:moe.expert_compute=dense --rounds 7
+  PYTHONPATH=. python benchmarks/step_ab.py --shape tiny:4:256:8 --variant base \
+      --variant xla:attention=xla --variant fm:xla_flags=--xla_cpu_enable_fast_math=true
+
+Shapes: `demo2` / `demo3` are the demo's stage II (dense model, 32 x 80 tokens) and stage III
+(MoE, 32 x 40, FFNs + projector trained) steps as the demo's loop builds them (configs/demo.py:
+its model, stage optimizer, 1-device mesh; synthetic batch); `tiny:LAYERS:SEQ:BATCH` is
+train_step.py's CPU shape (preset tiny with qk-norm, projector + decoder trained). Variant keys:
+dotted fields of the model config (`attention`, `moe.dispatch`, `moe.expert_compute`, ...);
+for demo shapes `demo.ARG` (an argument of configs/demo.py, e.g. `demo.dispatch`); `xla_flags`
+(the worker's XLA_FLAGS, ';'-separated).
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'name:a.b=v,c=w' -> (name, {'a.b': v, 'c': w}), values as int/float/bool when they
+    parse as such."""
+    name, _, rest = text.partition(":")
+    fields = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text!r}: {item!r} is not key=value")
+        fields[key] = _value(value)
+    return name, fields
+
+
+def _value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_step(shape: str, fields: dict):
+    """(compiled step, state, batch, tokens per step) of one variant."""
+    import flax.linen as nn
+    import jax
+
+    from moe_lvlm.models.lvlm import build_model
+    from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, MESH_AXES, logical_shardings, make_mesh
+    from moe_lvlm.train import loop
+    from moe_lvlm.train import stages as stages_lib
+    from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
+
+    model_fields = {k: v for k, v in fields.items() if not k.startswith("demo.")}
+    if shape.startswith("demo"):
+        from configs import demo
+        from moe_lvlm.config import validate
+
+        arg = ",".join(f"{k[5:]}={v}" for k, v in fields.items() if k.startswith("demo."))
+        cfg = demo.get_config(arg or None)
+        name = {"demo2": "stage2", "demo3": "stage3"}[shape]
+        names = loop.stage_names(cfg)
+        model_cfg = stages_lib.stage_model(cfg, names, name)
+        stage = cfg[name]
+        seq = stage.get("seq_len", 0) or cfg.data.seq_len
+        batch_size = stage.batch_size
+        mesh = make_mesh(validate(cfg, jax.device_count()))
+    else:
+        from configs import stages
+
+        _, layers, seq, batch_size = shape.split(":")
+        seq, batch_size = int(seq), int(batch_size)
+        model_cfg = common.model_config("tiny", int(layers), "float32")
+        stage = stages.stage((stages.PROJECTOR, stages.DECODER), 2e-5, batch_size, 1000, "")
+        mesh = make_mesh((1,) * len(MESH_AXES))
+    for key, value in model_fields.items():
+        _set(model_cfg, key, value)
+    model_cfg.image_token_id = model_cfg.decoder.vocab_size - 1
+    model = build_model(model_cfg, mesh)
+    optimizer, schedule = make_optimizer(stage, 1000), make_schedule(stage, 1000)
+    init = loop.state_initializer(model, optimizer, stage.trainable, model_cfg, seq, 1)
+    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # as the demo's loop
+        boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+        shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
+        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
+            jax.random.PRNGKey(0))
+        step_fn = functools.partial(
+            train_step, model=model, moe_cfg=model_cfg.moe, optimizer=optimizer,
+            schedule=schedule, trainable=tuple(stage.trainable), mesh=mesh)
+        batch = jax.device_put(common.batch_arrays(model_cfg, batch_size, seq))
+        compiled = jit_train_step(step_fn, shardings, mesh).lower(state, batch).compile()
+    return compiled, state, batch, batch_size * seq
+
+
+def _set(cfg, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        cfg = cfg[p]
+    if leaf not in cfg:
+        raise SystemExit(f"model config has no field {dotted!r}")
+    cfg[leaf] = value
+
+
+def worker(shape: str, fields: dict) -> None:
+    """Compiles the variant, then takes one step per 'step' line on stdin, answering each with
+    'STEP seconds loss'."""
+    import jax
+
+    t0 = time.perf_counter()
+    compiled, state, batch, tokens = build_step(shape, fields)
+    print(f"READY {time.perf_counter() - t0:.1f} {tokens}", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        print(f"STEP {time.perf_counter() - t0:.6f} {float(metrics['loss']):.6f}", flush=True)
+
+
+def _read(proc, prefix: str, name: str) -> list[str]:
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line.split()[1:]
+    raise SystemExit(f"variant {name}: worker exited ({proc.wait()})")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="demo3", help="demo2, demo3 or tiny:LAYERS:SEQ:BATCH")
+    parser.add_argument("--variant", action="append", default=None,
+                        help="name[:field=value,...]; repeatable; the first is the baseline")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.shape, json.loads(args.worker))
+
+    variants = [parse_variant(v) for v in args.variant or ["default"]]
+    procs = {}
+    for name, fields in variants:  # compiled one after the other, not competing for the cores
+        fields = dict(fields)
+        env = {**os.environ, "PYTHONPATH": f"{common.ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        flags = str(fields.pop("xla_flags", "")).replace(";", " ")
+        env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags]))
+        procs[name] = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--shape", args.shape,
+             "--worker", json.dumps(fields)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        compile_s, tokens = _read(procs[name], "READY", name)
+        procs[name].tokens = int(tokens)
+        print(f"{name}: built and compiled in {compile_s} s", file=sys.stderr, flush=True)
+    times = {name: [] for name in procs}
+    losses = {}
+    for r in range(args.warmup + args.rounds):
+        for name, proc in procs.items():
+            proc.stdin.write("step\n")
+            proc.stdin.flush()
+            seconds, loss = _read(proc, "STEP", name)
+            if r >= args.warmup:
+                times[name].append(float(seconds))
+                losses.setdefault(name, float(loss))
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    base = statistics.median(times[variants[0][0]])
+    print(f"shape {args.shape}: {args.rounds} interleaved rounds after {args.warmup} warm-up "
+          "steps each (loss: the first timed step's)")
+    print("| variant | median s | min s | tokens/s | speed vs first | loss |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, _ in variants:
+        med = statistics.median(times[name])
+        print(f"| {name} | {med:.4f} | {min(times[name]):.4f} | {procs[name].tokens / med:,.0f} "
+              f"| {base / med:.2f}x | {losses[name]:.6f} |")
+
+
+if __name__ == "__main__":
+    main()
