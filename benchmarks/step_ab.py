@@ -15,7 +15,9 @@ its model, stage optimizer, 1-device mesh; synthetic batch); `tiny:LAYERS:SEQ:BA
 train_step.py's CPU shape (preset tiny with qk-norm, projector + decoder trained). Variant keys:
 dotted fields of the model config (`attention`, `moe.dispatch`, `moe.expert_compute`, ...);
 for demo shapes `demo.ARG` (an argument of configs/demo.py, e.g. `demo.dispatch`); `xla_flags`
-(the worker's XLA_FLAGS, ';'-separated).
+(the worker's XLA_FLAGS, ';'-separated); `root` (another checkout of the repository, e.g. from
+`git worktree add /tmp/before HEAD~1`, whose model and training code the worker imports: a
+before/after comparison of a code change).
 """
 
 import argparse
@@ -30,6 +32,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if os.environ.get("STEP_AB_ROOT"):  # a worker of a `root=` variant: that checkout's code
+    sys.path.insert(0, os.environ["STEP_AB_ROOT"])
 
 from benchmarks import common  # noqa: E402
 
@@ -160,6 +164,8 @@ def main(argv=None) -> None:
     for name, fields in variants:  # compiled one after the other, not competing for the cores
         fields = dict(fields)
         env = {**os.environ, "PYTHONPATH": f"{common.ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        if "root" in fields:
+            env["STEP_AB_ROOT"] = str(Path(fields.pop("root")).resolve())
         flags = str(fields.pop("xla_flags", "")).replace(";", " ")
         env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags]))
         procs[name] = subprocess.Popen(

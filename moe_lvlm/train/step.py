@@ -32,10 +32,33 @@ State = dict[str, Any]
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Sum over masked positions of -log p(target). logits: [batch, seq, vocab] float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask)
+    """Sum over masked positions of -log p(target). logits: [batch, seq, vocab], math in fp32."""
+    return jnp.sum(_nll(logits, targets) * mask)
+
+
+@jax.custom_vjp
+def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per position. The backward pass forms softmax - onehot from
+    the saved log-sum-exp in one pass over the logits (autodiff of log_softmax and the gather
+    makes a scatter and two more passes)."""
+    return _nll_fwd(logits, targets)[0]
+
+
+def _nll_fwd(logits, targets):
+    x = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    picked = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    return lse - picked, (logits, targets, lse)
+
+
+def _nll_bwd(res, g):
+    logits, targets, lse = res
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    return ((probs - onehot) * g[..., None]).astype(logits.dtype), None
+
+
+_nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def make_schedule(stage: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:

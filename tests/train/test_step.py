@@ -28,7 +28,7 @@ from configs import demo, stages
 from moe_lvlm.models.lvlm import build_model
 from moe_lvlm.train.loop import state_initializer
 from moe_lvlm.train.stages import dense_variant, flatten, unflatten
-from moe_lvlm.train.step import make_optimizer, make_schedule, train_step
+from moe_lvlm.train.step import make_optimizer, make_schedule, token_cross_entropy, train_step
 
 B, S, IMAGE_TOKENS, IMAGE_ID, LR = 4, 40, 16, 3, 1e-2
 # Cheaper CPU code generation (as tests/models/fast.py): compiling dominates these tests.
@@ -247,3 +247,20 @@ def test_warmup_cosine_schedule():
         else:
             want = end + (peak - end) * 0.5 * (1 + math.cos(math.pi * (t - 10) / 90))
         assert float(schedule(t)) == pytest.approx(want, rel=1e-5, abs=1e-10), t
+
+
+def test_token_cross_entropy_and_its_gradient_match_numpy():
+    """The fused loss against float64 numpy: sum of masked -log softmax[target], gradient
+    mask * (softmax - onehot(target)); large logits (log-sum-exp must shift) included."""
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(2, 5, 7)) * 30).astype(np.float32)
+    targets = rng.integers(0, 7, (2, 5)).astype(np.int32)
+    mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
+    x = logits.astype(np.float64)
+    probs = np.exp(x - x.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    onehot = np.eye(7)[targets]
+    want = -np.sum(np.log(np.sum(probs * onehot, -1)) * mask)
+    loss, grad = jax.value_and_grad(token_cross_entropy)(logits, targets, mask)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(grad, (probs - onehot) * mask[..., None], atol=1e-6)
