@@ -131,19 +131,28 @@ def worker(shape: str, fields: dict) -> None:
     t0 = time.perf_counter()
     compiled, state, batch, tokens = build_step(shape, fields)
     print(f"READY {time.perf_counter() - t0:.1f} {tokens}", flush=True)
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return jax.block_until_ready(metrics)
+
     for line in sys.stdin:
-        if line.strip() != "step":
+        if line.strip() == "profile":
+            rows = common.cpu_op_profile(one_step, compiled.as_text())
+            print("PROFILE " + json.dumps(rows), flush=True)
+        elif line.strip() == "step":
+            t0 = time.perf_counter()
+            metrics = one_step()
+            print(f"STEP {time.perf_counter() - t0:.6f} {float(metrics['loss']):.6f}", flush=True)
+        else:
             break
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        print(f"STEP {time.perf_counter() - t0:.6f} {float(metrics['loss']):.6f}", flush=True)
 
 
-def _read(proc, prefix: str, name: str) -> list[str]:
+def _read(proc, prefix: str, name: str) -> str:
     for line in proc.stdout:
-        if line.startswith(prefix):
-            return line.split()[1:]
+        if line.startswith(prefix + " "):
+            return line[len(prefix) + 1:].strip()
     raise SystemExit(f"variant {name}: worker exited ({proc.wait()})")
 
 
@@ -154,6 +163,9 @@ def main(argv=None) -> None:
                         help="name[:field=value,...]; repeatable; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="after the rounds, each variant's time of one step by model part "
+                             "and its costliest ops (train_step.py's CPU profile)")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -172,7 +184,7 @@ def main(argv=None) -> None:
             [sys.executable, str(Path(__file__).resolve()), "--shape", args.shape,
              "--worker", json.dumps(fields)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        compile_s, tokens = _read(procs[name], "READY", name)
+        compile_s, tokens = _read(procs[name], "READY", name).split()
         procs[name].tokens = int(tokens)
         print(f"{name}: built and compiled in {compile_s} s", file=sys.stderr, flush=True)
     times = {name: [] for name in procs}
@@ -181,11 +193,16 @@ def main(argv=None) -> None:
         for name, proc in procs.items():
             proc.stdin.write("step\n")
             proc.stdin.flush()
-            seconds, loss = _read(proc, "STEP", name)
+            seconds, loss = _read(proc, "STEP", name).split()
             if r >= args.warmup:
                 times[name].append(float(seconds))
                 losses.setdefault(name, float(loss))
-    for proc in procs.values():
+    profiles = {}
+    for name, proc in procs.items():
+        if args.profile:
+            proc.stdin.write("profile\n")
+            proc.stdin.flush()
+            profiles[name] = json.loads(_read(proc, "PROFILE", name))
         proc.stdin.close()
         proc.wait()
     base = statistics.median(times[variants[0][0]])
@@ -197,6 +214,10 @@ def main(argv=None) -> None:
         med = statistics.median(times[name])
         print(f"| {name} | {med:.4f} | {min(times[name]):.4f} | {procs[name].tokens / med:,.0f} "
               f"| {base / med:.2f}x | {losses[name]:.6f} |")
+    for name, rows in profiles.items():
+        print(f"\none step of {name} (ms summed over XLA ops by model part, then single ops):")
+        print(common.table(rows, [("op", "op", "s"), ("ms", "ms", ".2f"),
+                                  ("share", "share", ".3f")]))
 
 
 if __name__ == "__main__":

@@ -201,7 +201,8 @@ def experts_all_tokens(
     `combine` is zero for the pairs a dispatch would not compute (not chosen, dropped, padding),
     so the result is the routed one (dropless or capacity) with no gather or scatter, at E / k
     times the expert FLOPs. Each expert's weight scales its hidden activations, so the combine
-    is part of the down projection: one contraction over (expert, hidden)."""
+    is part of the down projection: one contraction over (expert, hidden). On the 2-core CPU
+    box it is slower than routing even at 4 experts top-2 (benchmarks/RESULTS.md, issue 15)."""
     act = activation_fn(activation)
     c = combine.astype(x.dtype)[..., None]
     if gated:
@@ -217,16 +218,6 @@ def per_expert(expert_ids: Array, weights: Array, num_experts: int) -> Array:
     """[..., k] choice weights -> [..., E], zero for the experts not chosen."""
     onehot = jax.nn.one_hot(expert_ids, num_experts, dtype=weights.dtype)
     return jnp.einsum("...ke,...k->...e", onehot, weights)
-
-
-def default_expert_compute(platform: str, num_experts: int, top_k: int, expert_axis: int) -> str:
-    """What `moe.expert_compute='auto'` runs: 'dense' (every expert on every token) on CPU
-    without expert parallelism when it costs at most twice the routed expert FLOPs (E <= 2k),
-    where the dispatch's gathers and scatters cost more than the extra matmuls
-    (benchmarks/RESULTS.md, issue 15); else 'routed'."""
-    if platform == "cpu" and expert_axis == 1 and num_experts <= 2 * top_k:
-        return "dense"
-    return "routed"
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -382,10 +373,7 @@ class MoeFeedForward(nn.Module):
         )()
         weights = {name: w.astype(self.dtype) for name, w in weights.items()}
         x = x.astype(self.dtype)
-        compute = cfg.get("expert_compute", "auto")
-        if compute == "auto":
-            expert_axis = 1 if self.mesh is None else self.mesh.shape["expert"]
-            compute = default_expert_compute(jax.default_backend(), num_experts, k, expert_axis)
+        compute = cfg.get("expert_compute", "routed")
 
         if cfg.dispatch == "dropless" and compute == "dense":
             kept = valid[..., None] & jnp.ones_like(expert_ids, bool)
