@@ -16,7 +16,10 @@ The three steps are separate pure functions; `MoeFeedForward` owns the parameter
              alone.
              Tokens reach their slots and come back by gathers of rows (not GShard's one-hot
              [S, E, C] einsums: the same result without their S x E x C x d FLOPs).
-3. experts:  SwiGLU (decoder) or GELU-family MLP with bias (ViT, projector) per expert.
+3. experts:  SwiGLU (decoder) or GELU-family MLP with bias (ViT, projector) per expert; with
+             `moe.expert_compute='dense'` every expert on every token instead, weighted by
+             combine weights that are zero where the dispatch would not compute
+             (`experts_all_tokens`: the same result, no gathers, E / k times the FLOPs).
 
 With a mesh whose `expert` axis is > 1 the capacity path is expert-parallel: the dispatched slots
 travel to the devices that hold their experts with `all_to_all` inside `jax.shard_map` and come

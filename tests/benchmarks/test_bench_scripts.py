@@ -42,6 +42,17 @@ def test_train_step_both_systems(tmp_path):
     assert "| jax/a (remat=none) |" in text and "| torch/eager |" in text
 
 
+def test_step_ab_interleaves_variants():
+    """Two variants in their own workers: one MoE layer routed and dense (the same loss)."""
+    text = run("step_ab.py", "--shape", "tiny:1:24:2", "--rounds", "2", "--warmup", "1",
+               "--variant", "routed", "--variant", "dense:moe.expert_compute=dense")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()
+            if line.startswith("| routed") or line.startswith("| dense")}
+    assert set(rows) == {"routed", "dense"}, text
+    assert rows["routed"][3].strip() == "1.00x"
+    assert float(rows["dense"][4]) == pytest.approx(float(rows["routed"][4]), abs=2e-6)
+
+
 def test_moe_layer(tmp_path):
     out = tmp_path / "rows.json"
     text = run("moe_layer.py", "--tokens", "64", "--batch", "2", "--d", "32", "--f", "64",
