@@ -33,7 +33,8 @@ State = dict[str, Any]
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Sum over masked positions of -log p(target). logits: [batch, seq, vocab], math in fp32."""
-    return jnp.sum(_nll(logits, targets) * mask)
+    with jax.named_scope("cross_entropy"):  # names the ops in profiles
+        return jnp.sum(_nll(logits, targets) * mask)
 
 
 @jax.custom_vjp
