@@ -108,7 +108,8 @@ def build_step(shape: str, fields: dict):
             jax.random.PRNGKey(0))
         step_fn = functools.partial(
             train_step, model=model, moe_cfg=model_cfg.moe, optimizer=optimizer,
-            schedule=schedule, trainable=tuple(stage.trainable), mesh=mesh)
+            schedule=schedule, trainable=tuple(stage.trainable),
+            accum=stage.get("grad_accum", 1), mesh=mesh)
         batch = jax.device_put(common.batch_arrays(model_cfg, batch_size, seq))
         compiled = jit_train_step(step_fn, shardings, mesh).lower(state, batch).compile()
     return compiled, state, batch, batch_size * seq
