@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_lvlm.config import moe_layer_indices
+from moe_lvlm.models import matmul
 from moe_lvlm.models.layers import (
     BATCH_LENGTH_EMBED,
     Attention,
@@ -186,7 +187,7 @@ class Decoder(nn.Module):
                 metrics[f"decoder/layers_{i}"] = m
         x = _norm(d, "final_norm", kw)(x)
         if d.tie_embeddings:
-            logits = jnp.einsum("bsd,vd->bsv", x, embedding.astype(self.dtype))
+            logits = matmul.dense(x, embedding.astype(self.dtype).T)
         else:
             head = param_with_axes(
                 self,
@@ -196,7 +197,7 @@ class Decoder(nn.Module):
                 ("embed", "vocab"),
                 self.param_dtype,
             )
-            logits = jnp.einsum("bsd,dv->bsv", x, head.astype(self.dtype))
+            logits = matmul.dense(x, head.astype(self.dtype))
         if variant(d, "head_bias"):
             bias = param_with_axes(
                 self, "lm_head_bias", nn.initializers.zeros, (d.vocab_size,), ("vocab",),

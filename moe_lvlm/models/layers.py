@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_lvlm.models import attention
+from moe_lvlm.models import attention, matmul
 
 Array = jax.Array
 
@@ -122,12 +122,7 @@ class Projection(nn.Module):
             self.kernel_axes,
             self.param_dtype,
         )
-        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            ((contract, tuple(range(self.in_dims))), ((), ())),
-        )
+        y = matmul.dense(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
         if self.use_bias:
             bias = param_with_axes(
                 self,

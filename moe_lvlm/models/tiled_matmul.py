@@ -18,6 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_lvlm.models import matmul
 from moe_lvlm.models.recompute import recompute
 
 Array = jax.Array
@@ -69,7 +70,7 @@ def from_tiles(y: Array, t: Tiles) -> Array:
 @recompute
 def _tile_matmul(xt: Array, w: Array, group: Array) -> Array:
     wt = jnp.take(w, group, axis=0, mode="clip").astype(xt.dtype)
-    return jnp.einsum("tmk,tkn->tmn", xt, wt)
+    return matmul.batched(xt, wt)
 
 
 def tiles_matmul(xt: Array, w: Array, t: Tiles) -> Array:
