@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from moe_lvlm.models import matmul
 from moe_lvlm.models.dropless_ep import default_ep_dispatch, dropless_expert_parallel
 from moe_lvlm.models.grouped_matmul import default_grouped_matmul, grouped_matmul
 from moe_lvlm.models.layers import BATCH_LENGTH_EMBED, activation_fn, param_with_axes
@@ -159,14 +160,20 @@ def capacity_slots(
 
 # --------------------------------------------------------------------------- experts
 def experts_dense(weights: dict[str, Array], x: Array, activation: str, gated: bool) -> Array:
-    """Every expert on its own slots. x: [..., E, C, d] -> [..., E, C, d_out]."""
+    """Every expert on its own slots. x: [..., E, C, d] -> [..., E, C, d_out].
+
+    The slots of all groups are one [E, slots, d] operand (expert-major, what a batched dot
+    wants) for `matmul.batched`."""
     act = activation_fn(activation)
+    *lead, e, c, d = x.shape
+    xe = jnp.moveaxis(x, -3, 0).reshape(e, -1, d)
     if gated:
-        h = act(jnp.einsum("...ecd,edf->...ecf", x, weights["gate"]))
-        h = h * jnp.einsum("...ecd,edf->...ecf", x, weights["up"])
-        return jnp.einsum("...ecf,efd->...ecd", h, weights["down"])
-    h = jnp.einsum("...ecd,edf->...ecf", x, weights["fc1"]) + weights["fc1_bias"][:, None]
-    return jnp.einsum("...ecf,efd->...ecd", act(h), weights["fc2"]) + weights["fc2_bias"][:, None]
+        h = act(matmul.batched(xe, weights["gate"])) * matmul.batched(xe, weights["up"])
+        y = matmul.batched(h, weights["down"])
+    else:
+        h = act(matmul.batched(xe, weights["fc1"]) + weights["fc1_bias"][:, None])
+        y = matmul.batched(h, weights["fc2"]) + weights["fc2_bias"][:, None]
+    return jnp.moveaxis(y.reshape(e, *lead, c, -1), 0, -3)
 
 
 def experts_grouped(
