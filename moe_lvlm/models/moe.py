@@ -230,6 +230,12 @@ def per_expert(expert_ids: Array, weights: Array, num_experts: int) -> Array:
     return jnp.einsum("...ke,...k->...e", onehot, weights)
 
 
+def weighted_sum(out: Array, combine: Array) -> Array:
+    """[..., k, d] outputs of the choices, [..., k] weights -> [..., d]. Elementwise and a sum
+    over k (not an einsum: XLA makes that a batched dot per token, slow on CPU)."""
+    return jnp.sum(out * combine.astype(out.dtype)[..., None], axis=-2)
+
+
 # --------------------------------------------------------------------------- dispatch
 def dropless_moe(
     weights: dict[str, Array],
@@ -249,7 +255,7 @@ def dropless_moe(
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
     out_sorted = experts_grouped(weights, rows, group_sizes, sorted_ids, activation, gated, gmm)
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(*expert_ids.shape, -1)
-    return jnp.einsum("tkd,tk->td", out, combine.astype(out.dtype))
+    return weighted_sum(out, combine)
 
 
 def capacity_slot_index(
@@ -477,7 +483,7 @@ class MoeFeedForward(nn.Module):
         ye = compute(xe, *weights.values()).reshape(groups_n, num_experts * cap, -1)
         picked = gather_rows(ye, flat.reshape(groups_n, tokens * self.config.top_k))
         picked = picked.reshape(groups_n, tokens, self.config.top_k, -1)
-        return jnp.einsum("bskd,bsk->bsd", picked, combine.astype(self.dtype)), kept
+        return weighted_sum(picked, combine.astype(self.dtype)), kept
 
     def _noise_rng(self, train: bool) -> Array | None:
         """Key of the second-choice noise, or None without noise. Outside training without a
