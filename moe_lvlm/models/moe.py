@@ -44,6 +44,7 @@ from moe_lvlm.models import matmul
 from moe_lvlm.models.dropless_ep import default_ep_dispatch, dropless_expert_parallel
 from moe_lvlm.models.grouped_matmul import default_grouped_matmul, grouped_matmul
 from moe_lvlm.models.layers import BATCH_LENGTH_EMBED, activation_fn, param_with_axes
+from moe_lvlm.models.recompute import recompute
 from moe_lvlm.models.tiled_matmul import tiled_experts
 from moe_lvlm.parallel.mesh import BATCH_AXES, batch_divisor
 
@@ -168,7 +169,8 @@ def experts_dense(weights: dict[str, Array], x: Array, activation: str, gated: b
     *lead, e, c, d = x.shape
     xe = jnp.moveaxis(x, -3, 0).reshape(e, -1, d)
     if gated:
-        h = act(matmul.batched(xe, weights["gate"])) * matmul.batched(xe, weights["up"])
+        h = recompute(lambda g, u: act(g) * u)(  # the backward pass keeps g and u only
+            matmul.batched(xe, weights["gate"]), matmul.batched(xe, weights["up"]))
         y = matmul.batched(h, weights["down"])
     else:
         h = act(matmul.batched(xe, weights["fc1"]) + weights["fc1_bias"][:, None])
