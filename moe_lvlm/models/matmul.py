@@ -3,12 +3,14 @@
 The weight gradient of y = x w is x^T dy, a contraction over the tokens, i.e. over the leading
 dimension of both operands. XLA:CPU hands plain [m, k] x [k, n] dots (and x w^T) to YNNPACK,
 but runs this transposed-operand form with its slower Eigen dot and usually adds a transposing
-copy before it (benchmarks/RESULTS.md, issue 15, third session: 2-3x slower per dot at the
+copy before it (benchmarks/RESULTS.md, issue 15, third session: 1.6-2x slower per dot at the
 benchmark shapes). On CPU, `dense` and `batched` therefore have a custom VJP that transposes x
 explicitly (a copy that `optimization_barrier` keeps from being folded back into the dot) and
 then multiplies [k, m] x [m, n]. Elsewhere they are plain `dot_general`s. Same values either way
 (the summation order of the dot may differ).
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +28,7 @@ def dense(x: Array, w: Array, in_dims: int = 1) -> Array:
         contract = tuple(range(x.ndim - in_dims, x.ndim))
         return jax.lax.dot_general(x, w, ((contract, tuple(range(in_dims))), ((), ())))
     lead, k_shape, n_shape = x.shape[: x.ndim - in_dims], w.shape[:in_dims], w.shape[in_dims:]
-    k, n = _prod(k_shape), _prod(n_shape)
+    k, n = math.prod(k_shape), math.prod(n_shape)
     y = _matmul_2d(x.reshape(-1, k), w.reshape(k, n))
     return y.reshape(*lead, *n_shape)
 
@@ -36,13 +38,6 @@ def batched(x: Array, w: Array) -> Array:
     if not _cpu():
         return jnp.einsum("bmk,bkn->bmn", x, w)
     return _matmul_batched(x, w)
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def _transposed(x: Array) -> Array:
