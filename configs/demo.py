@@ -42,7 +42,7 @@ def get_config(arg: str | None = None):
         )
     )
     # Stage III of 1200 steps, not 800: from the same stage II, seeds 1 and 2 learn yes/no (49.5 ->
-    # 88.3, 47.6 -> 83.8%) where 800 steps left them saying one answer (docs/training.md).
+    # 88.3, 47.6 -> 83.8%) where 800 steps left them at chance (docs/training.md).
     for name, lr in (("stage1", 2e-3), ("stage2", 1e-3), ("stage3", 1e-3)):
         cfg[name].lr = lr
     cfg.stage3.seq_len = 40  # short answers: 33 tokens at most
