@@ -2,7 +2,7 @@
 names, or guess among what the scene holds?
 
     python -m moe_lvlm.evaluate --workdir=runs/demo
-    PYTHONPATH=. python benchmarks/demo_answers.py runs/demo/eval/builtin_test/stage3_800
+    PYTHONPATH=. python benchmarks/demo_answers.py runs/demo/eval/builtin_test/stage3_1200
 
 Reads `per_item.jsonl` of an evaluation of `builtin:test` and prints, per question type and
 scene size, accuracy next to the accuracy of a guess among the scene's candidates: colour

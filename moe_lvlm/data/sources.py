@@ -5,7 +5,8 @@ A source spec is `kind:target?key=value&...`:
   tfds:name[/config][:version]?split=train&data_dir=DIR         a TFDS dataset in ArrayRecord form
        optional keys: image_key (default 'image'), conversations_key ('conversations', a JSON string
        in LLaVA form), or question_key + answer_key for single-turn VQA data, id_key ('id')
-  builtin:SPLIT                                                 the built-in digit scenes
+  builtin:SPLIT?question_type=yes_no,color                      the built-in digit scenes
+       (question_type, optional: only records of these question types)
 A mixture is a list of (spec, weight) pairs, or a string `spec@weight;spec@weight` (weight 1 if
 left out).
 
@@ -191,6 +192,21 @@ class TfdsSource:
                            _text(ex.get("question_type", "")))
 
 
+class Subset:
+    """The records of `source` whose question_type is one of `question_types`."""
+
+    def __init__(self, source, question_types: Sequence[str]):
+        self._source, wanted = source, set(question_types)
+        self._index = [i for i in range(len(source)) if source[i].get("question_type") in wanted]
+        self.origin = f"{source.origin}?question_type={','.join(question_types)}"
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._source[self._index[index]]
+
+
 def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
     """'kind:target?k=v&...' -> (kind, target, options)."""
     kind, sep, rest = spec.partition(":")
@@ -212,8 +228,13 @@ def open_source(spec: str, data_dir: str):
     else:
         from moe_lvlm.data import builtin  # imports tensorflow_datasets
 
+        if unknown := set(opts) - {"question_type"}:
+            raise DataError(f"source spec {spec!r}: unknown keys {sorted(unknown)} "
+                            f"(builtin takes only question_type)")
         builtin.ensure_built(data_dir)
         source = TfdsSource(builtin.NAME, split=target, data_dir=data_dir)
+        if "question_type" in opts:
+            source = Subset(source, opts["question_type"].split(","))
     if len(source) == 0:
         raise DataError(f"source {spec} holds no records")
     return source

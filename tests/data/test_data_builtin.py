@@ -59,6 +59,18 @@ def test_split_sizes_and_fields(built):
     assert 0.4 < yes < 0.6  # POPE-style: balanced yes/no
 
 
+def test_question_type_subset(built):
+    data_dir = built
+    full = _records(data_dir, "test")
+    want = [r["id"] for r in full if r["question_type"] in ("yes_no", "color")]
+    sub = sources.open_source("builtin:test?question_type=yes_no,color", data_dir)
+    assert [sub[i]["id"] for i in range(len(sub))] == want and 0 < len(want) < len(full)
+    with pytest.raises(sources.DataError, match="holds no records"):
+        sources.open_source("builtin:test?question_type=caption", data_dir)
+    with pytest.raises(sources.DataError, match="unknown keys"):
+        sources.open_source("builtin:test?split=x", data_dir)
+
+
 def test_count_answers_match_the_pixels(built):
     data_dir = built
     src = sources.open_source("builtin:test", data_dir)
