@@ -149,12 +149,17 @@ def _state():
 
 
 def _corrupt(step_dir, how):
+    """Damages a checkpoint's state. Every OCDBT data file is damaged, not one: which file holds
+    the params (all that `load_trained` reads) differs from save to save."""
     files = sorted(p for p in (step_dir / "state").rglob("*") if p.is_file())
-    data = max((p for p in files if p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    data_files = [p for p in files if p.parent.name == "d"]
+    assert data_files, f"no data files under {step_dir}"
     if how == "truncated":
-        data.write_bytes(data.read_bytes()[:100])
+        for data in data_files:
+            data.write_bytes(data.read_bytes()[:min(100, data.stat().st_size // 2)])
     elif how == "zeroed":
-        data.write_bytes(b"\0" * data.stat().st_size)
+        for data in data_files:
+            data.write_bytes(b"\0" * data.stat().st_size)
     elif how == "no_manifest":
         for p in files:
             if p.name == "manifest.ocdbt":
