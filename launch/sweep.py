@@ -455,9 +455,32 @@ def curve(workdir: str, stage: str) -> tuple[list[int], list[float], list[float 
             [load_imbalance(r) for r in records])
 
 
+# Held-out scores drawn in results.png (eval.json keys as flattened into the rows).
+SCORE_COLUMNS = (("eval/exact_match", "exact match"),
+                 ("eval/exact_match_per_type.yes_no", "yes/no"), ("eval/pope.f1", "POPE F1"))
+
+
+def score_summary(rows: Sequence[dict]) -> dict[str, dict[str, tuple]]:
+    """Per point (that has held-out scores) and score of SCORE_COLUMNS: (mean, std or None, the
+    seeds' values), over the runs that trained."""
+    out: dict[str, dict[str, tuple]] = {}
+    for point in dict.fromkeys(r["point"] for r in rows):
+        ok = [r for r in rows if r["point"] == point and r.get("status") == "ok"]
+        scores = {}
+        for column, label in SCORE_COLUMNS:
+            values = [float(r[column]) for r in ok if r.get(column) is not None]
+            if values:
+                scores[label] = (*mean_std(values), values)
+        if scores:
+            out[point] = scores
+    return out
+
+
 def plot(rows: list[dict], workdirs: list[str], out_path) -> None:
     """Loss curves and expert-load imbalance over the last stage, one line per point: the mean
-    over its seeds, with a band of +- one std where it has several."""
+    over its seeds, with a band of +- one std where it has several; and, when the runs were
+    evaluated, their held-out scores: one bar per point and score (the mean, +- one std, each
+    seed a dot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -469,7 +492,9 @@ def plot(rows: list[dict], workdirs: list[str], out_path) -> None:
         steps, losses, loads = curve(workdir, str(row.get("stage")))
         if steps:
             runs_of.setdefault(row["point"], []).append((steps, losses, loads))
-    fig, (loss_ax, load_ax) = plt.subplots(1, 2, figsize=(12, 4))
+    scores = score_summary(rows)
+    fig, axes = plt.subplots(1, 3 if scores else 2, figsize=(18 if scores else 12, 4))
+    loss_ax, load_ax = axes[:2]
     for point, runs in runs_of.items():
         common = sorted(set.intersection(*(set(s) for s, _, _ in runs)))
         for ax, which in ((loss_ax, 1), (load_ax, 2)):
@@ -485,7 +510,9 @@ def plot(rows: list[dict], workdirs: list[str], out_path) -> None:
     loss_ax.set(xlabel="step", ylabel="loss", title="training loss (last stage)")
     load_ax.set(xlabel="step", ylabel="max expert load x E (1 = balanced)",
                 title="expert load imbalance, mean over MoE layers")
-    for ax in (loss_ax, load_ax):
+    if scores:
+        plot_scores(axes[2], scores)
+    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
@@ -493,6 +520,24 @@ def plot(rows: list[dict], workdirs: list[str], out_path) -> None:
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     epath_of(out_path).write_bytes(buffer.getvalue())
+
+
+def plot_scores(ax, scores: dict[str, dict[str, tuple]]) -> None:
+    """Grouped bars of `score_summary`: a group per point, a bar per score."""
+    labels = [label for _, label in SCORE_COLUMNS]
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        xs = [p for p, point in enumerate(scores) if label in scores[point]]
+        if not xs:
+            continue
+        cells = [scores[point][label] for point in scores if label in scores[point]]
+        positions = [x - 0.4 + width * (i + 0.5) for x in xs]
+        ax.bar(positions, [c[0] for c in cells], width, label=label,
+                      yerr=[c[1] or 0.0 for c in cells], capsize=3)
+        for position, cell in zip(positions, cells, strict=True):
+            ax.plot([position] * len(cell[2]), cell[2], "o", markersize=3, color="black", alpha=0.6)
+    ax.set_xticks(range(len(scores)), list(scores), rotation=15, fontsize=8)
+    ax.set(ylabel="%", ylim=(0, 100), title="held-out scores (mean +- std, dots: seeds)")
 
 
 # ----------------------------------------------------------------------------- CLI

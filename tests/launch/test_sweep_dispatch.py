@@ -168,6 +168,21 @@ def test_aggregate_skips_failed_runs_and_missing_values():
     assert sweep.mean_std([5.0]) == (5.0, None)
 
 
+def test_score_summary_for_the_plot():
+    # Exact match of three seeds 80, 90, 100: mean 90, sample std 10 by hand; the failed run and
+    # the point without scores are left out, a single value has no std.
+    rows = [{"point": "p", "status": "ok", "eval/exact_match": x, "eval/pope.f1": 50.0 + x / 10}
+            for x in (80.0, 90.0, 100.0)]
+    rows += [{"point": "p", "status": "train failed (exit 1)", "eval/exact_match": 0.0},
+             {"point": "q", "status": "ok", "eval/exact_match_per_type.yes_no": 60.0},
+             {"point": "r", "status": "ok"}]
+    summary = sweep.score_summary(rows)
+    assert list(summary) == ["p", "q"]
+    assert summary["p"]["exact match"] == (90.0, 10.0, [80.0, 90.0, 100.0])
+    assert summary["p"]["POPE F1"] == (59.0, 1.0, [58.0, 59.0, 60.0])
+    assert summary["q"] == {"yes/no": (60.0, None, [60.0])}
+
+
 def test_one_slice_per_run_by_name(capsys):
     cmds = dry_run(capsys, "--workdir=gs://b/a", "--seeds=2", "--no-eval", "--launcher=tpu_pod",
                    "--jobs=2", "--launcher-args=--name=abl-{run} --zone=us-east5-a")
