@@ -11,8 +11,10 @@ see the same load: their ratios are what to read.
 
 Shapes: `demo2` / `demo3` are the demo's stage II (dense model, 32 x 80 tokens) and stage III
 (MoE, 32 x 40, FFNs + projector trained) steps as the demo's loop builds them (configs/demo.py:
-its model, stage optimizer, 1-device mesh; synthetic batch); `tiny:LAYERS:SEQ:BATCH` is
-train_step.py's CPU shape (preset tiny with qk-norm, projector + decoder trained). Variant keys:
+its model, stage optimizer and mesh; synthetic batch); `tiny:LAYERS:SEQ:BATCH` is
+train_step.py's CPU shape (preset tiny with qk-norm, projector + decoder trained), data-parallel
+over the worker's devices (one unless its XLA_FLAGS say `--xla_force_host_platform_device_count`).
+Variant keys:
 dotted fields of the model config (`attention`, `moe.dispatch`, `moe.expert_compute`, ...);
 for demo shapes `demo.ARG` (an argument of configs/demo.py, e.g. `demo.dispatch`); `xla_flags`
 (the worker's XLA_FLAGS, ';'-separated); `root` (another checkout of the repository, e.g. from
@@ -66,9 +68,17 @@ def build_step(shape: str, fields: dict):
     """(compiled step, state, batch, tokens per step) of one variant."""
     import flax.linen as nn
     import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from moe_lvlm.models.lvlm import build_model
-    from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, MESH_AXES, logical_shardings, make_mesh
+    from moe_lvlm.parallel.mesh import (
+        BATCH_AXES,
+        LOGICAL_AXIS_RULES,
+        MESH_AXES,
+        logical_shardings,
+        make_mesh,
+    )
     from moe_lvlm.train import loop
     from moe_lvlm.train import stages as stages_lib
     from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
@@ -94,13 +104,14 @@ def build_step(shape: str, fields: dict):
         seq, batch_size = int(seq), int(batch_size)
         model_cfg = common.model_config("tiny", int(layers), "float32")
         stage = stages.stage((stages.PROJECTOR, stages.DECODER), 2e-5, batch_size, 1000, "")
-        mesh = make_mesh((1,) * len(MESH_AXES))
+        mesh = make_mesh((jax.device_count(),) + (1,) * (len(MESH_AXES) - 1))
     for key, value in model_fields.items():
         _set(model_cfg, key, value)
     model_cfg.image_token_id = model_cfg.decoder.vocab_size - 1
     model = build_model(model_cfg, mesh)
     optimizer, schedule = make_optimizer(stage, 1000), make_schedule(stage, 1000)
-    init = loop.state_initializer(model, optimizer, stage.trainable, model_cfg, seq, 1)
+    init = loop.state_initializer(model, optimizer, stage.trainable, model_cfg, seq, 1,
+                                  loop.batch_divisor(mesh))
     with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # as the demo's loop
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
@@ -110,7 +121,8 @@ def build_step(shape: str, fields: dict):
             train_step, model=model, moe_cfg=model_cfg.moe, optimizer=optimizer,
             schedule=schedule, trainable=tuple(stage.trainable),
             accum=stage.get("grad_accum", 1), mesh=mesh)
-        batch = jax.device_put(common.batch_arrays(model_cfg, batch_size, seq))
+        batch = jax.device_put(common.batch_arrays(model_cfg, batch_size, seq),
+                               NamedSharding(mesh, P(BATCH_AXES)))
         compiled = jit_train_step(step_fn, shardings, mesh).lower(state, batch).compile()
     return compiled, state, batch, batch_size * seq
 
