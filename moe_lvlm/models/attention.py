@@ -13,6 +13,9 @@
              [q, kv] tensor outlives its block in the forward or the backward pass.
   splash     Pallas TPU splash attention (moe_lvlm/models/splash.py), sharded over the mesh;
              interpret mode off TPU (tests).
+  native     CPU: a fused C++ flash-attention kernel (forward and backward, float32) called
+             through `jax.ffi` (moe_lvlm/kernels/native_attention.py), built with g++ on first
+             use; sharded over the mesh's batch axes.
 
 Queries that may see no key (padding of packed rows) get a zero output in 'blockwise', as in
 the numpy reference; the XLA path gives them a uniform average. Either way nothing reads them.
@@ -27,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moe_lvlm.config import ATTENTIONS
+from moe_lvlm.kernels.native_attention import native_attention
 from moe_lvlm.models.recompute import after
 from moe_lvlm.models.splash import splash_attention
 
@@ -79,6 +83,8 @@ def self_attention(
         return blockwise_attention(q, k, v, segment_ids, causal=causal)
     if implementation == "splash":
         return splash_attention(q, k, v, segment_ids, causal, mesh)
+    if implementation == "native":
+        return native_attention(q, k, v, segment_ids, causal=causal, mesh=mesh)
     mask = None if segment_ids is None else segment_mask(segment_ids, causal)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=causal and mask is None,

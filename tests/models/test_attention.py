@@ -1,6 +1,7 @@
-"""Blockwise attention (moe_lvlm/models/attention.py) against attention and its gradients written
-out in numpy: causal and not, packed segments with padding, grouped-query heads, lengths that
-are not a multiple of the block; and the per-platform choice of `model.attention='auto'`."""
+"""Blockwise attention (moe_lvlm/models/attention.py) and the native C++ kernel
+(moe_lvlm/kernels) against attention and its gradients written out in numpy: causal and not,
+packed segments with padding (queries that see no key), grouped-query heads, lengths that are
+not a multiple of the block or tile; and the per-platform choice of `model.attention='auto'`."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import models
+from moe_lvlm.kernels import build, native_attention
 from moe_lvlm.models import attention
 from moe_lvlm.models.lvlm import build_model
 
@@ -47,6 +49,31 @@ def np_attention(q, k, v, dout, allowed):
     return out, (dq, dk, dv)
 
 
+def random_case(seq, packed, b=2, heads=4, kv_heads=2, d=8):
+    """q, k, v, a cotangent and (if packed) segment ids with padding, grouped-query heads."""
+    rng = np.random.default_rng(seq)
+    q = rng.standard_normal((b, seq, heads, d)).astype(np.float32)
+    k = rng.standard_normal((b, seq, kv_heads, d)).astype(np.float32)
+    v = rng.standard_normal((b, seq, kv_heads, d)).astype(np.float32)
+    dout = rng.standard_normal(q.shape).astype(np.float32)
+    segments = None
+    if packed:
+        segments = np.ones((b, seq), np.int32)
+        segments[0, seq // 3:] = 2
+        segments[0, -2:] = 0  # padding at the end of a packed row
+        segments[1, seq // 2:] = 0
+    return q, k, v, dout, segments
+
+
+def check_against_numpy(fn, q, k, v, dout, segments, causal):
+    out, vjp = jax.vjp(fn, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    grads = vjp(jnp.asarray(dout))
+    want_out, want_grads = np_attention(q, k, v, dout, allowed_keys(segments, q.shape[1], causal))
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5, rtol=1e-4)
+    for got, want in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "seq, block_q, block_kv, causal, packed",
     [
@@ -58,18 +85,7 @@ def np_attention(q, k, v, dout, allowed):
     ],
 )
 def test_blockwise_matches_numpy(seq, block_q, block_kv, causal, packed):
-    rng = np.random.default_rng(seq)
-    b, heads, kv_heads, d = 2, 4, 2, 8  # grouped-query: 2 query heads per kv head
-    q = rng.standard_normal((b, seq, heads, d)).astype(np.float32)
-    k = rng.standard_normal((b, seq, kv_heads, d)).astype(np.float32)
-    v = rng.standard_normal((b, seq, kv_heads, d)).astype(np.float32)
-    dout = rng.standard_normal(q.shape).astype(np.float32)
-    segments = None
-    if packed:
-        segments = np.ones((b, seq), np.int32)
-        segments[0, seq // 3:] = 2
-        segments[0, -2:] = 0  # padding at the end of a packed row
-        segments[1, seq // 2:] = 0
+    q, k, v, dout, segments = random_case(seq, packed)
 
     def run(q_, k_, v_):
         seg = None if segments is None else jnp.asarray(segments)
@@ -77,12 +93,48 @@ def test_blockwise_matches_numpy(seq, block_q, block_kv, causal, packed):
             q_, k_, v_, seg, causal=causal, block_q=block_q, block_kv=block_kv
         )
 
-    out, vjp = jax.vjp(run, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
-    grads = vjp(jnp.asarray(dout))
-    want_out, want_grads = np_attention(q, k, v, dout, allowed_keys(segments, seq, causal))
-    np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5, rtol=1e-4)
-    for got, want in zip(grads, want_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=1e-4)
+    check_against_numpy(run, q, k, v, dout, segments, causal)
+
+
+@pytest.mark.parametrize(
+    "seq, causal, packed, d",
+    [
+        (16, True, False, 8),  # one tile
+        (19, True, True, 8),  # packing with padding
+        (13, False, True, 16),  # bidirectional (ViT-style)
+        (11, False, False, 8),  # bidirectional, every key of the row
+        (150, True, True, 32),  # three 64-token tiles, the last partial; causal tiles skipped
+        (130, False, False, 8),  # bidirectional across partial tiles
+    ],
+)
+def test_native_matches_numpy(seq, causal, packed, d):
+    q, k, v, dout, segments = random_case(seq, packed, d=d)
+
+    def run(q_, k_, v_):
+        seg = None if segments is None else jnp.asarray(segments)
+        return native_attention.native_attention(q_, k_, v_, seg, causal=causal)
+
+    check_against_numpy(run, q, k, v, dout, segments, causal)
+
+
+def test_native_bfloat16_inputs_cast_in_and_out():
+    q, k, v, dout, segments = random_case(40, True)
+    cast = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+    out = native_attention.native_attention(*cast, jnp.asarray(segments), causal=True)
+    want, _ = np_attention(*[np.asarray(x, np.float32) for x in cast], dout,
+                           allowed_keys(segments, 40, True))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=2e-2, rtol=2e-2)
+
+
+def test_native_build_failure_warns_and_returns_none(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_LVLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.warns(UserWarning, match="native kernel attention.cc unavailable"):
+        assert build.load("attention.cc") is None
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv("MOE_LVLM_NATIVE_KERNELS", "0")
+    assert build.load("attention.cc") is None
 
 
 def test_auto_resolves_per_platform():
