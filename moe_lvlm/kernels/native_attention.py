@@ -66,7 +66,8 @@ def native_attention(
 
 def _forward(causal, q, k, v, seg):
     b, s, h, _ = q.shape
-    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, s), jnp.float32))
+    shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+              jax.ShapeDtypeStruct((b, h, s), jnp.float32))
     call = jax.ffi.ffi_call(_FORWARD, shapes, vmap_method="sequential")
     return call(q, k, v, seg, causal=np.int32(causal))
 
