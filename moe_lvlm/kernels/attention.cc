@@ -29,25 +29,50 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTile = 64;
+constexpr int64_t kTile = 64;     // score tiles are kTile x kTile
 constexpr float kMasked = -1e30f;  // score of a masked pair (finite: no inf arithmetic)
 
-// exp(x) for x <= 0 (scores minus a row maximum), 0 below -87; written so g++ vectorises it.
-inline float ExpNonPositive(float x) {
-  const float xc = std::max(x, -87.0f);
-  const float n = std::floor(xc * 1.44269504f + 0.5f);
-  const float g = std::fma(n, -6.93145752e-1f, std::fma(n, -1.42860677e-6f, xc));
-  float p = 1.0f / 720.0f;
-  p = std::fma(p, g, 1.0f / 120.0f);
-  p = std::fma(p, g, 1.0f / 24.0f);
-  p = std::fma(p, g, 1.0f / 6.0f);
-  p = std::fma(p, g, 0.5f);
-  p = std::fma(p, g, 1.0f);
-  p = std::fma(p, g, 1.0f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
+// 8 floats / ints (one AVX register; g++ splits them where the target has narrower vectors).
+typedef float V __attribute__((vector_size(32)));
+typedef int32_t Vi __attribute__((vector_size(32)));
+typedef float Vu __attribute__((vector_size(32), aligned(4)));
+typedef int32_t Viu __attribute__((vector_size(32), aligned(4)));
+constexpr int kW = 8;
+constexpr int kTileV = kTile / kW;
+
+inline V Load(const float* p) { return *reinterpret_cast<const Vu*>(p); }
+inline Vi LoadI(const int32_t* p) { return *reinterpret_cast<const Viu*>(p); }
+inline void Store(float* p, V x) { *reinterpret_cast<Vu*>(p) = x; }
+inline V Splat(float x) { return V{} + x; }
+inline float Sum(V x) {
+  float s = 0.0f;
+  for (int i = 0; i < kW; ++i) s += x[i];
+  return s;
+}
+inline float Max(V x) {
+  float m = x[0];
+  for (int i = 1; i < kW; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// exp(x) for x <= 0 (scores minus a row maximum), 0 below -87.
+inline V Exp(V x) {
+  const V xc = x < -87.0f ? Splat(-87.0f) : x;
+  const V magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V shifted = xc * 1.44269504f + magic;
+  const V n = shifted - magic;
+  const V g = xc - n * 6.93145752e-1f - n * 1.42860677e-6f;
+  V p = Splat(1.0f / 720.0f);
+  p = p * g + 1.0f / 120.0f;
+  p = p * g + 1.0f / 24.0f;
+  p = p * g + 1.0f / 6.0f;
+  p = p * g + 0.5f;
+  p = p * g + 1.0f;
+  p = p * g + 1.0f;
+  Vi bits = reinterpret_cast<const Vi&>(shifted) - reinterpret_cast<const Vi&>(magic);
+  bits = (bits + 127) << 23;
+  const V r = p * reinterpret_cast<const V&>(bits);
+  return x < -87.0f ? V{} : r;
 }
 
 // Runs fn(0 .. n-1) on the caller and up to num_threads - 1 pool threads. The caller waits for
@@ -86,35 +111,92 @@ struct Shape {
   int64_t tiles() const { return (s + kTile - 1) / kTile; }
 };
 
-// Scores of query rows [q0, q0 + nq) against key tile [k0, k0 + nk) for one head: sc[i][j] =
-// qs[i] . kt[:, j] (kt transposed, zero past nk), kMasked where the pair is not allowed.
+// out[i][j] = a[i] . bt[:, j] for rows i < n (n even, a zero-padded) and the kTile columns of
+// bt [D, kTile]; two rows and half a tile of columns at a time, accumulators in registers.
 template <int D>
-void TileScores(const float* qs, const float* kt, const int32_t* seg, int64_t q0, int64_t nq,
-                int64_t k0, int64_t nk, bool causal, float* sc) {
-  for (int64_t i = 0; i < nq; ++i) {
-    float row[kTile] = {};
-    for (int c = 0; c < D; ++c) {
-      const float qc = qs[i * D + c];
-      for (int64_t j = 0; j < kTile; ++j) row[j] += qc * kt[c * kTile + j];
-    }
-    const int32_t sq = seg[q0 + i];
-    const int64_t last = causal ? q0 + i - k0 : kTile;  // last key index allowed by causality
-    for (int64_t j = 0; j < kTile; ++j) {
-      const int32_t sk = j < nk ? seg[k0 + j] : 0;
-      const bool ok = sk == sq && sk > 0 && j <= last;
-      sc[i * kTile + j] = ok ? row[j] : kMasked;
+void RowsTimesTile(const float* a, const float* bt, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += 2) {
+    for (int half = 0; half < 2; ++half) {
+      V acc0[kTileV / 2] = {}, acc1[kTileV / 2] = {};
+      for (int c = 0; c < D; ++c) {
+        const V a0 = Splat(a[i * D + c]), a1 = Splat(a[(i + 1) * D + c]);
+#pragma GCC unroll 4
+        for (int v = 0; v < kTileV / 2; ++v) {
+          const V b = Load(bt + c * kTile + (half * kTileV / 2 + v) * kW);
+          acc0[v] += a0 * b;
+          acc1[v] += a1 * b;
+        }
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < kTileV / 2; ++v) {
+        Store(out + i * kTile + (half * kTileV / 2 + v) * kW, acc0[v]);
+        Store(out + (i + 1) * kTile + (half * kTileV / 2 + v) * kW, acc1[v]);
+      }
     }
   }
 }
 
-// Copies rows [r0, r0 + n) of head `head` of x [b, s, heads, D] (batch row bi) into dst [kTile, D]
-// (scaled), zero past n.
+// dst[r] (+)= sum_j coef[r * kTile + j] * rows[j] over j < nk, for r < n; rows [kTile, D].
+template <int D, bool kAccumulate>
+void TileTimesRows(const float* coef, const float* rows, int64_t n, int64_t nk, float* dst) {
+  for (int64_t r = 0; r < n; ++r) {
+    V acc[D / kW] = {};
+    for (int64_t j = 0; j < nk; ++j) {
+      const V p = Splat(coef[r * kTile + j]);
+#pragma GCC unroll 16
+      for (int v = 0; v < D / kW; ++v) acc[v] += p * Load(rows + j * D + v * kW);
+    }
+#pragma GCC unroll 16
+    for (int v = 0; v < D / kW; ++v) {
+      Store(dst + r * D + v * kW, kAccumulate ? Load(dst + r * D + v * kW) + acc[v] : acc[v]);
+    }
+  }
+}
+
+// dst[j] += sum_i coef[i * kTile + j] * rows[i] over i < nq, for j < nk: the transposed product.
+template <int D>
+void TileTTimesRows(const float* coef, const float* rows, int64_t nq, int64_t nk, float* dst) {
+  for (int64_t j = 0; j < nk; ++j) {
+    V acc[D / kW] = {};
+    for (int64_t i = 0; i < nq; ++i) {
+      const V p = Splat(coef[i * kTile + j]);
+#pragma GCC unroll 16
+      for (int v = 0; v < D / kW; ++v) acc[v] += p * Load(rows + i * D + v * kW);
+    }
+#pragma GCC unroll 16
+    for (int v = 0; v < D / kW; ++v) {
+      Store(dst + j * D + v * kW, Load(dst + j * D + v * kW) + acc[v]);
+    }
+  }
+}
+
+// Sets sc[i][j] to kMasked where query q0 + i may not see key k0 + j (other segment, padding,
+// causality, or j >= nk); segk: the key tile's segment ids, 0 past nk.
+void MaskTile(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, int64_t k0,
+              bool causal, float* sc) {
+  Vi index;
+  for (int i = 0; i < kW; ++i) index[i] = i;
+  for (int64_t i = 0; i < nq; ++i) {
+    const int32_t sq = seg[q0 + i];
+    const int32_t last = causal ? static_cast<int32_t>(q0 + i - k0) : static_cast<int32_t>(kTile);
+    for (int v = 0; v < kTileV; ++v) {
+      const Vi sk = LoadI(segk + v * kW);
+      const Vi ok = (sk == sq) & (sk > 0) & ((index + v * kW) <= last);
+      Store(sc + i * kTile + v * kW, ok ? Load(sc + i * kTile + v * kW) : Splat(kMasked));
+    }
+  }
+}
+
+// Rows [r0, r0 + n) of head `head` of x [b, s, heads, D] (batch row bi), scaled, into dst
+// [kTile, D]: zero past n (and dst's rows past n stay zero).
 template <int D>
 void LoadRows(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head, int64_t r0,
               int64_t n, float scale, float* dst) {
   for (int64_t r = 0; r < kTile; ++r) {
     const float* src = x + ((bi * sh.s + r0 + r) * heads + head) * D;
-    for (int c = 0; c < D; ++c) dst[r * D + c] = r < n ? src[c] * scale : 0.0f;
+    for (int v = 0; v < D / kW; ++v) {
+      Store(dst + r * D + v * kW, r < n ? Load(src + v * kW) * scale : V{});
+    }
   }
 }
 
@@ -128,18 +210,23 @@ void LoadRowsT(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64
   }
 }
 
+void LoadSegments(const int32_t* seg, int64_t k0, int64_t nk, int32_t* segk) {
+  for (int64_t j = 0; j < kTile; ++j) segk[j] = j < nk ? seg[k0 + j] : 0;
+}
+
 template <int D>
 void ForwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
                  const Shape& sh, bool causal, int64_t task, float* out, float* lse) {
   const int64_t tiles = sh.tiles();
   const int64_t qt = task % tiles, hi = (task / tiles) % sh.h, bi = task / tiles / sh.h;
   const int64_t kvh = hi / sh.group();
-  const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0);
+  const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0), nq2 = nq + (nq & 1);
   const int32_t* seg = seg_all + bi * sh.s;
   // On the heap: XLA's pool threads need not have large stacks.
-  std::vector<float> buffer(4 * kTile * D + kTile * kTile, 0.0f);
+  std::vector<float> buffer(5 * kTile * D + kTile * kTile, 0.0f);
   float *qs = buffer.data(), *kt = qs + kTile * D, *vs = kt + kTile * D, *acc = vs + kTile * D;
-  float* sc = acc + kTile * D;
+  float *pv = acc + kTile * D, *sc = pv + kTile * D;
+  int32_t segk[kTile];
   float m[kTile], l[kTile];
   std::fill(m, m + kTile, kMasked);
   std::fill(l, l + kTile, 0.0f);
@@ -149,34 +236,36 @@ void ForwardTask(const float* q, const float* k, const float* v, const int32_t* 
     const int64_t nk = std::min(kTile, sh.s - k0);
     LoadRowsT<D>(k, sh, sh.kh, bi, kvh, k0, nk, kt);
     LoadRows<D>(v, sh, sh.kh, bi, kvh, k0, nk, 1.0f, vs);
-    TileScores<D>(qs, kt, seg, q0, nq, k0, nk, causal, sc);
+    LoadSegments(seg, k0, nk, segk);
+    RowsTimesTile<D>(qs, kt, nq2, sc);
+    MaskTile(seg, segk, q0, nq, k0, causal, sc);
     for (int64_t i = 0; i < nq; ++i) {
       float* s = sc + i * kTile;
-      float mx = kMasked;
-      for (int64_t j = 0; j < kTile; ++j) mx = std::max(mx, s[j]);
-      if (mx <= kMasked) continue;  // no key of this tile for this row
+      V mv = Load(s);
+      for (int w = 1; w < kTileV; ++w) mv = mv > Load(s + w * kW) ? mv : Load(s + w * kW);
+      const float mx = Max(mv);
+      if (mx <= kMasked) {  // no key of this tile for this row
+        for (int w = 0; w < kTileV; ++w) Store(s + w * kW, V{});
+        continue;
+      }
       const float m_new = std::max(m[i], mx);
-      const float corr = ExpNonPositive(m[i] - m_new);
-      float sum = 0.0f;
-      for (int64_t j = 0; j < kTile; ++j) {
-        s[j] = ExpNonPositive(s[j] - m_new);
-        sum += s[j];
+      const float corr = Exp(Splat(m[i] - m_new))[0];
+      V sum{};
+      for (int w = 0; w < kTileV; ++w) {
+        const V p = Exp(Load(s + w * kW) - m_new);
+        Store(s + w * kW, p);
+        sum += p;
       }
-      l[i] = l[i] * corr + sum;
+      l[i] = l[i] * corr + Sum(sum);
       m[i] = m_new;
-      float row[D];
-      for (int c = 0; c < D; ++c) row[c] = acc[i * D + c] * corr;
-      for (int64_t j = 0; j < nk; ++j) {
-        const float p = s[j];
-        for (int c = 0; c < D; ++c) row[c] += p * vs[j * D + c];
-      }
-      for (int c = 0; c < D; ++c) acc[i * D + c] = row[c];
+      for (int w = 0; w < D / kW; ++w) Store(acc + i * D + w * kW, Load(acc + i * D + w * kW) * corr);
     }
+    TileTimesRows<D, true>(sc, vs, nq, nk, acc);
   }
   for (int64_t i = 0; i < nq; ++i) {
     float* dst = out + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
     const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    for (int c = 0; c < D; ++c) dst[c] = acc[i * D + c] * inv;
+    for (int w = 0; w < D / kW; ++w) Store(dst + w * kW, Load(acc + i * D + w * kW) * inv);
     lse[(bi * sh.h + hi) * sh.s + q0 + i] =
         l[i] > 0.0f ? m[i] + std::log(l[i]) : std::numeric_limits<float>::infinity();
   }
@@ -190,88 +279,66 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int32_t* seg = seg_all + bi * sh.s;
   const int64_t padded = tiles * kTile;
-  // The kv head's keys and values, whole rows: K [s, D], K^T and V^T [D, s]; dK, dV accumulators.
+  // The kv head's keys and values, whole rows: K [s, D], K^T and V^T [D, s] by tile; dK, dV.
   std::vector<float> kc(padded * D), kt_all(D * padded), vt_all(D * padded);
   std::vector<float> dk_acc(padded * D, 0.0f), dv_acc(padded * D, 0.0f);
+  std::vector<int32_t> seg_tiles(padded);
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n = std::min(kTile, sh.s - t * kTile);
     LoadRows<D>(k, sh, sh.kh, bi, kvh, t * kTile, n, 1.0f, kc.data() + t * kTile * D);
     LoadRowsT<D>(k, sh, sh.kh, bi, kvh, t * kTile, n, kt_all.data() + t * D * kTile);
     LoadRowsT<D>(v, sh, sh.kh, bi, kvh, t * kTile, n, vt_all.data() + t * D * kTile);
+    LoadSegments(seg, t * kTile, n, seg_tiles.data() + t * kTile);
   }
-  std::vector<float> buffer(4 * kTile * D + 2 * kTile * kTile, 0.0f);
+  std::vector<float> buffer(4 * kTile * D + 3 * kTile * kTile, 0.0f);
   float *qs = buffer.data(), *dos = qs + kTile * D, *os = dos + kTile * D, *dqs = os + kTile * D;
-  float *p = dqs + kTile * D, *ds = p + kTile * kTile;
+  float *p = dqs + kTile * D, *dp = p + kTile * kTile, *ds = dp + kTile * kTile;
   float lse[kTile], delta[kTile];
   for (int64_t g = 0; g < sh.group(); ++g) {
     const int64_t hi = kvh * sh.group() + g;
     for (int64_t qt = 0; qt < tiles; ++qt) {
-      const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0);
+      const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0), nq2 = nq + (nq & 1);
       LoadRows<D>(q, sh, sh.h, bi, hi, q0, nq, scale, qs);
       LoadRows<D>(dout, sh, sh.h, bi, hi, q0, nq, 1.0f, dos);
       LoadRows<D>(out, sh, sh.h, bi, hi, q0, nq, 1.0f, os);
       for (int64_t i = 0; i < kTile; ++i) {
         lse[i] = i < nq ? lse_all[(bi * sh.h + hi) * sh.s + q0 + i] : 0.0f;
-        float dl = 0.0f;
-        for (int c = 0; c < D; ++c) dl += dos[i * D + c] * os[i * D + c];
-        delta[i] = dl;
+        V dl{};
+        for (int w = 0; w < D / kW; ++w) dl += Load(dos + i * D + w * kW) * Load(os + i * D + w * kW);
+        delta[i] = Sum(dl);
       }
       std::fill(dqs, dqs + kTile * D, 0.0f);
       const int64_t kend = causal ? q0 + nq : sh.s;
       for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
         const int64_t nk = std::min(kTile, sh.s - k0);
-        const float* kt = kt_all.data() + (k0 / kTile) * D * kTile;
-        const float* vt = vt_all.data() + (k0 / kTile) * D * kTile;
-        TileScores<D>(qs, kt, seg, q0, nq, k0, nk, causal, p);
+        RowsTimesTile<D>(qs, kt_all.data() + (k0 / kTile) * D * kTile, nq2, p);
+        MaskTile(seg, seg_tiles.data() + k0, q0, nq, k0, causal, p);
+        RowsTimesTile<D>(dos, vt_all.data() + (k0 / kTile) * D * kTile, nq2, dp);
         for (int64_t i = 0; i < nq; ++i) {
-          float* pi = p + i * kTile;
-          float* dsi = ds + i * kTile;
           const bool seen = std::isfinite(lse[i]);
-          float dp[kTile] = {};
-          for (int c = 0; c < D; ++c) {
-            const float doc = dos[i * D + c];
-            for (int64_t j = 0; j < kTile; ++j) dp[j] += doc * vt[c * kTile + j];
-          }
-          const float li = seen ? lse[i] : 0.0f;
-          for (int64_t j = 0; j < kTile; ++j) {
-            const float pij = seen ? ExpNonPositive(std::min(pi[j] - li, 0.0f)) : 0.0f;
-            pi[j] = pij;
-            dsi[j] = pij * (dp[j] - delta[i]);
-          }
-          float row[D] = {};
-          for (int64_t j = 0; j < nk; ++j) {
-            const float sij = dsi[j];
-            for (int c = 0; c < D; ++c) row[c] += sij * kc[(k0 + j) * D + c];
-          }
-          for (int c = 0; c < D; ++c) dqs[i * D + c] += row[c];
-        }
-        for (int64_t j = 0; j < nk; ++j) {
-          float dvr[D] = {}, dkr[D] = {};
-          for (int64_t i = 0; i < nq; ++i) {
-            const float pij = p[i * kTile + j], sij = ds[i * kTile + j];
-            for (int c = 0; c < D; ++c) {
-              dvr[c] += pij * dos[i * D + c];
-              dkr[c] += sij * qs[i * D + c];
-            }
-          }
-          for (int c = 0; c < D; ++c) {
-            dv_acc[(k0 + j) * D + c] += dvr[c];
-            dk_acc[(k0 + j) * D + c] += dkr[c];
+          for (int w = 0; w < kTileV; ++w) {
+            const int64_t at = i * kTile + w * kW;
+            const V pij = seen ? Exp(Load(p + at) - lse[i]) : V{};
+            Store(p + at, pij);
+            Store(ds + at, pij * (Load(dp + at) - delta[i]));
           }
         }
+        TileTimesRows<D, true>(ds, kc.data() + k0 * D, nq, nk, dqs);
+        TileTTimesRows<D>(p, dos, nq, nk, dv_acc.data() + k0 * D);
+        TileTTimesRows<D>(ds, qs, nq, nk, dk_acc.data() + k0 * D);
       }
       for (int64_t i = 0; i < nq; ++i) {
         float* dst = dq + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
-        for (int c = 0; c < D; ++c) dst[c] = dqs[i * D + c] * scale;
+        for (int w = 0; w < D / kW; ++w) Store(dst + w * kW, Load(dqs + i * D + w * kW) * scale);
       }
     }
   }
   for (int64_t r = 0; r < sh.s; ++r) {
     float* dkd = dk + ((bi * sh.s + r) * sh.kh + kvh) * D;
     float* dvd = dv + ((bi * sh.s + r) * sh.kh + kvh) * D;
-    for (int c = 0; c < D; ++c) {
-      dkd[c] = dk_acc[r * D + c];
-      dvd[c] = dv_acc[r * D + c];
+    for (int w = 0; w < D / kW; ++w) {
+      Store(dkd + w * kW, Load(dk_acc.data() + r * D + w * kW));
+      Store(dvd + w * kW, Load(dv_acc.data() + r * D + w * kW));
     }
   }
 }
