@@ -43,7 +43,7 @@ constexpr int kTileV = kTile / kW;
 inline V Load(const float* p) { return *reinterpret_cast<const Vu*>(p); }
 inline Vi LoadI(const int32_t* p) { return *reinterpret_cast<const Viu*>(p); }
 inline void Store(float* p, V x) { *reinterpret_cast<Vu*>(p) = x; }
-inline V Splat(float x) { return V{} + x; }
+inline V Splat(float x) { return V{x, x, x, x, x, x, x, x}; }
 inline float Sum(V x) {
   float s = 0.0f;
   for (int i = 0; i < kW; ++i) s += x[i];
@@ -136,38 +136,40 @@ void RowsTimesTile(const float* a, const float* bt, int64_t n, float* out) {
   }
 }
 
-// dst[r] (+)= sum_j coef[r * kTile + j] * rows[j] over j < nk, for r < n; rows [kTile, D].
-template <int D, bool kAccumulate>
-void TileTimesRows(const float* coef, const float* rows, int64_t n, int64_t nk, float* dst) {
-  for (int64_t r = 0; r < n; ++r) {
-    V acc[D / kW] = {};
-    for (int64_t j = 0; j < nk; ++j) {
-      const V p = Splat(coef[r * kTile + j]);
-#pragma GCC unroll 16
-      for (int v = 0; v < D / kW; ++v) acc[v] += p * Load(rows + j * D + v * kW);
-    }
+// kRows rows of D / kW accumulators: two rows while that stays within 8 registers.
+template <int D>
+constexpr int kRows = D <= 32 ? 2 : 1;
+
+// dst[r] += sum_j coef[r * cs + j * js] * rows[j] over j < m, for r in [r0, r0 + R); rows [m, D].
+template <int D, int R>
+inline void RowBlock(const float* coef, int64_t cs, int64_t js, const float* rows, int64_t m,
+                     int64_t r0, float* dst) {
+  V acc[R][D / kW] = {};
+  for (int64_t j = 0; j < m; ++j) {
 #pragma GCC unroll 16
     for (int v = 0; v < D / kW; ++v) {
-      Store(dst + r * D + v * kW, kAccumulate ? Load(dst + r * D + v * kW) + acc[v] : acc[v]);
+      const V x = Load(rows + j * D + v * kW);
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) acc[r][v] += Splat(coef[(r0 + r) * cs + j * js]) * x;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < D / kW; ++v) {
+      float* at = dst + (r0 + r) * D + v * kW;
+      Store(at, Load(at) + acc[r][v]);
     }
   }
 }
 
-// dst[j] += sum_i coef[i * kTile + j] * rows[i] over i < nq, for j < nk: the transposed product.
+// dst[r] += sum_j coef[r * cs + j * js] * rows[j] over j < m, for r < n.
 template <int D>
-void TileTTimesRows(const float* coef, const float* rows, int64_t nq, int64_t nk, float* dst) {
-  for (int64_t j = 0; j < nk; ++j) {
-    V acc[D / kW] = {};
-    for (int64_t i = 0; i < nq; ++i) {
-      const V p = Splat(coef[i * kTile + j]);
-#pragma GCC unroll 16
-      for (int v = 0; v < D / kW; ++v) acc[v] += p * Load(rows + i * D + v * kW);
-    }
-#pragma GCC unroll 16
-    for (int v = 0; v < D / kW; ++v) {
-      Store(dst + j * D + v * kW, Load(dst + j * D + v * kW) + acc[v]);
-    }
-  }
+void Accumulate(const float* coef, int64_t cs, int64_t js, const float* rows, int64_t n, int64_t m,
+                float* dst) {
+  constexpr int R = kRows<D>;
+  int64_t r = 0;
+  for (; r + R <= n; r += R) RowBlock<D, R>(coef, cs, js, rows, m, r, dst);
+  for (; r < n; ++r) RowBlock<D, 1>(coef, cs, js, rows, m, r, dst);
 }
 
 // Sets sc[i][j] to kMasked where query q0 + i may not see key k0 + j (other segment, padding,
@@ -260,7 +262,7 @@ void ForwardTask(const float* q, const float* k, const float* v, const int32_t* 
       m[i] = m_new;
       for (int w = 0; w < D / kW; ++w) Store(acc + i * D + w * kW, Load(acc + i * D + w * kW) * corr);
     }
-    TileTimesRows<D, true>(sc, vs, nq, nk, acc);
+    Accumulate<D>(sc, kTile, 1, vs, nq, nk, acc);  // acc += P V
   }
   for (int64_t i = 0; i < nq; ++i) {
     float* dst = out + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
@@ -323,9 +325,9 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
             Store(ds + at, pij * (Load(dp + at) - delta[i]));
           }
         }
-        TileTimesRows<D, true>(ds, kc.data() + k0 * D, nq, nk, dqs);
-        TileTTimesRows<D>(p, dos, nq, nk, dv_acc.data() + k0 * D);
-        TileTTimesRows<D>(ds, qs, nq, nk, dk_acc.data() + k0 * D);
+        Accumulate<D>(ds, kTile, 1, kc.data() + k0 * D, nq, nk, dqs);         // dQ += dS K
+        Accumulate<D>(p, 1, kTile, dos, nk, nq, dv_acc.data() + k0 * D);      // dV += P^T dO
+        Accumulate<D>(ds, 1, kTile, qs, nk, nq, dk_acc.data() + k0 * D);      // dK += dS^T Q
       }
       for (int64_t i = 0; i < nq; ++i) {
         float* dst = dq + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
