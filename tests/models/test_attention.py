@@ -3,6 +3,11 @@
 packed segments with padding (queries that see no key), grouped-query heads, lengths that are
 not a multiple of the block or tile; and the per-platform choice of `model.attention='auto'`."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +178,19 @@ def test_model_default_runs_blockwise_on_cpu(monkeypatch):
     cfg.attention = "xla"
     want, _ = build_model(cfg).apply(params, ids, positions, segments, images, packed=True)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_native_sharded_over_batch_and_heads():
+    """8 fake devices (native_sharding_check.py): the kernel under shard_map equals numpy, and
+    the compiled program holds no collective."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "native_sharding_check.py")],
+        capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    assert result["worst_ratio"] <= 1, result
+    assert result["collectives"] == [], result
+    assert result["out_sharding"] == "P(('data', 'fsdp', 'expert'), None, 'tensor')"
