@@ -21,6 +21,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -29,7 +30,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTile = 64;     // score tiles are kTile x kTile
 constexpr float kMasked = -1e30f;  // score of a masked pair (finite: no inf arithmetic)
 
 // 8 floats / ints (one AVX register; g++ splits them where the target has narrower vectors).
@@ -38,7 +38,6 @@ typedef int32_t Vi __attribute__((vector_size(32)));
 typedef float Vu __attribute__((vector_size(32), aligned(4)));
 typedef int32_t Viu __attribute__((vector_size(32), aligned(4)));
 constexpr int kW = 8;
-constexpr int kTileV = kTile / kW;
 
 inline V Load(const float* p) { return *reinterpret_cast<const Vu*>(p); }
 inline Vi LoadI(const int32_t* p) { return *reinterpret_cast<const Viu*>(p); }
@@ -105,16 +104,25 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int6
   state->cv.wait(lock, [&] { return state->done.load() == n; });
 }
 
+// A per-thread scratch buffer of at least n floats (contents undefined), reused across calls:
+// heap, not stack (XLA's pool threads need not have large stacks), and no allocation per task.
+float* Scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 struct Shape {
   int64_t b, s, h, kh, d;
   int64_t group() const { return h / kh; }
-  int64_t tiles() const { return (s + kTile - 1) / kTile; }
+  int64_t tiles(int64_t tile) const { return (s + tile - 1) / tile; }
 };
 
 // out[i][j] = a[i] . bt[:, j] for rows i < n (n even, a zero-padded) and the kTile columns of
 // bt [D, kTile]; two rows and half a tile of columns at a time, accumulators in registers.
-template <int D>
+template <int D, int64_t kTile>
 void RowsTimesTile(const float* a, const float* bt, int64_t n, float* out) {
+  constexpr int kTileV = kTile / kW;
   for (int64_t i = 0; i < n; i += 2) {
     for (int half = 0; half < 2; ++half) {
       V acc0[kTileV / 2] = {}, acc1[kTileV / 2] = {};
@@ -174,8 +182,10 @@ void Accumulate(const float* coef, int64_t cs, int64_t js, const float* rows, in
 
 // Sets sc[i][j] to kMasked where query q0 + i may not see key k0 + j (other segment, padding,
 // causality, or j >= nk); segk: the key tile's segment ids, 0 past nk.
+template <int64_t kTile>
 void MaskTile(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, int64_t k0,
               bool causal, float* sc) {
+  constexpr int kTileV = kTile / kW;
   Vi index;
   for (int i = 0; i < kW; ++i) index[i] = i;
   for (int64_t i = 0; i < nq; ++i) {
@@ -191,7 +201,7 @@ void MaskTile(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, i
 
 // Rows [r0, r0 + n) of head `head` of x [b, s, heads, D] (batch row bi), scaled, into dst
 // [kTile, D]: zero past n (and dst's rows past n stay zero).
-template <int D>
+template <int D, int64_t kTile>
 void LoadRows(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head, int64_t r0,
               int64_t n, float scale, float* dst) {
   for (int64_t r = 0; r < kTile; ++r) {
@@ -203,7 +213,7 @@ void LoadRows(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_
 }
 
 // The same rows transposed: dst [D, kTile].
-template <int D>
+template <int D, int64_t kTile>
 void LoadRowsT(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head,
                int64_t r0, int64_t n, float* dst) {
   for (int64_t r = 0; r < kTile; ++r) {
@@ -212,35 +222,36 @@ void LoadRowsT(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64
   }
 }
 
+template <int64_t kTile>
 void LoadSegments(const int32_t* seg, int64_t k0, int64_t nk, int32_t* segk) {
   for (int64_t j = 0; j < kTile; ++j) segk[j] = j < nk ? seg[k0 + j] : 0;
 }
 
-template <int D>
+template <int D, int64_t kTile>
 void ForwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
                  const Shape& sh, bool causal, int64_t task, float* out, float* lse) {
-  const int64_t tiles = sh.tiles();
+  constexpr int kTileV = kTile / kW;
+  const int64_t tiles = sh.tiles(kTile);
   const int64_t qt = task % tiles, hi = (task / tiles) % sh.h, bi = task / tiles / sh.h;
   const int64_t kvh = hi / sh.group();
   const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0), nq2 = nq + (nq & 1);
   const int32_t* seg = seg_all + bi * sh.s;
-  // On the heap: XLA's pool threads need not have large stacks.
-  std::vector<float> buffer(5 * kTile * D + kTile * kTile, 0.0f);
-  float *qs = buffer.data(), *kt = qs + kTile * D, *vs = kt + kTile * D, *acc = vs + kTile * D;
-  float *pv = acc + kTile * D, *sc = pv + kTile * D;
+  float* qs = Scratch(4 * kTile * D + kTile * kTile);
+  float *kt = qs + kTile * D, *vs = kt + kTile * D, *acc = vs + kTile * D, *sc = acc + kTile * D;
+  std::fill(acc, acc + kTile * D, 0.0f);
   int32_t segk[kTile];
   float m[kTile], l[kTile];
   std::fill(m, m + kTile, kMasked);
   std::fill(l, l + kTile, 0.0f);
-  LoadRows<D>(q, sh, sh.h, bi, hi, q0, nq, 1.0f / std::sqrt(static_cast<float>(D)), qs);
+  LoadRows<D, kTile>(q, sh, sh.h, bi, hi, q0, nq, 1.0f / std::sqrt(static_cast<float>(D)), qs);
   const int64_t kend = causal ? q0 + nq : sh.s;
   for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
     const int64_t nk = std::min(kTile, sh.s - k0);
-    LoadRowsT<D>(k, sh, sh.kh, bi, kvh, k0, nk, kt);
-    LoadRows<D>(v, sh, sh.kh, bi, kvh, k0, nk, 1.0f, vs);
-    LoadSegments(seg, k0, nk, segk);
-    RowsTimesTile<D>(qs, kt, nq2, sc);
-    MaskTile(seg, segk, q0, nq, k0, causal, sc);
+    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, k0, nk, kt);
+    LoadRows<D, kTile>(v, sh, sh.kh, bi, kvh, k0, nk, 1.0f, vs);
+    LoadSegments<kTile>(seg, k0, nk, segk);
+    RowsTimesTile<D, kTile>(qs, kt, nq2, sc);
+    MaskTile<kTile>(seg, segk, q0, nq, k0, causal, sc);
     for (int64_t i = 0; i < nq; ++i) {
       float* s = sc + i * kTile;
       V mv = Load(s);
@@ -273,36 +284,38 @@ void ForwardTask(const float* q, const float* k, const float* v, const int32_t* 
   }
 }
 
-template <int D>
+template <int D, int64_t kTile>
 void BackwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
                   const float* out, const float* lse_all, const float* dout, const Shape& sh,
                   bool causal, int64_t task, float* dq, float* dk, float* dv) {
-  const int64_t bi = task / sh.kh, kvh = task % sh.kh, tiles = sh.tiles();
+  constexpr int kTileV = kTile / kW;
+  const int64_t bi = task / sh.kh, kvh = task % sh.kh, tiles = sh.tiles(kTile);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int32_t* seg = seg_all + bi * sh.s;
   const int64_t padded = tiles * kTile;
   // The kv head's keys and values, whole rows: K [s, D], K^T and V^T [D, s] by tile; dK, dV.
-  std::vector<float> kc(padded * D), kt_all(D * padded), vt_all(D * padded);
-  std::vector<float> dk_acc(padded * D, 0.0f), dv_acc(padded * D, 0.0f);
+  float* kc = Scratch(5 * padded * D + 4 * kTile * D + 3 * kTile * kTile);
+  float *kt_all = kc + padded * D, *vt_all = kt_all + padded * D, *dk_acc = vt_all + padded * D;
+  float *dv_acc = dk_acc + padded * D, *qs = dv_acc + padded * D;
+  float *dos = qs + kTile * D, *os = dos + kTile * D, *dqs = os + kTile * D;
+  float *p = dqs + kTile * D, *dp = p + kTile * kTile, *ds = dp + kTile * kTile;
+  std::fill(dk_acc, dk_acc + 2 * padded * D, 0.0f);  // and dv_acc
   std::vector<int32_t> seg_tiles(padded);
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n = std::min(kTile, sh.s - t * kTile);
-    LoadRows<D>(k, sh, sh.kh, bi, kvh, t * kTile, n, 1.0f, kc.data() + t * kTile * D);
-    LoadRowsT<D>(k, sh, sh.kh, bi, kvh, t * kTile, n, kt_all.data() + t * D * kTile);
-    LoadRowsT<D>(v, sh, sh.kh, bi, kvh, t * kTile, n, vt_all.data() + t * D * kTile);
-    LoadSegments(seg, t * kTile, n, seg_tiles.data() + t * kTile);
+    LoadRows<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, 1.0f, kc + t * kTile * D);
+    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, kt_all + t * D * kTile);
+    LoadRowsT<D, kTile>(v, sh, sh.kh, bi, kvh, t * kTile, n, vt_all + t * D * kTile);
+    LoadSegments<kTile>(seg, t * kTile, n, seg_tiles.data() + t * kTile);
   }
-  std::vector<float> buffer(4 * kTile * D + 3 * kTile * kTile, 0.0f);
-  float *qs = buffer.data(), *dos = qs + kTile * D, *os = dos + kTile * D, *dqs = os + kTile * D;
-  float *p = dqs + kTile * D, *dp = p + kTile * kTile, *ds = dp + kTile * kTile;
   float lse[kTile], delta[kTile];
   for (int64_t g = 0; g < sh.group(); ++g) {
     const int64_t hi = kvh * sh.group() + g;
     for (int64_t qt = 0; qt < tiles; ++qt) {
       const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0), nq2 = nq + (nq & 1);
-      LoadRows<D>(q, sh, sh.h, bi, hi, q0, nq, scale, qs);
-      LoadRows<D>(dout, sh, sh.h, bi, hi, q0, nq, 1.0f, dos);
-      LoadRows<D>(out, sh, sh.h, bi, hi, q0, nq, 1.0f, os);
+      LoadRows<D, kTile>(q, sh, sh.h, bi, hi, q0, nq, scale, qs);
+      LoadRows<D, kTile>(dout, sh, sh.h, bi, hi, q0, nq, 1.0f, dos);
+      LoadRows<D, kTile>(out, sh, sh.h, bi, hi, q0, nq, 1.0f, os);
       for (int64_t i = 0; i < kTile; ++i) {
         lse[i] = i < nq ? lse_all[(bi * sh.h + hi) * sh.s + q0 + i] : 0.0f;
         V dl{};
@@ -313,9 +326,9 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
       const int64_t kend = causal ? q0 + nq : sh.s;
       for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
         const int64_t nk = std::min(kTile, sh.s - k0);
-        RowsTimesTile<D>(qs, kt_all.data() + (k0 / kTile) * D * kTile, nq2, p);
-        MaskTile(seg, seg_tiles.data() + k0, q0, nq, k0, causal, p);
-        RowsTimesTile<D>(dos, vt_all.data() + (k0 / kTile) * D * kTile, nq2, dp);
+        RowsTimesTile<D, kTile>(qs, kt_all + (k0 / kTile) * D * kTile, nq2, p);
+        MaskTile<kTile>(seg, seg_tiles.data() + k0, q0, nq, k0, causal, p);
+        RowsTimesTile<D, kTile>(dos, vt_all + (k0 / kTile) * D * kTile, nq2, dp);
         for (int64_t i = 0; i < nq; ++i) {
           const bool seen = std::isfinite(lse[i]);
           for (int w = 0; w < kTileV; ++w) {
@@ -325,9 +338,9 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
             Store(ds + at, pij * (Load(dp + at) - delta[i]));
           }
         }
-        Accumulate<D>(ds, kTile, 1, kc.data() + k0 * D, nq, nk, dqs);         // dQ += dS K
-        Accumulate<D>(p, 1, kTile, dos, nk, nq, dv_acc.data() + k0 * D);      // dV += P^T dO
-        Accumulate<D>(ds, 1, kTile, qs, nk, nq, dk_acc.data() + k0 * D);      // dK += dS^T Q
+        Accumulate<D>(ds, kTile, 1, kc + k0 * D, nq, nk, dqs);         // dQ += dS K
+        Accumulate<D>(p, 1, kTile, dos, nk, nq, dv_acc + k0 * D);      // dV += P^T dO
+        Accumulate<D>(ds, 1, kTile, qs, nk, nq, dk_acc + k0 * D);      // dK += dS^T Q
       }
       for (int64_t i = 0; i < nq; ++i) {
         float* dst = dq + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
@@ -339,8 +352,8 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
     float* dkd = dk + ((bi * sh.s + r) * sh.kh + kvh) * D;
     float* dvd = dv + ((bi * sh.s + r) * sh.kh + kvh) * D;
     for (int w = 0; w < D / kW; ++w) {
-      Store(dkd + w * kW, Load(dk_acc.data() + r * D + w * kW));
-      Store(dvd + w * kW, Load(dv_acc.data() + r * D + w * kW));
+      Store(dkd + w * kW, Load(dk_acc + r * D + w * kW));
+      Store(dvd + w * kW, Load(dv_acc + r * D + w * kW));
     }
   }
 }
@@ -360,27 +373,44 @@ ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F3
   return ffi::Error::Success();
 }
 
-#define MOE_DISPATCH_D(d, CALL)                                                  \
-  switch (d) {                                                                  \
-    case 8: { constexpr int D = 8; CALL; break; }                               \
-    case 16: { constexpr int D = 16; CALL; break; }                             \
-    case 32: { constexpr int D = 32; CALL; break; }                             \
-    case 64: { constexpr int D = 64; CALL; break; }                             \
-    case 128: { constexpr int D = 128; CALL; break; }                           \
-    default: return ffi::Error::InvalidArgument("native attention: head_dim not supported"); \
+// Calls fn(integral_constant D, integral_constant tile) for the compiled head size d and the tile
+// for sequence length s: 32 up to kSmallTileMaxLength tokens (less causal and padding waste),
+// else 64.
+constexpr int64_t kSmallTileMaxLength = 128;
+
+template <typename F>
+ffi::Error Dispatch(const Shape& sh, F&& fn) {
+  auto with_tile = [&](auto d) {
+    if (sh.s <= kSmallTileMaxLength) {
+      fn(d, std::integral_constant<int64_t, 32>{});
+    } else {
+      fn(d, std::integral_constant<int64_t, 64>{});
+    }
+    return ffi::Error::Success();
+  };
+  switch (sh.d) {
+    case 8: return with_tile(std::integral_constant<int, 8>{});
+    case 16: return with_tile(std::integral_constant<int, 16>{});
+    case 32: return with_tile(std::integral_constant<int, 32>{});
+    case 64: return with_tile(std::integral_constant<int, 64>{});
+    case 128: return with_tile(std::integral_constant<int, 128>{});
+    default: return ffi::Error::InvalidArgument("native attention: head_dim not supported");
   }
+}
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, int32_t causal,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Shape sh;
   if (ffi::Error error = CheckShapes(q, k, v, seg, sh); error.failure()) return error;
-  const int64_t tasks = sh.b * sh.h * sh.tiles();
-  MOE_DISPATCH_D(sh.d, ParallelFor(pool, tasks, [&](int64_t t) {
-    ForwardTask<D>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), sh,
-                   causal != 0, t, out->typed_data(), lse->typed_data());
-  }));
-  return ffi::Error::Success();
+  return Dispatch(sh, [&](auto d, auto tile) {
+    constexpr int D = decltype(d)::value;
+    constexpr int64_t kTile = decltype(tile)::value;
+    ParallelFor(pool, sh.b * sh.h * sh.tiles(kTile), [&](int64_t t) {
+      ForwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), sh,
+                            causal != 0, t, out->typed_data(), lse->typed_data());
+    });
+  });
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -390,12 +420,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dv) {
   Shape sh;
   if (ffi::Error error = CheckShapes(q, k, v, seg, sh); error.failure()) return error;
-  MOE_DISPATCH_D(sh.d, ParallelFor(pool, sh.b * sh.kh, [&](int64_t t) {
-    BackwardTask<D>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
-                    out.typed_data(), lse.typed_data(), dout.typed_data(), sh, causal != 0, t,
-                    dq->typed_data(), dk->typed_data(), dv->typed_data());
-  }));
-  return ffi::Error::Success();
+  return Dispatch(sh, [&](auto d, auto tile) {
+    constexpr int D = decltype(d)::value;
+    constexpr int64_t kTile = decltype(tile)::value;
+    ParallelFor(pool, sh.b * sh.kh, [&](int64_t t) {
+      BackwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
+                             out.typed_data(), lse.typed_data(), dout.typed_data(), sh,
+                             causal != 0, t, dq->typed_data(), dk->typed_data(), dv->typed_data());
+    });
+  });
 }
 
 }  // namespace

@@ -110,6 +110,7 @@ def test_blockwise_matches_numpy(seq, block_q, block_kv, causal, packed):
         (11, False, False, 8),  # bidirectional, every key of the row
         (150, True, True, 32),  # three 64-token tiles, the last partial; causal tiles skipped
         (130, False, False, 8),  # bidirectional across partial tiles
+        (100, True, True, 16),  # 32-token tiles (rows up to 128), the last partial
     ],
 )
 def test_native_matches_numpy(seq, causal, packed, d):
