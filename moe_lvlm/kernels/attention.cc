@@ -227,60 +227,93 @@ void LoadSegments(const int32_t* seg, int64_t k0, int64_t nk, int32_t* segk) {
   for (int64_t j = 0; j < kTile; ++j) segk[j] = j < nk ? seg[k0 + j] : 0;
 }
 
+// Whether any pair of the tile (queries [q0, q0 + nq), keys [k0, k0 + kTile)) is masked: not
+// when every query and key is in one non-padding segment and the tile is below the diagonal.
+template <int64_t kTile>
+bool NeedsMask(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, int64_t k0,
+               bool causal) {
+  if (causal && k0 + kTile - 1 > q0) return true;
+  const int32_t first = segk[0];
+  if (first <= 0) return true;
+  bool same = true;
+  for (int64_t j = 0; j < kTile; ++j) same &= segk[j] == first;
+  for (int64_t i = 0; i < nq; ++i) same &= seg[q0 + i] == first;
+  return !same;
+}
+
+// One task: query tile qt of the query heads of kv head kvh in batch row bi, so that each key
+// tile is transposed and loaded once for the whole group.
 template <int D, int64_t kTile>
 void ForwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
                  const Shape& sh, bool causal, int64_t task, float* out, float* lse) {
   constexpr int kTileV = kTile / kW;
-  const int64_t tiles = sh.tiles(kTile);
-  const int64_t qt = task % tiles, hi = (task / tiles) % sh.h, bi = task / tiles / sh.h;
-  const int64_t kvh = hi / sh.group();
+  const int64_t tiles = sh.tiles(kTile), group = sh.group();
+  const int64_t qt = task % tiles, kvh = (task / tiles) % sh.kh, bi = task / tiles / sh.kh;
   const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0), nq2 = nq + (nq & 1);
   const int32_t* seg = seg_all + bi * sh.s;
-  float* qs = Scratch(4 * kTile * D + kTile * kTile);
-  float *kt = qs + kTile * D, *vs = kt + kTile * D, *acc = vs + kTile * D, *sc = acc + kTile * D;
-  std::fill(acc, acc + kTile * D, 0.0f);
+  // Per head of the group: scaled queries, output accumulator, row max and row sum.
+  const int64_t per_head = 2 * kTile * D + 2 * kTile;
+  float* kt = Scratch(2 * kTile * D + kTile * kTile + group * per_head);
+  float *vs = kt + kTile * D, *sc = vs + kTile * D, *heads = sc + kTile * kTile;
+  for (int64_t g = 0; g < group; ++g) {
+    float* qs = heads + g * per_head;
+    float *acc = qs + kTile * D, *m = acc + kTile * D, *l = m + kTile;
+    std::fill(acc, acc + kTile * D, 0.0f);
+    std::fill(m, m + kTile, kMasked);
+    std::fill(l, l + kTile, 0.0f);
+    LoadRows<D, kTile>(q, sh, sh.h, bi, kvh * group + g, q0, nq,
+                       1.0f / std::sqrt(static_cast<float>(D)), qs);
+  }
   int32_t segk[kTile];
-  float m[kTile], l[kTile];
-  std::fill(m, m + kTile, kMasked);
-  std::fill(l, l + kTile, 0.0f);
-  LoadRows<D, kTile>(q, sh, sh.h, bi, hi, q0, nq, 1.0f / std::sqrt(static_cast<float>(D)), qs);
   const int64_t kend = causal ? q0 + nq : sh.s;
   for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
     const int64_t nk = std::min(kTile, sh.s - k0);
     LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, k0, nk, kt);
     LoadRows<D, kTile>(v, sh, sh.kh, bi, kvh, k0, nk, 1.0f, vs);
     LoadSegments<kTile>(seg, k0, nk, segk);
-    RowsTimesTile<D, kTile>(qs, kt, nq2, sc);
-    MaskTile<kTile>(seg, segk, q0, nq, k0, causal, sc);
-    for (int64_t i = 0; i < nq; ++i) {
-      float* s = sc + i * kTile;
-      V mv = Load(s);
-      for (int w = 1; w < kTileV; ++w) mv = mv > Load(s + w * kW) ? mv : Load(s + w * kW);
-      const float mx = Max(mv);
-      if (mx <= kMasked) {  // no key of this tile for this row
-        for (int w = 0; w < kTileV; ++w) Store(s + w * kW, V{});
-        continue;
+    const bool masked = NeedsMask<kTile>(seg, segk, q0, nq, k0, causal);
+    for (int64_t g = 0; g < group; ++g) {
+      float* qs = heads + g * per_head;
+      float *acc = qs + kTile * D, *m = acc + kTile * D, *l = m + kTile;
+      RowsTimesTile<D, kTile>(qs, kt, nq2, sc);
+      if (masked) MaskTile<kTile>(seg, segk, q0, nq, k0, causal, sc);
+      for (int64_t i = 0; i < nq; ++i) {
+        float* s = sc + i * kTile;
+        V mv = Load(s);
+        for (int w = 1; w < kTileV; ++w) mv = mv > Load(s + w * kW) ? mv : Load(s + w * kW);
+        const float mx = Max(mv);
+        if (mx <= kMasked) {  // no key of this tile for this row
+          for (int w = 0; w < kTileV; ++w) Store(s + w * kW, V{});
+          continue;
+        }
+        const float m_new = std::max(m[i], mx);
+        const float corr = Exp(Splat(m[i] - m_new))[0];
+        V sum{};
+        for (int w = 0; w < kTileV; ++w) {
+          const V p = Exp(Load(s + w * kW) - m_new);
+          Store(s + w * kW, p);
+          sum += p;
+        }
+        l[i] = l[i] * corr + Sum(sum);
+        m[i] = m_new;
+        for (int w = 0; w < D / kW; ++w) {
+          Store(acc + i * D + w * kW, Load(acc + i * D + w * kW) * corr);
+        }
       }
-      const float m_new = std::max(m[i], mx);
-      const float corr = Exp(Splat(m[i] - m_new))[0];
-      V sum{};
-      for (int w = 0; w < kTileV; ++w) {
-        const V p = Exp(Load(s + w * kW) - m_new);
-        Store(s + w * kW, p);
-        sum += p;
-      }
-      l[i] = l[i] * corr + Sum(sum);
-      m[i] = m_new;
-      for (int w = 0; w < D / kW; ++w) Store(acc + i * D + w * kW, Load(acc + i * D + w * kW) * corr);
+      Accumulate<D>(sc, kTile, 1, vs, nq, nk, acc);  // acc += P V
     }
-    Accumulate<D>(sc, kTile, 1, vs, nq, nk, acc);  // acc += P V
   }
-  for (int64_t i = 0; i < nq; ++i) {
-    float* dst = out + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    for (int w = 0; w < D / kW; ++w) Store(dst + w * kW, Load(acc + i * D + w * kW) * inv);
-    lse[(bi * sh.h + hi) * sh.s + q0 + i] =
-        l[i] > 0.0f ? m[i] + std::log(l[i]) : std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t hi = kvh * group + g;
+    const float* acc = heads + g * per_head + kTile * D;
+    const float *m = acc + kTile * D, *l = m + kTile;
+    for (int64_t i = 0; i < nq; ++i) {
+      float* dst = out + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      for (int w = 0; w < D / kW; ++w) Store(dst + w * kW, Load(acc + i * D + w * kW) * inv);
+      lse[(bi * sh.h + hi) * sh.s + q0 + i] =
+          l[i] > 0.0f ? m[i] + std::log(l[i]) : std::numeric_limits<float>::infinity();
+    }
   }
 }
 
@@ -327,7 +360,9 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
       for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
         const int64_t nk = std::min(kTile, sh.s - k0);
         RowsTimesTile<D, kTile>(qs, kt_all + (k0 / kTile) * D * kTile, nq2, p);
-        MaskTile<kTile>(seg, seg_tiles.data() + k0, q0, nq, k0, causal, p);
+        if (NeedsMask<kTile>(seg, seg_tiles.data() + k0, q0, nq, k0, causal)) {
+          MaskTile<kTile>(seg, seg_tiles.data() + k0, q0, nq, k0, causal, p);
+        }
         RowsTimesTile<D, kTile>(dos, vt_all + (k0 / kTile) * D * kTile, nq2, dp);
         for (int64_t i = 0; i < nq; ++i) {
           const bool seen = std::isfinite(lse[i]);
@@ -406,7 +441,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   return Dispatch(sh, [&](auto d, auto tile) {
     constexpr int D = decltype(d)::value;
     constexpr int64_t kTile = decltype(tile)::value;
-    ParallelFor(pool, sh.b * sh.h * sh.tiles(kTile), [&](int64_t t) {
+    ParallelFor(pool, sh.b * sh.kh * sh.tiles(kTile), [&](int64_t t) {
       ForwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), sh,
                             causal != 0, t, out->typed_data(), lse->typed_data());
     });
