@@ -2,7 +2,7 @@
 //
 // float32 only. q [b, s, h, d], k/v [b, s, kh, d] (query head i reads kv head i / (h / kh)),
 // segment ids [b, s] int32 (0 = padding: attends to nothing and is attended by nothing), causal
-// or not. Score tiles of kTile x kTile stay in cache from the dot that makes them to the dots that
+// or not. Score tiles of kTile x kTile (16 to 64, by length) stay in cache from the dot that makes them to the dots that
 // consume them; causal tiles above the diagonal are skipped. A query that sees no key outputs 0
 // and gets log-sum-exp +inf.
 //
@@ -409,14 +409,14 @@ ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F3
 }
 
 // Calls fn(integral_constant D, integral_constant tile) for the compiled head size d and the tile
-// for sequence length s: 32 up to kSmallTileMaxLength tokens (less causal and padding waste),
-// else 64.
-constexpr int64_t kSmallTileMaxLength = 128;
-
+// for sequence length s: smaller tiles waste less on causal and padded tiles at short lengths
+// (16 up to 64 tokens, 32 up to 128), larger ones amortise the per-tile work at long ones.
 template <typename F>
 ffi::Error Dispatch(const Shape& sh, F&& fn) {
   auto with_tile = [&](auto d) {
-    if (sh.s <= kSmallTileMaxLength) {
+    if (sh.s <= 64) {
+      fn(d, std::integral_constant<int64_t, 16>{});
+    } else if (sh.s <= 128) {
       fn(d, std::integral_constant<int64_t, 32>{});
     } else {
       fn(d, std::integral_constant<int64_t, 64>{});
