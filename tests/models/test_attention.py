@@ -143,8 +143,14 @@ def test_native_build_failure_warns_and_returns_none(monkeypatch, tmp_path):
     assert build.load("attention.cc") is None
 
 
-def test_auto_resolves_per_platform():
+def test_auto_resolves_per_platform(monkeypatch):
     assert attention.resolve("auto", jnp.float32, "cpu") == "blockwise"
+    long_rows = dict(head_dim=32, seq_len=attention.NATIVE_MIN_SEQ)
+    assert attention.resolve("auto", jnp.float32, "cpu", **long_rows) == "native"
+    assert attention.resolve("auto", jnp.float32, "cpu", head_dim=32, seq_len=40) == "blockwise"
+    assert attention.resolve("auto", jnp.float32, "cpu", head_dim=24, seq_len=1024) == "blockwise"
+    monkeypatch.setattr(native_attention, "available", lambda: False)  # no compiler
+    assert attention.resolve("auto", jnp.float32, "cpu", **long_rows) == "blockwise"
     assert attention.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
     assert attention.resolve("auto", jnp.float32, "gpu") == "xla"
     assert attention.resolve("xla", jnp.float32, "cpu") == "xla"
@@ -195,3 +201,33 @@ def test_native_sharded_over_batch_and_heads():
     assert result["worst_ratio"] <= 1, result
     assert result["collectives"] == [], result
     assert result["out_sharding"] == "P(('data', 'fsdp', 'expert'), None, 'tensor')"
+
+
+def test_model_with_native_attention_matches_xla():
+    """model.attention='native' in every layer (ViT: head_dim 16, decoder: 32, packed rows):
+    logits and parameter gradients equal the 'xla' reference's."""
+    cfg = models.tiny()
+    cfg.vision.update(depth=1, select_layer=-1)
+    cfg.decoder.num_layers = 1
+    cfg.image_token_id = cfg.decoder.vocab_size - 1
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, cfg.decoder.vocab_size - 1)
+    positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    segments = jnp.concatenate([jnp.ones((2, 12), jnp.int32), jnp.full((2, 12), 2)], axis=1)
+    images = jax.random.normal(jax.random.PRNGKey(2), (2, 1, 32, 32, 3))
+    params = build_model(cfg).init(jax.random.PRNGKey(0), ids, positions, segments, images)
+
+    def run(implementation):
+        cfg.attention = implementation
+        model = build_model(cfg)
+
+        def loss(p):
+            logits, _ = model.apply(p, ids, positions, segments, images, packed=True)
+            return jnp.mean(logits**2), logits
+
+        return jax.grad(loss, has_aux=True)(params)
+
+    grads, logits = run("native")
+    want_grads, want_logits = run("xla")
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-4, rtol=1e-4)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-3)
