@@ -1,9 +1,9 @@
 """Attention kernels of the training forward pass and the per-platform choice among them.
 
 `model.attention` names one of IMPLEMENTATIONS:
-  auto       per platform (`resolve`): 'splash' on TPU; on CPU 'native' for rows of at least
-             NATIVE_MIN_SEQ tokens where the kernel built (and supports the head size), else
-             'blockwise'; on GPU 'cudnn' for 16-bit compute, 'xla' for fp32.
+  auto       per platform (`resolve`): 'splash' on TPU; on CPU 'native' where the kernel
+             builds and supports the head size, else 'blockwise'; on GPU 'cudnn' for 16-bit
+             compute, 'xla' for fp32.
   xla        `jax.nn.dot_product_attention`'s XLA path: the full [batch, heads, q, kv] scores and
              a [batch, 1, q, kv] mask (the reference).
   cudnn      cuDNN fused attention (GPU, 16-bit compute).
@@ -44,16 +44,14 @@ IMPLEMENTATIONS = ATTENTIONS
 # in time and memory at seq 1024.
 BLOCK_Q = 128
 BLOCK_KV = 1024
-# 'auto' on CPU: rows shorter than this stay on 'blockwise' (benchmarks/RESULTS.md, sixth session).
-NATIVE_MIN_SEQ = 64
 
 
 def resolve(
     implementation: str, dtype=jnp.float32, platform: str | None = None, *,
-    head_dim: int | None = None, seq_len: int | None = None,
+    head_dim: int | None = None,
 ) -> str:
     """The concrete implementation that `implementation` ('auto' or a concrete one) runs as, for
-    attention over rows of `seq_len` tokens with heads of `head_dim` (None: not known)."""
+    heads of `head_dim` (None: not known; CPU then stays on 'blockwise')."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown attention {implementation!r}; choose one of {IMPLEMENTATIONS}"
@@ -64,8 +62,8 @@ def resolve(
     if platform == "tpu":
         return "splash"
     if platform == "cpu":
-        fits = head_dim in native.HEAD_DIMS and (seq_len or 0) >= NATIVE_MIN_SEQ
-        return "native" if fits and native.available() else "blockwise"
+        # benchmarks/RESULTS.md, sixth session: faster in the step at every measured shape.
+        return "native" if head_dim in native.HEAD_DIMS and native.available() else "blockwise"
     if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return "cudnn"
     return "xla"
