@@ -1,22 +1,22 @@
-// Fused flash attention for XLA:CPU, called through the XLA FFI (moe_lvlm/kernels/attention.py).
+// Fused flash attention for XLA:CPU, called through the XLA FFI (native_attention.py).
 //
 // float32 only. q [b, s, h, d], k/v [b, s, kh, d] (query head i reads kv head i / (h / kh)),
 // segment ids [b, s] int32 (0 = padding: attends to nothing and is attended by nothing), causal
-// or not. Score tiles of kTile x kTile (16 to 64, by length) stay in cache from the dot that makes them to the dots that
-// consume them; causal tiles above the diagonal are skipped. A query that sees no key outputs 0
-// and gets log-sum-exp +inf.
+// or not. Score tiles of kTile x kTile (16 to 64 tokens, by length) stay in cache from the dot
+// that makes them to the dots that consume them; causal tiles above the diagonal are skipped. A
+// query that sees no key outputs 0 and gets log-sum-exp +inf.
 //
-// Forward: one task per (batch, query head, query tile). Backward (FA2: delta = rowsum(dO * O),
-// P recomputed from the log-sum-exp): one task per (batch, kv head), which owns dq of its query
-// heads and dk / dv of its kv head, so nothing is recomputed twice and nothing needs atomics.
-// Tasks run on XLA's intra-op thread pool (xla::ffi::ThreadPool).
+// Forward: one task per (batch, kv head, query tile), covering the kv head's query heads.
+// Backward (FA2: delta = rowsum(dO * O), P recomputed from the log-sum-exp): one task per
+// (batch, kv head), which owns dq of its query heads and dk / dv of its kv head, so nothing is
+// recomputed twice and nothing needs atomics. Tasks run on XLA's intra-op thread pool
+// (xla::ffi::ThreadPool).
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -68,9 +68,9 @@ inline V Exp(V x) {
   p = p * g + 0.5f;
   p = p * g + 1.0f;
   p = p * g + 1.0f;
-  Vi bits = reinterpret_cast<const Vi&>(shifted) - reinterpret_cast<const Vi&>(magic);
-  bits = (bits + 127) << 23;
-  const V r = p * reinterpret_cast<const V&>(bits);
+  // A vector cast reinterprets the bits: the integer n sits in the low bits of `shifted`.
+  const Vi bits = (((Vi)shifted - (Vi)magic) + 127) << 23;
+  const V r = p * (V)bits;
   return x < -87.0f ? V{} : r;
 }
 
@@ -352,7 +352,9 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
       for (int64_t i = 0; i < kTile; ++i) {
         lse[i] = i < nq ? lse_all[(bi * sh.h + hi) * sh.s + q0 + i] : 0.0f;
         V dl{};
-        for (int w = 0; w < D / kW; ++w) dl += Load(dos + i * D + w * kW) * Load(os + i * D + w * kW);
+        for (int w = 0; w < D / kW; ++w) {
+          dl += Load(dos + i * D + w * kW) * Load(os + i * D + w * kW);
+        }
         delta[i] = Sum(dl);
       }
       std::fill(dqs, dqs + kTile * D, 0.0f);
@@ -394,7 +396,8 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
 }
 
 ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                       const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& seg, Shape& sh) {
+                       const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& seg,
+                       Shape& sh) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   const auto sd = seg.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || sd.size() != 2) {
@@ -404,7 +407,9 @@ ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F3
   const bool ok = kd[0] == sh.b && kd[1] == sh.s && kd[3] == sh.d && vd[0] == kd[0] &&
                   vd[1] == kd[1] && vd[2] == kd[2] && vd[3] == kd[3] && sd[0] == sh.b &&
                   sd[1] == sh.s && sh.kh > 0 && sh.h % sh.kh == 0;
-  if (!ok) return ffi::Error::InvalidArgument("native attention: inconsistent q/k/v/segment shapes");
+  if (!ok) {
+    return ffi::Error::InvalidArgument("native attention: inconsistent q/k/v/segment shapes");
+  }
   return ffi::Error::Success();
 }
 
