@@ -44,6 +44,9 @@ def native_attention(
     mesh: Mesh | None = None,
 ) -> Array:
     """q [b, s, heads, d], k/v [b, s, kv_heads, d] -> [b, s, heads, d] in q's dtype."""
+    if jax.default_backend() != "cpu":
+        raise ValueError(f"native attention is CPU-only, not {jax.default_backend()}; "
+                         "use model.attention='auto'")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"native attention: head_dim {q.shape[-1]} not in {HEAD_DIMS}")
     if q.shape[2] % k.shape[2]:
