@@ -17,7 +17,8 @@ COMBINE_MODES = ("auto", "softmax", "renorm_chosen", "renorm_kept")
 NOISE_MODES = ("none", "train", "always")
 CAPACITY_GROUPS = ("sequence", "batch_shard")
 DROP_POLICIES = ("position", "random")
-ATTENTIONS = ("auto", "xla", "cudnn", "blockwise", "splash")  # moe_lvlm/models/attention.py
+# moe_lvlm/models/attention.py
+ATTENTIONS = ("auto", "xla", "cudnn", "blockwise", "splash", "native")
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")

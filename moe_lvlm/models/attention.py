@@ -1,8 +1,9 @@
 """Attention kernels of the training forward pass and the per-platform choice among them.
 
 `model.attention` names one of IMPLEMENTATIONS:
-  auto       per platform (`resolve`): 'splash' on TPU, 'blockwise' on CPU; on GPU 'cudnn' for
-             16-bit compute, 'xla' for fp32.
+  auto       per platform (`resolve`): 'splash' on TPU; on CPU 'native' where the kernel
+             builds and supports the head size, else 'blockwise'; on GPU 'cudnn' for 16-bit
+             compute, 'xla' for fp32.
   xla        `jax.nn.dot_product_attention`'s XLA path: the full [batch, heads, q, kv] scores and
              a [batch, 1, q, kv] mask (the reference).
   cudnn      cuDNN fused attention (GPU, 16-bit compute).
@@ -13,6 +14,10 @@
              [q, kv] tensor outlives its block in the forward or the backward pass.
   splash     Pallas TPU splash attention (moe_lvlm/models/splash.py), sharded over the mesh;
              interpret mode off TPU (tests).
+  native     CPU: a fused C++ flash-attention kernel (forward and backward, float32) called
+             through `jax.ffi` (moe_lvlm/kernels/native_attention.py), built with g++ on first
+             use (moe_lvlm/kernels/build.py; MOE_LVLM_NATIVE_KERNELS=0 turns it off); sharded
+             over the mesh's batch axes.
 
 Queries that may see no key (padding of packed rows) get a zero output in 'blockwise', as in
 the numpy reference; the XLA path gives them a uniform average. Either way nothing reads them.
@@ -27,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from moe_lvlm.config import ATTENTIONS
+from moe_lvlm.kernels import native_attention as native
 from moe_lvlm.models.recompute import after
 from moe_lvlm.models.splash import splash_attention
 
@@ -40,8 +46,12 @@ BLOCK_Q = 128
 BLOCK_KV = 1024
 
 
-def resolve(implementation: str, dtype=jnp.float32, platform: str | None = None) -> str:
-    """The concrete implementation that `implementation` ('auto' or a concrete one) runs as."""
+def resolve(
+    implementation: str, dtype=jnp.float32, platform: str | None = None, *,
+    head_dim: int | None = None,
+) -> str:
+    """The concrete implementation that `implementation` ('auto' or a concrete one) runs as, for
+    heads of `head_dim` (None: not known; CPU then stays on 'blockwise')."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown attention {implementation!r}; choose one of {IMPLEMENTATIONS}"
@@ -52,7 +62,8 @@ def resolve(implementation: str, dtype=jnp.float32, platform: str | None = None)
     if platform == "tpu":
         return "splash"
     if platform == "cpu":
-        return "blockwise"
+        # benchmarks/RESULTS.md, sixth session: faster in the step at every measured shape.
+        return "native" if head_dim in native.HEAD_DIMS and native.available() else "blockwise"
     if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return "cudnn"
     return "xla"
@@ -79,6 +90,8 @@ def self_attention(
         return blockwise_attention(q, k, v, segment_ids, causal=causal)
     if implementation == "splash":
         return splash_attention(q, k, v, segment_ids, causal, mesh)
+    if implementation == "native":
+        return native.native_attention(q, k, v, segment_ids, causal=causal, mesh=mesh)
     mask = None if segment_ids is None else segment_mask(segment_ids, causal)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=causal and mask is None,

@@ -192,7 +192,7 @@ class Attention(nn.Module):
             q = rope(q, positions, self.rope_theta, self.rotary_fraction)
             k = rope(k, positions, self.rope_theta, self.rotary_fraction)
         q = nn.with_logical_constraint(q, BATCH_LENGTH_HEADS)
-        implementation = attention.resolve(self.implementation, self.dtype)
+        implementation = attention.resolve(self.implementation, self.dtype, head_dim=q.shape[-1])
         if decode:
             k, v, mask = self._update_cache(k, v, kv_valid, max_len)
             out = jax.nn.dot_product_attention(

@@ -1,0 +1,500 @@
+// Fused flash attention for XLA:CPU, called through the XLA FFI (native_attention.py).
+//
+// float32 only. q [b, s, h, d], k/v [b, s, kh, d] (query head i reads kv head i / (h / kh)),
+// segment ids [b, s] int32 (0 = padding: attends to nothing and is attended by nothing), causal
+// or not. Score tiles of kTile x kTile (16 to 64 tokens, by length) stay in cache from the dot
+// that makes them to the dots that consume them; causal tiles above the diagonal are skipped. A
+// query that sees no key outputs 0 and gets log-sum-exp +inf.
+//
+// Forward: one task per (batch, kv head, query tile), covering the kv head's query heads.
+// Backward (FA2: delta = rowsum(dO * O), P recomputed from the log-sum-exp): one task per
+// (batch, kv head), which owns dq of its query heads and dk / dv of its kv head, so nothing is
+// recomputed twice and nothing needs atomics. Tasks run on XLA's intra-op thread pool
+// (xla::ffi::ThreadPool).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr float kMasked = -1e30f;  // score of a masked pair (finite: no inf arithmetic)
+
+// 8 floats / ints (one AVX register; g++ splits them where the target has narrower vectors).
+typedef float V __attribute__((vector_size(32)));
+typedef int32_t Vi __attribute__((vector_size(32)));
+typedef float Vu __attribute__((vector_size(32), aligned(4)));
+typedef int32_t Viu __attribute__((vector_size(32), aligned(4)));
+constexpr int kW = 8;
+
+inline V Load(const float* p) { return *reinterpret_cast<const Vu*>(p); }
+inline Vi LoadI(const int32_t* p) { return *reinterpret_cast<const Viu*>(p); }
+inline void Store(float* p, V x) { *reinterpret_cast<Vu*>(p) = x; }
+inline V Splat(float x) { return V{x, x, x, x, x, x, x, x}; }
+inline float Sum(V x) {
+  float s = 0.0f;
+  for (int i = 0; i < kW; ++i) s += x[i];
+  return s;
+}
+inline float Max(V x) {
+  float m = x[0];
+  for (int i = 1; i < kW; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// exp(x) for x <= 0 (scores minus a row maximum), 0 below -87.
+inline V Exp(V x) {
+  const V xc = x < -87.0f ? Splat(-87.0f) : x;
+  const V magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V shifted = xc * 1.44269504f + magic;
+  const V n = shifted - magic;
+  const V g = xc - n * 6.93145752e-1f - n * 1.42860677e-6f;
+  V p = Splat(1.0f / 720.0f);
+  p = p * g + 1.0f / 120.0f;
+  p = p * g + 1.0f / 24.0f;
+  p = p * g + 1.0f / 6.0f;
+  p = p * g + 0.5f;
+  p = p * g + 1.0f;
+  p = p * g + 1.0f;
+  // A vector cast reinterprets the bits: the integer n sits in the low bits of `shifted`.
+  const Vi bits = (((Vi)shifted - (Vi)magic) + 127) << 23;
+  const V r = p * (V)bits;
+  return x < -87.0f ? V{} : r;
+}
+
+// Runs fn(0 .. n-1) on the caller and up to num_threads - 1 pool threads. The caller waits for
+// the work items, not for the scheduled closures: a closure that starts late finds no work left.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t n = 0;
+    std::function<void(int64_t)> fn;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->n = n;
+  state->fn = fn;
+  auto work = [](State& s) {
+    for (int64_t i = s.next.fetch_add(1); i < s.n; i = s.next.fetch_add(1)) {
+      s.fn(i);
+      if (s.done.fetch_add(1) + 1 == s.n) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        s.cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state, work] { work(*state); });
+  work(*state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+// A per-thread scratch buffer of at least n floats (contents undefined), reused across calls:
+// heap, not stack (XLA's pool threads need not have large stacks), and no allocation per task.
+float* Scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+struct Shape {
+  int64_t b, s, h, kh, d;
+  int64_t group() const { return h / kh; }
+  int64_t tiles(int64_t tile) const { return (s + tile - 1) / tile; }
+};
+
+// out[i][j] = a[i] . bt[:, j] for rows i < n (n even, a zero-padded) and the kTile columns of
+// bt [D, kTile]; two rows and half a tile of columns at a time, accumulators in registers.
+template <int D, int64_t kTile>
+void RowsTimesTile(const float* a, const float* bt, int64_t n, float* out) {
+  constexpr int kTileV = kTile / kW;
+  for (int64_t i = 0; i < n; i += 2) {
+    for (int half = 0; half < 2; ++half) {
+      V acc0[kTileV / 2] = {}, acc1[kTileV / 2] = {};
+      for (int c = 0; c < D; ++c) {
+        const V a0 = Splat(a[i * D + c]), a1 = Splat(a[(i + 1) * D + c]);
+#pragma GCC unroll 4
+        for (int v = 0; v < kTileV / 2; ++v) {
+          const V b = Load(bt + c * kTile + (half * kTileV / 2 + v) * kW);
+          acc0[v] += a0 * b;
+          acc1[v] += a1 * b;
+        }
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < kTileV / 2; ++v) {
+        Store(out + i * kTile + (half * kTileV / 2 + v) * kW, acc0[v]);
+        Store(out + (i + 1) * kTile + (half * kTileV / 2 + v) * kW, acc1[v]);
+      }
+    }
+  }
+}
+
+// kRows rows of D / kW accumulators: two rows while that stays within 8 registers.
+template <int D>
+constexpr int kRows = D <= 32 ? 2 : 1;
+
+// dst[r] += sum_j coef[r * cs + j * js] * rows[j] over j < m, for r in [r0, r0 + R); rows [m, D].
+template <int D, int R>
+inline void RowBlock(const float* coef, int64_t cs, int64_t js, const float* rows, int64_t m,
+                     int64_t r0, float* dst) {
+  V acc[R][D / kW] = {};
+  for (int64_t j = 0; j < m; ++j) {
+#pragma GCC unroll 16
+    for (int v = 0; v < D / kW; ++v) {
+      const V x = Load(rows + j * D + v * kW);
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) acc[r][v] += Splat(coef[(r0 + r) * cs + j * js]) * x;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < D / kW; ++v) {
+      float* at = dst + (r0 + r) * D + v * kW;
+      Store(at, Load(at) + acc[r][v]);
+    }
+  }
+}
+
+// dst[r] += sum_j coef[r * cs + j * js] * rows[j] over j < m, for r < n.
+template <int D>
+void Accumulate(const float* coef, int64_t cs, int64_t js, const float* rows, int64_t n, int64_t m,
+                float* dst) {
+  constexpr int R = kRows<D>;
+  int64_t r = 0;
+  for (; r + R <= n; r += R) RowBlock<D, R>(coef, cs, js, rows, m, r, dst);
+  for (; r < n; ++r) RowBlock<D, 1>(coef, cs, js, rows, m, r, dst);
+}
+
+// Sets sc[i][j] to kMasked where query q0 + i may not see key k0 + j (other segment, padding,
+// causality, or j >= nk); segk: the key tile's segment ids, 0 past nk.
+template <int64_t kTile>
+void MaskTile(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, int64_t k0,
+              bool causal, float* sc) {
+  constexpr int kTileV = kTile / kW;
+  Vi index;
+  for (int i = 0; i < kW; ++i) index[i] = i;
+  for (int64_t i = 0; i < nq; ++i) {
+    const int32_t sq = seg[q0 + i];
+    const int32_t last = causal ? static_cast<int32_t>(q0 + i - k0) : static_cast<int32_t>(kTile);
+    for (int v = 0; v < kTileV; ++v) {
+      const Vi sk = LoadI(segk + v * kW);
+      const Vi ok = (sk == sq) & (sk > 0) & ((index + v * kW) <= last);
+      Store(sc + i * kTile + v * kW, ok ? Load(sc + i * kTile + v * kW) : Splat(kMasked));
+    }
+  }
+}
+
+// Rows [r0, r0 + n) of head `head` of x [b, s, heads, D] (batch row bi), scaled, into dst
+// [kTile, D]: zero past n (and dst's rows past n stay zero).
+template <int D, int64_t kTile>
+void LoadRows(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head, int64_t r0,
+              int64_t n, float scale, float* dst) {
+  for (int64_t r = 0; r < kTile; ++r) {
+    const float* src = x + ((bi * sh.s + r0 + r) * heads + head) * D;
+    for (int v = 0; v < D / kW; ++v) {
+      Store(dst + r * D + v * kW, r < n ? Load(src + v * kW) * scale : V{});
+    }
+  }
+}
+
+// The same rows transposed: dst [D, kTile].
+template <int D, int64_t kTile>
+void LoadRowsT(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head,
+               int64_t r0, int64_t n, float* dst) {
+  for (int64_t r = 0; r < kTile; ++r) {
+    const float* src = x + ((bi * sh.s + r0 + r) * heads + head) * D;
+    for (int c = 0; c < D; ++c) dst[c * kTile + r] = r < n ? src[c] : 0.0f;
+  }
+}
+
+template <int64_t kTile>
+void LoadSegments(const int32_t* seg, int64_t k0, int64_t nk, int32_t* segk) {
+  for (int64_t j = 0; j < kTile; ++j) segk[j] = j < nk ? seg[k0 + j] : 0;
+}
+
+// Whether any pair of the tile (queries [q0, q0 + nq), keys [k0, k0 + kTile)) is masked: not
+// when every query and key is in one non-padding segment and the tile is below the diagonal.
+template <int64_t kTile>
+bool NeedsMask(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, int64_t k0,
+               bool causal) {
+  if (causal && k0 + kTile - 1 > q0) return true;
+  const int32_t first = segk[0];
+  if (first <= 0) return true;
+  bool same = true;
+  for (int64_t j = 0; j < kTile; ++j) same &= segk[j] == first;
+  for (int64_t i = 0; i < nq; ++i) same &= seg[q0 + i] == first;
+  return !same;
+}
+
+// One task: query tile qt of the query heads of kv head kvh in batch row bi, so that each key
+// tile is transposed and loaded once for the whole group.
+template <int D, int64_t kTile>
+void ForwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
+                 const Shape& sh, bool causal, int64_t task, float* out, float* lse) {
+  constexpr int kTileV = kTile / kW;
+  const int64_t tiles = sh.tiles(kTile), group = sh.group();
+  const int64_t qt = task % tiles, kvh = (task / tiles) % sh.kh, bi = task / tiles / sh.kh;
+  const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0), nq2 = nq + (nq & 1);
+  const int32_t* seg = seg_all + bi * sh.s;
+  // Per head of the group: scaled queries, output accumulator, row max and row sum.
+  const int64_t per_head = 2 * kTile * D + 2 * kTile;
+  float* kt = Scratch(2 * kTile * D + kTile * kTile + group * per_head);
+  float *vs = kt + kTile * D, *sc = vs + kTile * D, *heads = sc + kTile * kTile;
+  for (int64_t g = 0; g < group; ++g) {
+    float* qs = heads + g * per_head;
+    float *acc = qs + kTile * D, *m = acc + kTile * D, *l = m + kTile;
+    std::fill(acc, acc + kTile * D, 0.0f);
+    std::fill(m, m + kTile, kMasked);
+    std::fill(l, l + kTile, 0.0f);
+    LoadRows<D, kTile>(q, sh, sh.h, bi, kvh * group + g, q0, nq,
+                       1.0f / std::sqrt(static_cast<float>(D)), qs);
+  }
+  int32_t segk[kTile];
+  const int64_t kend = causal ? q0 + nq : sh.s;
+  for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
+    const int64_t nk = std::min(kTile, sh.s - k0);
+    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, k0, nk, kt);
+    LoadRows<D, kTile>(v, sh, sh.kh, bi, kvh, k0, nk, 1.0f, vs);
+    LoadSegments<kTile>(seg, k0, nk, segk);
+    const bool masked = NeedsMask<kTile>(seg, segk, q0, nq, k0, causal);
+    for (int64_t g = 0; g < group; ++g) {
+      float* qs = heads + g * per_head;
+      float *acc = qs + kTile * D, *m = acc + kTile * D, *l = m + kTile;
+      RowsTimesTile<D, kTile>(qs, kt, nq2, sc);
+      if (masked) MaskTile<kTile>(seg, segk, q0, nq, k0, causal, sc);
+      for (int64_t i = 0; i < nq; ++i) {
+        float* s = sc + i * kTile;
+        V mv = Load(s);
+        for (int w = 1; w < kTileV; ++w) mv = mv > Load(s + w * kW) ? mv : Load(s + w * kW);
+        const float mx = Max(mv);
+        if (mx <= kMasked) {  // no key of this tile for this row
+          for (int w = 0; w < kTileV; ++w) Store(s + w * kW, V{});
+          continue;
+        }
+        const float m_new = std::max(m[i], mx);
+        const float corr = Exp(Splat(m[i] - m_new))[0];
+        V sum{};
+        for (int w = 0; w < kTileV; ++w) {
+          const V p = Exp(Load(s + w * kW) - m_new);
+          Store(s + w * kW, p);
+          sum += p;
+        }
+        l[i] = l[i] * corr + Sum(sum);
+        m[i] = m_new;
+        for (int w = 0; w < D / kW; ++w) {
+          Store(acc + i * D + w * kW, Load(acc + i * D + w * kW) * corr);
+        }
+      }
+      Accumulate<D>(sc, kTile, 1, vs, nq, nk, acc);  // acc += P V
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t hi = kvh * group + g;
+    const float* acc = heads + g * per_head + kTile * D;
+    const float *m = acc + kTile * D, *l = m + kTile;
+    for (int64_t i = 0; i < nq; ++i) {
+      float* dst = out + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      for (int w = 0; w < D / kW; ++w) Store(dst + w * kW, Load(acc + i * D + w * kW) * inv);
+      lse[(bi * sh.h + hi) * sh.s + q0 + i] =
+          l[i] > 0.0f ? m[i] + std::log(l[i]) : std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+template <int D, int64_t kTile>
+void BackwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
+                  const float* out, const float* lse_all, const float* dout, const Shape& sh,
+                  bool causal, int64_t task, float* dq, float* dk, float* dv) {
+  constexpr int kTileV = kTile / kW;
+  const int64_t bi = task / sh.kh, kvh = task % sh.kh, tiles = sh.tiles(kTile);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int32_t* seg = seg_all + bi * sh.s;
+  const int64_t padded = tiles * kTile;
+  // The kv head's keys and values, whole rows: K [s, D], K^T and V^T [D, s] by tile; dK, dV.
+  float* kc = Scratch(5 * padded * D + 4 * kTile * D + 3 * kTile * kTile);
+  float *kt_all = kc + padded * D, *vt_all = kt_all + padded * D, *dk_acc = vt_all + padded * D;
+  float *dv_acc = dk_acc + padded * D, *qs = dv_acc + padded * D;
+  float *dos = qs + kTile * D, *os = dos + kTile * D, *dqs = os + kTile * D;
+  float *p = dqs + kTile * D, *dp = p + kTile * kTile, *ds = dp + kTile * kTile;
+  std::fill(dk_acc, dk_acc + 2 * padded * D, 0.0f);  // and dv_acc
+  std::vector<int32_t> seg_tiles(padded);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n = std::min(kTile, sh.s - t * kTile);
+    LoadRows<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, 1.0f, kc + t * kTile * D);
+    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, kt_all + t * D * kTile);
+    LoadRowsT<D, kTile>(v, sh, sh.kh, bi, kvh, t * kTile, n, vt_all + t * D * kTile);
+    LoadSegments<kTile>(seg, t * kTile, n, seg_tiles.data() + t * kTile);
+  }
+  float lse[kTile], delta[kTile];
+  for (int64_t g = 0; g < sh.group(); ++g) {
+    const int64_t hi = kvh * sh.group() + g;
+    for (int64_t qt = 0; qt < tiles; ++qt) {
+      const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0), nq2 = nq + (nq & 1);
+      LoadRows<D, kTile>(q, sh, sh.h, bi, hi, q0, nq, scale, qs);
+      LoadRows<D, kTile>(dout, sh, sh.h, bi, hi, q0, nq, 1.0f, dos);
+      LoadRows<D, kTile>(out, sh, sh.h, bi, hi, q0, nq, 1.0f, os);
+      for (int64_t i = 0; i < kTile; ++i) {
+        lse[i] = i < nq ? lse_all[(bi * sh.h + hi) * sh.s + q0 + i] : 0.0f;
+        V dl{};
+        for (int w = 0; w < D / kW; ++w) {
+          dl += Load(dos + i * D + w * kW) * Load(os + i * D + w * kW);
+        }
+        delta[i] = Sum(dl);
+      }
+      std::fill(dqs, dqs + kTile * D, 0.0f);
+      const int64_t kend = causal ? q0 + nq : sh.s;
+      for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
+        const int64_t nk = std::min(kTile, sh.s - k0);
+        RowsTimesTile<D, kTile>(qs, kt_all + (k0 / kTile) * D * kTile, nq2, p);
+        if (NeedsMask<kTile>(seg, seg_tiles.data() + k0, q0, nq, k0, causal)) {
+          MaskTile<kTile>(seg, seg_tiles.data() + k0, q0, nq, k0, causal, p);
+        }
+        RowsTimesTile<D, kTile>(dos, vt_all + (k0 / kTile) * D * kTile, nq2, dp);
+        for (int64_t i = 0; i < nq; ++i) {
+          const bool seen = std::isfinite(lse[i]);
+          for (int w = 0; w < kTileV; ++w) {
+            const int64_t at = i * kTile + w * kW;
+            const V pij = seen ? Exp(Load(p + at) - lse[i]) : V{};
+            Store(p + at, pij);
+            Store(ds + at, pij * (Load(dp + at) - delta[i]));
+          }
+        }
+        Accumulate<D>(ds, kTile, 1, kc + k0 * D, nq, nk, dqs);         // dQ += dS K
+        Accumulate<D>(p, 1, kTile, dos, nk, nq, dv_acc + k0 * D);      // dV += P^T dO
+        Accumulate<D>(ds, 1, kTile, qs, nk, nq, dk_acc + k0 * D);      // dK += dS^T Q
+      }
+      for (int64_t i = 0; i < nq; ++i) {
+        float* dst = dq + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
+        for (int w = 0; w < D / kW; ++w) Store(dst + w * kW, Load(dqs + i * D + w * kW) * scale);
+      }
+    }
+  }
+  for (int64_t r = 0; r < sh.s; ++r) {
+    float* dkd = dk + ((bi * sh.s + r) * sh.kh + kvh) * D;
+    float* dvd = dv + ((bi * sh.s + r) * sh.kh + kvh) * D;
+    for (int w = 0; w < D / kW; ++w) {
+      Store(dkd + w * kW, Load(dk_acc + r * D + w * kW));
+      Store(dvd + w * kW, Load(dv_acc + r * D + w * kW));
+    }
+  }
+}
+
+ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                       const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& seg,
+                       Shape& sh) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  const auto sd = seg.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || sd.size() != 2) {
+    return ffi::Error::InvalidArgument("native attention: q/k/v must be rank 4, segments rank 2");
+  }
+  sh = Shape{qd[0], qd[1], qd[2], kd[2], qd[3]};
+  const bool ok = kd[0] == sh.b && kd[1] == sh.s && kd[3] == sh.d && vd[0] == kd[0] &&
+                  vd[1] == kd[1] && vd[2] == kd[2] && vd[3] == kd[3] && sd[0] == sh.b &&
+                  sd[1] == sh.s && sh.kh > 0 && sh.h % sh.kh == 0;
+  if (!ok) {
+    return ffi::Error::InvalidArgument("native attention: inconsistent q/k/v/segment shapes");
+  }
+  return ffi::Error::Success();
+}
+
+// Calls fn(integral_constant D, integral_constant tile) for the compiled head size d and the tile
+// for sequence length s: smaller tiles waste less on causal and padded tiles at short lengths
+// (16 up to 64 tokens, 32 up to 128), larger ones amortise the per-tile work at long ones.
+template <typename F>
+ffi::Error Dispatch(const Shape& sh, F&& fn) {
+  auto with_tile = [&](auto d) {
+    if (sh.s <= 64) {
+      fn(d, std::integral_constant<int64_t, 16>{});
+    } else if (sh.s <= 128) {
+      fn(d, std::integral_constant<int64_t, 32>{});
+    } else {
+      fn(d, std::integral_constant<int64_t, 64>{});
+    }
+    return ffi::Error::Success();
+  };
+  switch (sh.d) {
+    case 8: return with_tile(std::integral_constant<int, 8>{});
+    case 16: return with_tile(std::integral_constant<int, 16>{});
+    case 32: return with_tile(std::integral_constant<int, 32>{});
+    case 64: return with_tile(std::integral_constant<int, 64>{});
+    case 128: return with_tile(std::integral_constant<int, 128>{});
+    default: return ffi::Error::InvalidArgument("native attention: head_dim not supported");
+  }
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, int32_t causal,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  Shape sh;
+  if (ffi::Error error = CheckShapes(q, k, v, seg, sh); error.failure()) return error;
+  return Dispatch(sh, [&](auto d, auto tile) {
+    constexpr int D = decltype(d)::value;
+    constexpr int64_t kTile = decltype(tile)::value;
+    ParallelFor(pool, sh.b * sh.kh * sh.tiles(kTile), [&](int64_t t) {
+      ForwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), sh,
+                            causal != 0, t, out->typed_data(), lse->typed_data());
+    });
+  });
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int32_t causal,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  Shape sh;
+  if (ffi::Error error = CheckShapes(q, k, v, seg, sh); error.failure()) return error;
+  return Dispatch(sh, [&](auto d, auto tile) {
+    constexpr int D = decltype(d)::value;
+    constexpr int64_t kTile = decltype(tile)::value;
+    ParallelFor(pool, sh.b * sh.kh, [&](int64_t t) {
+      BackwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
+                             out.typed_data(), lse.typed_data(), dout.typed_data(), sh,
+                             causal != 0, t, dq->typed_data(), dk->typed_data(), dv->typed_data());
+    });
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("causal")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("causal")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

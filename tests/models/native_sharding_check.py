@@ -1,0 +1,55 @@
+"""The native attention kernel under an 8-device mesh (run by test_attention.py in a subprocess:
+the device count must be fixed before jax is imported).
+
+Batch over (data 2, fsdp 2), heads over tensor 2: output and gradients under jit with sharded
+inputs must equal the numpy reference, and the compiled program must hold no collective (each
+device runs the kernel on its own rows and heads). Prints `RESULT {json}`.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = " ".join([
+    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"
+]).strip()
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, HERE)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from test_attention import allowed_keys, np_attention, random_case  # noqa: E402
+
+from moe_lvlm.kernels.native_attention import native_attention  # noqa: E402
+from moe_lvlm.parallel.mesh import BATCH_AXES, make_mesh  # noqa: E402
+
+
+def main():
+    mesh = make_mesh((2, 2, 1, 2))
+    q, k, v, dout, segments = random_case(70, True, b=4)
+    heads = NamedSharding(mesh, P(BATCH_AXES, None, "tensor"))
+    rows = NamedSharding(mesh, P(BATCH_AXES))
+    args = [jax.device_put(x, heads) for x in (q, k, v, dout)] + [jax.device_put(segments, rows)]
+
+    def run(q_, k_, v_, do_, seg):
+        out, vjp = jax.vjp(
+            lambda a, b, c: native_attention(a, b, c, seg, causal=True, mesh=mesh), q_, k_, v_)
+        return out, vjp(do_)
+
+    step = jax.jit(run)
+    out, grads = step(*args)
+    hlo = step.lower(*args).compile().as_text()
+    want_out, want_grads = np_attention(q, k, v, dout, allowed_keys(segments, 70, True))
+    errors = [float(np.max(np.abs(np.asarray(g) - w) / (5e-5 + 1e-4 * np.abs(w))))
+              for g, w in zip((out, *grads), (want_out, *want_grads), strict=True)]
+    collectives = sorted({op for op in ("all-gather", "all-reduce", "all-to-all",
+                                         "collective-permute") if op in hlo})
+    print("RESULT " + json.dumps({"worst_ratio": max(errors), "collectives": collectives,
+                                  "out_sharding": str(out.sharding.spec)}))
+
+
+if __name__ == "__main__":
+    main()
