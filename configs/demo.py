@@ -6,8 +6,10 @@ Arguments (`configs/demo.py:steps=0.5,experts=8`): `steps` scales every stage's 
 the vision pre-training's);
 `experts`, `top_k`, `dispatch` set the MoE layers; dispatch defaults to MoE-LLaVA's `capacity`
 (gather dispatch, capacity factors 1.5 train / 2.0 eval), the setting the README's accuracy was
-measured with. On CPU `dropless` (tiled experts) is now the faster one: 1.43x capacity's step at
-stage III's shape (32 x 40 tokens, 4 experts top-2; benchmarks/RESULTS.md); stage II is dense.
+measured with, and on CPU also the faster one at stage III's shape (32 x 40 tokens, 4 experts
+top-2: `dropless` runs 0.86x its step; benchmarks/RESULTS.md); stage II is dense.
+The stages see their 5,000-10,000-record splits for several epochs, so each record is encoded
+once and kept in memory (`data.cache_encoded`, a few hundred MB).
 With no pretrained CLIP to start from, the demo pre-trains its vision tower on the built-in scenes
 (supervised, before stage I; docs/training.md) and keeps it frozen through the stages as MoE-LLaVA
 does, normalising images with the scenes' own pixel statistics.
@@ -30,6 +32,7 @@ def get_config(arg: str | None = None):
     cfg.model.vision.update(mean=builtin.PIXEL_MEAN, std=builtin.PIXEL_STD, patch_size=16)
     cfg.vision_pretrain.steps = max(1, round(600 * args.steps))
     cfg.data.mixture = "builtin:stage3"
+    cfg.data.cache_encoded = True
     cfg.data.seq_len = 80  # the longest stage I/II record (a 3-digit description) is 71 tokens
     cfg.data.system_prompt = ""
     steps = tuple(max(1, round(n * args.steps)) for n in (50, 800, 1200))

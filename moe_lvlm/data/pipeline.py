@@ -311,6 +311,8 @@ def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str
     """Per-host numpy batch -> global jax.Arrays, axis 0 split over ('data', 'fsdp', 'expert')."""
     sharding = NamedSharding(mesh, P(BATCH_AXES))
     n = jax.process_count()
+    if n == 1:  # one batched transfer
+        return jax.device_put(batch, sharding)
     return {
         k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n,) + v.shape[1:])
         for k, v in batch.items()
@@ -365,16 +367,44 @@ def skip_counts(iterator: DataIterator) -> dict[str, int]:
 # ----------------------------------------------------------------------------- entry points
 
 
+class MemoisedMap(grain.MapDataset):
+    """`fn` over a finite MapDataset, each element computed once per process and kept in memory
+    (`data.cache_encoded`: a small dataset seen for several epochs is encoded once)."""
+
+    def __init__(self, parent: grain.MapDataset, fn):
+        super().__init__(parent)
+        self._fn, self._memo = fn, {}
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        index %= len(self._parent)  # a shuffle over repeats asks for index + epoch * len
+        if index not in self._memo:
+            self._memo[index] = self._fn(self._parent[index])
+        return self._memo[index]
+
+    def __str__(self) -> str:
+        return "MemoisedMap"
+
+
 def record_dataset(
     mixture: str | Sequence, data_dir: str, *, seed: int, shuffle: bool, num_epochs: int | None,
-    process_index: int, process_count: int, start_record: int = 0,
+    process_index: int, process_count: int, start_record: int = 0, encoder=None,
 ) -> grain.MapDataset:
     """The records this process reads: each source shuffled (own seed) and repeated, then mixed
-    by weight, then every process_count-th element from `start_record + process_index`."""
+    by weight, then every process_count-th element from `start_record + process_index`.
+
+    With `encoder` each source's records are encoded before the shuffle, each once
+    (`MemoisedMap`); without, the records come out raw."""
     pairs = sources.parse_mixture(mixture)
     parts = []
     for i, (spec, _) in enumerate(pairs):
         ds = grain.MapDataset.source(sources.open_source(spec, data_dir))
+        if encoder is not None:
+            ds = MemoisedMap(ds, encoder)
         if shuffle:
             ds = ds.shuffle(seed=(seed * 1_000_003 + i) % 2**32)
         parts.append(ds.repeat(num_epochs))
@@ -414,13 +444,15 @@ def make_iterator(
             raise ValueError(f"global batch {global_batch_size} is not divisible by the "
                              f"{shards} batch shards of the mesh over {BATCH_AXES}")
     encoder = Encoder.from_config(data_cfg, model_cfg, tokenizer)
+    cache = data_cfg.get("cache_encoded", False)
     ds = record_dataset(
         data_cfg.mixture if mixture is None else mixture, data_cfg.data_dir,
         seed=data_cfg.seed, shuffle=train and data_cfg.shuffle,
         num_epochs=(None if train else 1) if num_epochs is None else num_epochs,
         process_index=process_index, process_count=process_count, start_record=start_record,
+        encoder=encoder if cache else None,
     )
-    it_ds = ds.map(encoder).to_iter_dataset(
+    it_ds = (ds if cache else ds.map(encoder)).to_iter_dataset(
         grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64)
     )
     it_ds = PackBatchDataset(

@@ -170,6 +170,35 @@ def test_worker_process_matches_inline_and_restores(tmp_path, cfg, tok):
     assert_batches_equal(_save_restore(tmp_path, make, n_before=3, n_after=3), inline)
 
 
+def test_cache_encoded_same_batches_each_record_encoded_once(tmp_path, cfg, tok, monkeypatch):
+    spec_a, _ = write_corpus(tmp_path)
+    spec_b, _ = write_corpus(tmp_path, n=10, name="other.json", prefix="thing")
+    mixture = f"{spec_a}@0.7;{spec_b}@0.3"
+    calls = []
+    encode = pipeline.Encoder.encode
+    monkeypatch.setattr(pipeline.Encoder, "encode",
+                        lambda self, record: calls.append(record["id"]) or encode(self, record))
+
+    def make():
+        return pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=4,
+                                      mixture=mixture)
+
+    def run():
+        calls.clear()
+        it = make()
+        batches = take(it, 30)  # 120 samples: several epochs of both sources
+        it.close()
+        return batches
+
+    cfg.data.update(cache_encoded=True, read_threads=1)  # (two threads may race to a record)
+    cached = run()
+    assert sorted(calls) == sorted(set(calls)) and len(calls) <= N_RECORDS + 10
+    assert_batches_equal(_save_restore(tmp_path, make, n_before=12, n_after=18), cached)
+    cfg.data.update(cache_encoded=False, read_threads=2)
+    assert_batches_equal(run(), cached)
+    assert len(calls) >= 120  # and a few read ahead
+
+
 def test_packing(tmp_path, cfg, tok):
     spec, records = write_corpus(tmp_path, every_image=2)  # 44 tokens with an image, else 28
     cfg.data.update(packing=True, max_images_per_row=2, seq_len=128)
