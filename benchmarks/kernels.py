@@ -7,8 +7,8 @@ Forward + backward of each, median of `--steps` after one warm-up call, with the
 difference from the first (reference) implementation relative to its largest value:
 
 - attention, causal over [batch, seq, heads (kv_heads), head_dim] (`--packed`: two segments per
-  row): `xla` against `blockwise` (CPU's default), `splash` (TPU; Pallas interpret mode on CPU) and
-  `cudnn` (GPU, not packed).
+  row): `xla` against `blockwise`, `native` (CPU's default, the C++ kernel of moe_lvlm/kernels/),
+  `splash` (TPU; Pallas interpret mode on CPU) and `cudnn` (GPU, not packed).
 - grouped matmul [tokens * top_k, d] x [E, d, f], random routing: `xla` (jax.lax.ragged_dot)
   against `tiled` (CPU's default), `megablox` (TPU; interpret on CPU) and `mosaic` (Hopper GPUs).
 - dropless MoE layer (SwiGLU experts, expert axis = min(E, devices), the rest data) with
@@ -95,6 +95,8 @@ def attention_rows(a, platform: str, dtype) -> list[dict]:
         return lambda q, k, v: jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     names = ["xla", "blockwise"]
+    if platform == "cpu":
+        names.append("native")
     if platform == "gpu" and not a.packed:
         names.append("cudnn")
     if platform in ("tpu", "cpu"):

@@ -86,14 +86,15 @@ def test_generation_random_and_workdir(tmp_path):
 
 
 def test_kernels_smoke(tmp_path):
-    """benchmarks/kernels.py on 4 fake CPU devices: blockwise attention, the tiled grouped
-    matmul, splash and megablox in interpret mode and the buffered expert-parallel dispatch agree
-    with XLA (its own reference column)."""
+    """benchmarks/kernels.py on 4 fake CPU devices: blockwise and native attention, the tiled
+    grouped matmul, splash and megablox in interpret mode and the buffered expert-parallel
+    dispatch agree with XLA (its own reference column)."""
     out = tmp_path / "rows.json"
     run("kernels.py", "--smoke", "--cpu_devices", "4", "--json_out", str(out))
     rows = json.loads(out.read_text())
     assert [(r["section"], r["impl"]) for r in rows] == [
-        ("attention", "xla"), ("attention", "blockwise"), ("attention", "splash"),
+        ("attention", "xla"), ("attention", "blockwise"), ("attention", "native"),
+        ("attention", "splash"),
         ("grouped matmul", "xla"), ("grouped matmul", "tiled"), ("grouped matmul", "megablox"),
         ("dropless dispatch", "all_gather"), ("dropless dispatch", "a2a_buffer"),
     ]
