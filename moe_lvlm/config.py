@@ -11,7 +11,7 @@ from moe_lvlm.cli import UserError
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "xla", "tiled", "mosaic", "megablox")
 EP_DISPATCHES = ("auto", "all_gather", "ragged_a2a", "a2a_buffer")
-EXPERT_COMPUTES = ("routed", "dense")
+EXPERT_COMPUTES = ("routed", "dense", "native")
 # MoE routing options (moe_lvlm/presets.py:moe_defaults documents each; moe_lvlm/models/moe.py).
 COMBINE_MODES = ("auto", "softmax", "renorm_chosen", "renorm_kept")
 NOISE_MODES = ("none", "train", "always")
