@@ -11,7 +11,7 @@ from moe_lvlm.cli import UserError
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "xla", "tiled", "mosaic", "megablox")
 EP_DISPATCHES = ("auto", "all_gather", "ragged_a2a", "a2a_buffer")
-EXPERT_COMPUTES = ("routed", "dense", "native")
+EXPERT_COMPUTES = ("auto", "routed", "dense", "native")
 # MoE routing options (moe_lvlm/presets.py:moe_defaults documents each; moe_lvlm/models/moe.py).
 COMBINE_MODES = ("auto", "softmax", "renorm_chosen", "renorm_kept")
 NOISE_MODES = ("none", "train", "always")
@@ -136,7 +136,7 @@ def _validate_moe(moe: ml_collections.ConfigDict, expert_axis: int) -> None:
         raise ConfigError(
             f"model.moe.ep_dispatch={moe.ep_dispatch!r} is unknown; use one of {EP_DISPATCHES}"
         )
-    if moe.get("expert_compute", "routed") not in EXPERT_COMPUTES:
+    if moe.get("expert_compute", "auto") not in EXPERT_COMPUTES:
         raise ConfigError(
             f"model.moe.expert_compute={moe.expert_compute!r} is unknown; use one of "
             f"{EXPERT_COMPUTES}"

@@ -394,9 +394,7 @@ class MoeFeedForward(nn.Module):
         )()
         weights = {name: w.astype(self.dtype) for name, w in weights.items()}
         x = x.astype(self.dtype)
-        compute = cfg.get("expert_compute", "routed")
-        if compute == "native":
-            self._check_native(d_in, d_out)
+        compute = self._expert_compute(d_in, d_out)
 
         if cfg.dispatch == "dropless" and compute in ("dense", "native"):
             kept = valid[..., None] & jnp.ones_like(expert_ids, bool)
@@ -498,14 +496,24 @@ class MoeFeedForward(nn.Module):
         picked = picked.reshape(groups_n, tokens, self.config.top_k, -1)
         return weighted_sum(picked, combine.astype(self.dtype)), kept
 
-    def _check_native(self, d_in: int, d_out: int) -> None:
+    def _expert_compute(self, d_in: int, d_out: int) -> str:
+        """`moe.expert_compute` with 'auto' resolved: 'native' where the kernel can compute this
+        layer (CPU, SwiGLU experts, no expert parallelism), else 'routed'."""
+        compute = self.config.get("expert_compute", "auto")
+        if compute not in ("auto", "native"):
+            return compute
         reason = native_moe.unsupported(self.activation, self.gated, d_in, self.hidden_dim)
         if d_out != d_in:
             reason = f"output width {d_out} differs from input width {d_in}"
         if self.mesh is not None and self.mesh.shape["expert"] > 1:
             reason = "the mesh's expert axis is > 1 (expert parallelism needs the routed path)"
+        if compute == "auto":
+            # benchmarks/RESULTS.md, seventh session: faster in the CPU step at every shape.
+            usable = not reason and jax.default_backend() == "cpu" and native_moe.available()
+            return "native" if usable else "routed"
         if reason:
             raise ValueError(f"model.moe.expert_compute='native': {reason}; use 'routed'")
+        return compute
 
     def _native(self, weights, x, expert_ids, combine, kept):
         """The fused C++ experts (moe_lvlm/kernels/native_moe.py) on the kept pairs."""

@@ -164,3 +164,16 @@ def test_native_under_8_device_mesh():
     out = json.loads(line[len("RESULT "):])
     assert out["worst"] < 1e-4, out
     assert "all-to-all" not in out["collectives"], out
+
+
+@pytest.mark.parametrize("gated, activation, native", [(True, "silu", True),
+                                                       (False, "gelu", False)])
+def test_auto_is_native_for_swiglu_on_cpu(gated, activation, native):
+    """The default ('auto') runs the kernel for SwiGLU experts and the routed path otherwise."""
+    cfg = moe_config()
+    assert cfg.expert_compute == "auto"
+    layer = moe.MoeFeedForward(cfg, 32, activation=activation, gated=gated)
+    x = jnp.ones((1, 4, 16))
+    params = layer.init(jax.random.PRNGKey(0), x)
+    hlo = jax.jit(layer.apply).lower(params, x).as_text()
+    assert ("moe_lvlm_experts_forward" in hlo) == native
