@@ -9,11 +9,13 @@
 // kTile rows of one expert; a tile's rows are gathered, its [kTile, f] hidden activations stay
 // in cache through the three dots, and each pair's weighted output lands in a per-pair buffer
 // that a last pass sums over the k choices (no two tasks write one row). The dots are
-// register-blocked (6 rows x 16 columns of accumulators). The backward recomputes the hidden
-// activations and gives dx, d(combine) (= <dy_t, expert(x_t)>, through which the router trains)
-// and the weight gradients; these reduce over tokens, so the tiles are split into one
-// contiguous range per worker, each accumulating into its own buffer for the experts it
-// touches, summed in a fixed order at the end: deterministic, no atomics. Tasks run on XLA's
+// register-blocked (6 rows x 16 columns of accumulators). Under differentiation the forward
+// also returns x Wg and x Wu of the computed pairs ([T * k, f] each, sorted by expert: what the
+// routed path's backward keeps too, for its padded slots). The backward gives dx, d(combine)
+// (= <dy_t, expert(x_t)>, through which the router trains) and the weight gradients; these
+// reduce over tokens, so the tiles are split into one contiguous range per worker, each
+// accumulating into its own [3, E, d, f] buffer for the experts it touches, summed in a fixed
+// order at the end: deterministic, no atomics. Tasks run on XLA's
 // intra-op thread pool (xla::ffi::ThreadPool).
 
 #include <algorithm>
@@ -104,6 +106,24 @@ float* Scratch(int64_t n) {
   thread_local std::vector<float> buffer;
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
   return buffer.data();
+}
+
+// Buffers owned by the calling thread and kept across calls (contents undefined), so that a
+// call does not fault in fresh pages each time; `Kept(slot, n)` has at least n floats, and
+// `ReleaseLarge()` frees those over kKeepFloats at the end of a call (large models).
+constexpr int64_t kKeepFloats = int64_t{16} << 20;  // 64 MB
+thread_local std::vector<float> kept_buffers[3];
+
+float* Kept(int slot, int64_t n) {
+  std::vector<float>& buffer = kept_buffers[slot];
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+void ReleaseLarge() {
+  for (std::vector<float>& buffer : kept_buffers) {
+    if (static_cast<int64_t>(buffer.size()) > kKeepFloats) std::vector<float>().swap(buffer);
+  }
 }
 
 // C[R rows, kNv * kW columns] (+)= A[R, K] B[K, kNv * kW]; row-major with leading dimensions.
@@ -202,17 +222,23 @@ void GateUp(const Problem& p, int64_t e, const float* xs, int64_t n, float* g, f
   Gemm(n, p.f, p.d, xs, p.d, p.wu + e * p.d * p.f, p.f, u, p.f, false);
 }
 
-void ForwardTile(const Problem& p, int64_t tile, float* y_pairs) {
+// saved_g / saved_u: [pairs, f] in sorted pair order, filled for the backward, or null.
+void ForwardTile(const Problem& p, int64_t tile, float* y_pairs, float* saved_g,
+                 float* saved_u) {
   const int64_t n = p.tile_rows[tile], e = p.tile_expert[tile], d = p.d, f = p.f;
-  float* xs = Scratch(2 * kTile * d + 2 * kTile * f);
-  float *o = xs + kTile * d, *g = o + kTile * d, *u = g + kTile * f;
+  float* xs = Scratch(2 * kTile * d + 3 * kTile * f);
+  float *o = xs + kTile * d, *h = o + kTile * d, *g = h + kTile * f, *u = g + kTile * f;
+  if (saved_g != nullptr) {
+    g = saved_g + p.tile_start[tile] * f;
+    u = saved_u + p.tile_start[tile] * f;
+  }
   GatherRows(p, p.x, tile, xs);
   GateUp(p, e, xs, n, g, u);
-  for (int64_t i = 0; i < n * f; i += kW) {  // h = silu(g) * u, into g
+  for (int64_t i = 0; i < n * f; i += kW) {  // h = silu(g) * u
     const V gv = Load(g + i);
-    Store(g + i, gv * Sigmoid(gv) * Load(u + i));
+    Store(h + i, gv * Sigmoid(gv) * Load(u + i));
   }
-  Gemm(n, d, f, g, f, p.wd + e * f * d, d, o, d, false);
+  Gemm(n, d, f, h, f, p.wd + e * f * d, d, o, d, false);
   const int64_t* pr = p.pairs.data() + p.tile_start[tile];
   for (int64_t r = 0; r < n; ++r) {
     const V c = Splat(p.combine[pr[r]]);
@@ -239,25 +265,28 @@ void SumPairs(const Problem& p, const int32_t* ids, const float* pairs, int64_t 
 // Per-worker weight-gradient accumulators: [E, d, f] gate, [E, d, f] up, [E, f, d] down, for
 // the experts the worker's tiles touch.
 struct Grads {
-  std::unique_ptr<float[]> gate, up, down;
+  float *gate, *up, *down;
   std::vector<bool> touched;
 };
 
 struct Transposed {  // the weights transposed per expert: WgT, WuT [E, f, d], WdT [E, d, f]
-  std::vector<float> gate, up, down;
+  float *gate, *up, *down;
 };
 
-void BackwardTile(const Problem& p, const Transposed& wt, const float* dy, int64_t tile,
-                  float* dx_pairs, float* dcombine, Grads& grads) {
+// saved_g / saved_u: the forward's x Wg and x Wu in sorted pair order.
+void BackwardTile(const Problem& p, const Transposed& wt, const float* dy, const float* saved_g,
+                  const float* saved_u, int64_t tile, float* dx_pairs, float* dcombine,
+                  Grads& grads) {
   const int64_t n = p.tile_rows[tile], e = p.tile_expert[tile], d = p.d, f = p.f;
   float* xs = Scratch(3 * kTile * d + 4 * kTile * f + kTile * (d + f));
   float *dys = xs + kTile * d, *dxs = dys + kTile * d;
-  float *g = dxs + kTile * d, *u = g + kTile * f, *dh = u + kTile * f, *h = dh + kTile * f;
+  float *dg = dxs + kTile * d, *du = dg + kTile * f, *dh = du + kTile * f, *h = dh + kTile * f;
   float *xt = h + kTile * f, *ht = xt + kTile * d;
+  const float* g = saved_g + p.tile_start[tile] * f;
+  const float* u = saved_u + p.tile_start[tile] * f;
   GatherRows(p, p.x, tile, xs);
   GatherRows(p, dy, tile, dys);
-  GateUp(p, e, xs, n, g, u);
-  Gemm(n, f, d, dys, d, wt.down.data() + e * d * f, f, dh, f, false);  // dy Wd^T
+  Gemm(n, f, d, dys, d, wt.down + e * d * f, f, dh, f, false);  // dy Wd^T
   const int64_t* pr = p.pairs.data() + p.tile_start[tile];
   for (int64_t r = 0; r < n; ++r) {
     const float c = p.combine[pr[r]];
@@ -269,14 +298,14 @@ void BackwardTile(const Problem& p, const Transposed& wt, const float* dy, int64
       dc += dhv * hv;  // <dy, h Wd> = <dy Wd^T, h>
       const V dhc = dhv * c;
       Store(h + i, hv * c);
-      Store(u + i, dhc * act);                                  // du
-      Store(g + i, dhc * uv * s * (1.0f + gv * (1.0f - s)));    // dg: silu'(g) = s (1 + g (1 - s))
+      Store(du + i, dhc * act);
+      Store(dg + i, dhc * uv * s * (1.0f + gv * (1.0f - s)));  // silu'(g) = s (1 + g (1 - s))
     }
     dcombine[pr[r]] = Sum(dc);
   }
   // dx = dg Wg^T + du Wu^T.
-  Gemm(n, d, f, g, f, wt.gate.data() + e * f * d, d, dxs, d, false);
-  Gemm(n, d, f, u, f, wt.up.data() + e * f * d, d, dxs, d, true);
+  Gemm(n, d, f, dg, f, wt.gate + e * f * d, d, dxs, d, false);
+  Gemm(n, d, f, du, f, wt.up + e * f * d, d, dxs, d, true);
   for (int64_t r = 0; r < n; ++r) {
     std::memcpy(dx_pairs + pr[r] * d, dxs + r * d, d * sizeof(float));
   }
@@ -284,14 +313,14 @@ void BackwardTile(const Problem& p, const Transposed& wt, const float* dy, int64
   Transpose(xs, n, d, xt);
   Transpose(h, n, f, ht);
   if (!grads.touched[e]) {
-    for (float* buffer : {grads.gate.get(), grads.up.get(), grads.down.get()}) {
+    for (float* buffer : {grads.gate, grads.up, grads.down}) {
       std::fill(buffer + e * d * f, buffer + (e + 1) * d * f, 0.0f);
     }
     grads.touched[e] = true;
   }
-  Gemm(d, f, n, xt, n, g, f, grads.gate.get() + e * d * f, f, true);
-  Gemm(d, f, n, xt, n, u, f, grads.up.get() + e * d * f, f, true);
-  Gemm(f, d, n, ht, n, dys, d, grads.down.get() + e * f * d, d, true);
+  Gemm(d, f, n, xt, n, dg, f, grads.gate + e * d * f, f, true);
+  Gemm(d, f, n, xt, n, du, f, grads.up + e * d * f, f, true);
+  Gemm(f, d, n, ht, n, dys, d, grads.down + e * f * d, d, true);
 }
 
 ffi::Error Setup(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::S32>& ids,
@@ -339,49 +368,61 @@ void ParallelTokens(ffi::ThreadPool& pool, int64_t t,
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids,
                    ffi::Buffer<ffi::F32> combine, ffi::Buffer<ffi::F32> wg,
                    ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
-                   ffi::ResultBuffer<ffi::F32> y) {
+                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> saved_g,
+                   ffi::ResultBuffer<ffi::F32> saved_u) {
   Problem p;
   if (ffi::Error error = Setup(x, ids, combine, wg, wu, wd, p); error.failure()) return error;
-  std::unique_ptr<float[]> y_pairs(new float[p.t * p.k * p.d]);  // read where computed only
-  ParallelFor(pool, p.tile_start.size(), [&](int64_t i) { ForwardTile(p, i, y_pairs.get()); });
-  ParallelTokens(pool, p.t, [&](int64_t t0, int64_t t1) {
-    SumPairs(p, ids.typed_data(), y_pairs.get(), t0, t1, y->typed_data());
+  // saved_g / saved_u are [T * k, f] when the backward will need them, else [0, f].
+  const bool save = saved_g->dimensions()[0] > 0;
+  float* g = save ? saved_g->typed_data() : nullptr;
+  float* u = save ? saved_u->typed_data() : nullptr;
+  float* y_pairs = Kept(0, p.t * p.k * p.d);  // read where computed only
+  ParallelFor(pool, p.tile_start.size(), [&](int64_t i) {
+    ForwardTile(p, i, y_pairs, g, u);
   });
+  ParallelTokens(pool, p.t, [&](int64_t t0, int64_t t1) {
+    SumPairs(p, ids.typed_data(), y_pairs, t0, t1, y->typed_data());
+  });
+  ReleaseLarge();
   return ffi::Error::Success();
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids,
                     ffi::Buffer<ffi::F32> combine, ffi::Buffer<ffi::F32> wg,
                     ffi::Buffer<ffi::F32> wu, ffi::Buffer<ffi::F32> wd,
+                    ffi::Buffer<ffi::F32> saved_g, ffi::Buffer<ffi::F32> saved_u,
                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
                     ffi::ResultBuffer<ffi::F32> dcombine, ffi::ResultBuffer<ffi::F32> dwg,
                     ffi::ResultBuffer<ffi::F32> dwu, ffi::ResultBuffer<ffi::F32> dwd) {
   Problem p;
   if (ffi::Error error = Setup(x, ids, combine, wg, wu, wd, p); error.failure()) return error;
   const int64_t d = p.d, f = p.f, ef = p.e * d * f;
-  Transposed wt{std::vector<float>(ef), std::vector<float>(ef), std::vector<float>(ef)};
+  float* transposed = Kept(1, 3 * ef);
+  const Transposed wt{transposed, transposed + ef, transposed + 2 * ef};
   ParallelFor(pool, p.e, [&](int64_t e) {
-    Transpose(p.wg + e * d * f, d, f, wt.gate.data() + e * d * f);
-    Transpose(p.wu + e * d * f, d, f, wt.up.data() + e * d * f);
-    Transpose(p.wd + e * d * f, f, d, wt.down.data() + e * d * f);
+    Transpose(p.wg + e * d * f, d, f, wt.gate + e * d * f);
+    Transpose(p.wu + e * d * f, d, f, wt.up + e * d * f);
+    Transpose(p.wd + e * d * f, f, d, wt.down + e * d * f);
   });
   std::fill(dcombine->typed_data(), dcombine->typed_data() + p.t * p.k, 0.0f);
-  std::unique_ptr<float[]> dx_pairs(new float[p.t * p.k * d]);
+  float* dx_pairs = Kept(0, p.t * p.k * d);
   const int64_t tiles = p.tile_start.size();
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), tiles));
+  float* grad_buffers = Kept(2, workers * 3 * ef);
   std::vector<Grads> grads(workers);
   ParallelFor(pool, workers, [&](int64_t w) {
     Grads& mine = grads[w];
-    mine.gate.reset(new float[ef]);
-    mine.up.reset(new float[ef]);
-    mine.down.reset(new float[ef]);
+    mine.gate = grad_buffers + w * 3 * ef;
+    mine.up = mine.gate + ef;
+    mine.down = mine.up + ef;
     mine.touched.assign(p.e, false);
     for (int64_t i = tiles * w / workers; i < tiles * (w + 1) / workers; ++i) {
-      BackwardTile(p, wt, dy.typed_data(), i, dx_pairs.get(), dcombine->typed_data(), mine);
+      BackwardTile(p, wt, dy.typed_data(), saved_g.typed_data(), saved_u.typed_data(), i,
+                   dx_pairs, dcombine->typed_data(), mine);
     }
   });
   ParallelTokens(pool, p.t, [&](int64_t t0, int64_t t1) {
-    SumPairs(p, ids.typed_data(), dx_pairs.get(), t0, t1, dx->typed_data());
+    SumPairs(p, ids.typed_data(), dx_pairs, t0, t1, dx->typed_data());
   });
   // Weight gradients: the workers' buffers summed in worker order, by (expert, buffer).
   float* outs[3] = {dwg->typed_data(), dwu->typed_data(), dwd->typed_data()};
@@ -391,10 +432,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     std::fill(dst, dst + d * f, 0.0f);
     for (const Grads& g : grads) {
       if (!g.touched[e]) continue;
-      const float* src = (which == 0 ? g.gate : which == 1 ? g.up : g.down).get() + e * d * f;
+      const float* src = (which == 0 ? g.gate : which == 1 ? g.up : g.down) + e * d * f;
       for (int64_t j = 0; j < d * f; j += kW) Store(dst + j, Load(dst + j) + Load(src + j));
     }
   });
+  ReleaseLarge();
   return ffi::Error::Success();
 }
 
@@ -413,10 +455,15 @@ static auto BindInputs() {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertsForward, Forward,
-                              BindInputs().Ret<ffi::Buffer<ffi::F32>>());
+                              BindInputs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeExpertsBackward, Backward,
                               BindInputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -5,8 +5,8 @@ is sum over the computed pairs (t, j) of combine[t, j] * (silu(x Wg) * (x Wu)) W
 expert_ids[t, j]; an id of -1 marks a pair that is not computed (dropped by the capacity limit,
 or padding). The routing, the capacity limit and the combine weights stay in
 moe_lvlm/models/moe.py; this replaces the gathers and the expert dots. Computed in float32
-whatever the input dtype; the custom VJP gives dx, d(combine) and the weight gradients
-(recomputing the hidden activations). CPU only; the library is built on first use
+whatever the input dtype; under differentiation the forward keeps x Wg and x Wu of the computed
+pairs and the custom VJP gives dx, d(combine) and the weight gradients. CPU only; the library is built on first use
 (moe_lvlm/kernels/build.py). Under a mesh the call runs inside `jax.shard_map` over the batch
 axes with the expert weights replicated (expert-parallel meshes keep the routed path).
 """
@@ -83,22 +83,31 @@ def routed_swiglu(
     return y.astype(x.dtype)
 
 
-@jax.custom_vjp
-def _experts(x, ids, combine, gate, up, down):
-    call = jax.ffi.ffi_call(_FORWARD, jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                            vmap_method="sequential")
+def _forward(x, ids, combine, gate, up, down, save: bool):
+    """y, and x Wg, x Wu of the computed pairs sorted by expert ([T * k, f]; [0, f] unless
+    `save`)."""
+    rows = ids.size if save else 0
+    hidden = jax.ShapeDtypeStruct((rows, gate.shape[-1]), jnp.float32)
+    shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32), hidden, hidden)
+    call = jax.ffi.ffi_call(_FORWARD, shapes, vmap_method="sequential")
     return call(x, ids, combine, gate, up, down)
 
 
+@jax.custom_vjp
+def _experts(x, ids, combine, gate, up, down):
+    return _forward(x, ids, combine, gate, up, down, save=False)[0]
+
+
 def _experts_fwd(x, ids, combine, gate, up, down):
-    return _experts(x, ids, combine, gate, up, down), (x, ids, combine, gate, up, down)
+    y, g, u = _forward(x, ids, combine, gate, up, down, save=True)
+    return y, (x, ids, combine, gate, up, down, g, u)
 
 
 def _experts_bwd(residuals, dy):
-    x, ids, combine, gate, up, down = residuals
+    x, combine, gate, up, down = (residuals[i] for i in (0, 2, 3, 4, 5))
     shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, combine, gate, up, down))
     call = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method="sequential")
-    dx, dcombine, dgate, dup, ddown = call(x, ids, combine, gate, up, down, dy.astype(jnp.float32))
+    dx, dcombine, dgate, dup, ddown = call(*residuals, dy.astype(jnp.float32))
     return dx, None, dcombine, dgate, dup, ddown
 
 
