@@ -6,9 +6,10 @@ expert_ids[t, j]; an id of -1 marks a pair that is not computed (dropped by the 
 or padding). The routing, the capacity limit and the combine weights stay in
 moe_lvlm/models/moe.py; this replaces the gathers and the expert dots. Computed in float32
 whatever the input dtype; under differentiation the forward keeps x Wg and x Wu of the computed
-pairs and the custom VJP gives dx, d(combine) and the weight gradients. CPU only; the library is built on first use
-(moe_lvlm/kernels/build.py). Under a mesh the call runs inside `jax.shard_map` over the batch
-axes with the expert weights replicated (expert-parallel meshes keep the routed path).
+pairs and the custom VJP gives dx, d(combine) and the weight gradients. CPU only; the library
+is built on first use (moe_lvlm/kernels/build.py). Under a mesh the call runs inside
+`jax.shard_map` over the batch axes with the expert weights replicated (expert-parallel meshes
+keep the routed path).
 """
 
 import functools
