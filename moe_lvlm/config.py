@@ -209,8 +209,20 @@ def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> No
     if model.attention not in ATTENTIONS:
         raise ConfigError(f"model.attention={model.attention!r}: use one of {ATTENTIONS}")
     moe_layer_indices(d.moe_layers, d.num_layers)
-    moe_layer_indices(v.moe_layers, v.depth)
+    vision_moe = moe_layer_indices(v.moe_layers, v.depth)
     _validate_moe(model.moe, expert_axis)
+    if model.moe.get("expert_compute", "auto") == "native":
+        # The kernel computes SwiGLU experts only (moe_lvlm/kernels/native_moe.py).
+        why = None
+        if expert_axis > 1:
+            why = f"mesh expert axis {expert_axis} (expert parallelism needs 'routed')"
+        elif d.get("ffn", "swiglu") != "swiglu" or d.get("activation", "silu") != "silu":
+            why = "the decoder's FFN is not SwiGLU (model.decoder.ffn / activation)"
+        elif vision_moe or model.projector.get("moe", False):
+            why = "the vision tower's or projector's MoE experts are GELU MLPs"
+        if why:
+            raise ConfigError(f"model.moe.expert_compute='native' cannot run: {why}; use 'auto' "
+                              "(native where it can run) or 'routed'")
 
 
 def validate(

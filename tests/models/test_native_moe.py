@@ -177,3 +177,17 @@ def test_auto_is_native_for_swiglu_on_cpu(gated, activation, native):
     params = layer.init(jax.random.PRNGKey(0), x)
     hlo = jax.jit(layer.apply).lower(params, x).as_text()
     assert ("moe_lvlm_experts_forward" in hlo) == native
+
+
+def test_native_layer_in_bfloat16_computes_in_float32():
+    """bf16 activations and weights in, bf16 out: the kernel's float32 result, rounded."""
+    cfg = moe_config(expert_compute="native", dispatch="capacity")
+    params = random_moe_params(np.random.default_rng(0), 16, 32, 16, cfg.num_experts, True)
+    x = np.random.default_rng(1).normal(size=(2, 8, 16)).astype(np.float32)
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    p16 = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    p32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p16)
+    y16 = moe.MoeFeedForward(cfg, 32, dtype=jnp.bfloat16).apply({"params": p16}, x16)[0]
+    y32 = moe.MoeFeedForward(cfg, 32).apply({"params": p32}, x16.astype(jnp.float32))[0]
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=2e-2, rtol=1e-2)
