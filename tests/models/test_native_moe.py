@@ -191,3 +191,12 @@ def test_native_layer_in_bfloat16_computes_in_float32():
     y32 = moe.MoeFeedForward(cfg, 32).apply({"params": p32}, x16.astype(jnp.float32))[0]
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=2e-2, rtol=1e-2)
+
+
+def test_auto_without_the_kernel_is_routed(monkeypatch):
+    """No compiler (the build warned and returned None): 'auto' runs the routed path."""
+    monkeypatch.setattr(native_moe, "available", lambda: False)
+    layer = moe.MoeFeedForward(moe_config(), 32)
+    x = jnp.ones((1, 4, 16))
+    params = layer.init(jax.random.PRNGKey(0), x)
+    assert "moe_lvlm_experts" not in jax.jit(layer.apply).lower(params, x).as_text()
