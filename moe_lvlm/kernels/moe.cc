@@ -380,6 +380,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   ParallelFor(pool, p.tile_start.size(), [&](int64_t i) {
     ForwardTile(p, i, y_pairs, g, u);
   });
+  if (save) {  // rows past the computed pairs: defined, never read
+    const int64_t used = p.pairs.size() * p.f, size = p.t * p.k * p.f;
+    std::fill(g + used, g + size, 0.0f);
+    std::fill(u + used, u + size, 0.0f);
+  }
   ParallelTokens(pool, p.t, [&](int64_t t0, int64_t t1) {
     SumPairs(p, ids.typed_data(), y_pairs, t0, t1, y->typed_data());
   });
