@@ -11,7 +11,7 @@ from moe_lvlm.cli import UserError
 DISPATCH_MODES = ("dropless", "capacity")
 GROUPED_MATMULS = ("auto", "xla", "tiled", "mosaic", "megablox")
 EP_DISPATCHES = ("auto", "all_gather", "ragged_a2a", "a2a_buffer")
-EXPERT_COMPUTES = ("routed", "dense")
+EXPERT_COMPUTES = ("auto", "routed", "dense", "native")
 # MoE routing options (moe_lvlm/presets.py:moe_defaults documents each; moe_lvlm/models/moe.py).
 COMBINE_MODES = ("auto", "softmax", "renorm_chosen", "renorm_kept")
 NOISE_MODES = ("none", "train", "always")
@@ -136,7 +136,7 @@ def _validate_moe(moe: ml_collections.ConfigDict, expert_axis: int) -> None:
         raise ConfigError(
             f"model.moe.ep_dispatch={moe.ep_dispatch!r} is unknown; use one of {EP_DISPATCHES}"
         )
-    if moe.get("expert_compute", "routed") not in EXPERT_COMPUTES:
+    if moe.get("expert_compute", "auto") not in EXPERT_COMPUTES:
         raise ConfigError(
             f"model.moe.expert_compute={moe.expert_compute!r} is unknown; use one of "
             f"{EXPERT_COMPUTES}"
@@ -209,8 +209,20 @@ def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> No
     if model.attention not in ATTENTIONS:
         raise ConfigError(f"model.attention={model.attention!r}: use one of {ATTENTIONS}")
     moe_layer_indices(d.moe_layers, d.num_layers)
-    moe_layer_indices(v.moe_layers, v.depth)
+    vision_moe = moe_layer_indices(v.moe_layers, v.depth)
     _validate_moe(model.moe, expert_axis)
+    if model.moe.get("expert_compute", "auto") == "native":
+        # The kernel computes SwiGLU experts only (moe_lvlm/kernels/native_moe.py).
+        why = None
+        if expert_axis > 1:
+            why = f"mesh expert axis {expert_axis} (expert parallelism needs 'routed')"
+        elif d.get("ffn", "swiglu") != "swiglu" or d.get("activation", "silu") != "silu":
+            why = "the decoder's FFN is not SwiGLU (model.decoder.ffn / activation)"
+        elif vision_moe or model.projector.get("moe", False):
+            why = "the vision tower's or projector's MoE experts are GELU MLPs"
+        if why:
+            raise ConfigError(f"model.moe.expert_compute='native' cannot run: {why}; use 'auto' "
+                              "(native where it can run) or 'routed'")
 
 
 def validate(

@@ -31,10 +31,13 @@ def moe_defaults() -> ml_collections.ConfigDict:
             # (ragged_a2a on GPU/TPU, a2a_buffer on CPU). moe_lvlm/models/dropless_ep.py.
             ep_dispatch="auto",
             # How the experts run: 'routed' (each token through its chosen experts, by the
-            # dispatch above) or 'dense' (every expert on every token, weighted by the combine
+            # dispatch above), 'dense' (every expert on every token, weighted by the combine
             # weights, zero for pairs not chosen or dropped: the same result at E / k times the
-            # expert FLOPs, no gathers; slower on the CPU box at E=4, k=2); moe_lvlm/models/moe.py.
-            expert_compute="routed",
+            # expert FLOPs, no gathers; slower on the CPU box at E=4, k=2), 'native' (CPU: the
+            # kept pairs of either dispatch through a fused C++ SwiGLU kernel,
+            # moe_lvlm/kernels/native_moe.py) or 'auto' ('native' on CPU for the SwiGLU
+            # experts without expert parallelism, else 'routed'); moe_lvlm/models/moe.py.
+            expert_compute="auto",
             # Capacity per expert and routing group = max(min_capacity, ceil(tokens / E * top_k *
             # factor)) (DeepSpeed's formula); the group is each 'sequence' or all tokens of a
             # 'batch_shard' (the rows on one device, flattened: DeepSpeed's per-device gating).

@@ -19,7 +19,9 @@ The three steps are separate pure functions; `MoeFeedForward` owns the parameter
 3. experts:  SwiGLU (decoder) or GELU-family MLP with bias (ViT, projector) per expert; with
              `moe.expert_compute='dense'` every expert on every token instead, weighted by
              combine weights that are zero where the dispatch would not compute
-             (`experts_all_tokens`: the same result, no gathers, E / k times the FLOPs).
+             (`experts_all_tokens`: the same result, no gathers, E / k times the FLOPs);
+             with 'native' (CPU, SwiGLU) a fused C++ kernel computes the kept pairs of either
+             dispatch (moe_lvlm/kernels/native_moe.py).
 
 With a mesh whose `expert` axis is > 1 the capacity path is expert-parallel: the dispatched slots
 travel to the devices that hold their experts with `all_to_all` inside `jax.shard_map` and come
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from moe_lvlm.kernels import native_moe
 from moe_lvlm.models import matmul
 from moe_lvlm.models.dropless_ep import default_ep_dispatch, dropless_expert_parallel
 from moe_lvlm.models.grouped_matmul import default_grouped_matmul, grouped_matmul
@@ -391,16 +394,19 @@ class MoeFeedForward(nn.Module):
         )()
         weights = {name: w.astype(self.dtype) for name, w in weights.items()}
         x = x.astype(self.dtype)
-        compute = cfg.get("expert_compute", "routed")
+        compute = self._expert_compute(d_in, d_out)
 
-        if cfg.dispatch == "dropless" and compute == "dense":
+        if cfg.dispatch == "dropless" and compute in ("dense", "native"):
             kept = valid[..., None] & jnp.ones_like(expert_ids, bool)
             if combine_mode == "renorm_kept":
                 combine = renorm_over_kept(combine, kept)
-            y = experts_all_tokens(
-                weights, x, per_expert(expert_ids, combine, num_experts), self.activation,
-                self.gated,
-            )
+            if compute == "native":
+                y = self._native(weights, x, expert_ids, combine, kept)
+            else:
+                y = experts_all_tokens(
+                    weights, x, per_expert(expert_ids, combine, num_experts), self.activation,
+                    self.gated,
+                )
         elif cfg.dispatch == "dropless":
             ep = cfg.get("ep_dispatch", "auto")
             if ep == "auto":
@@ -453,12 +459,15 @@ class MoeFeedForward(nn.Module):
             priority = None
             if cfg.get("drop_policy", "position") == "random":
                 priority = jax.random.uniform(self._drop_rng(), expert_ids.shape)
-            if compute == "dense":
+            if compute in ("dense", "native"):
                 kept = capacity_slots(expert_ids, valid, num_experts, cap, priority)[1]
                 if combine_mode == "renorm_kept":
                     combine = renorm_over_kept(combine, kept)
-                gates = per_expert(expert_ids, combine * kept, num_experts)
-                y = experts_all_tokens(weights, x, gates, self.activation, self.gated)
+                if compute == "native":
+                    y = self._native(weights, x, expert_ids, combine, kept)
+                else:
+                    gates = per_expert(expert_ids, combine * kept, num_experts)
+                    y = experts_all_tokens(weights, x, gates, self.activation, self.gated)
             else:
                 y, kept = self._capacity_dispatch(
                     weights, x, expert_ids, combine, valid, cap, priority, combine_mode)
@@ -486,6 +495,31 @@ class MoeFeedForward(nn.Module):
         picked = gather_rows(ye, flat.reshape(groups_n, tokens * self.config.top_k))
         picked = picked.reshape(groups_n, tokens, self.config.top_k, -1)
         return weighted_sum(picked, combine.astype(self.dtype)), kept
+
+    def _expert_compute(self, d_in: int, d_out: int) -> str:
+        """`moe.expert_compute` with 'auto' resolved: 'native' where the kernel can compute this
+        layer (CPU, SwiGLU experts, no expert parallelism), else 'routed'."""
+        compute = self.config.get("expert_compute", "auto")
+        if compute not in ("auto", "native"):
+            return compute
+        reason = native_moe.unsupported(self.activation, self.gated, d_in, self.hidden_dim)
+        if d_out != d_in:
+            reason = f"output width {d_out} differs from input width {d_in}"
+        if self.mesh is not None and self.mesh.shape["expert"] > 1:
+            reason = "the mesh's expert axis is > 1 (expert parallelism needs the routed path)"
+        if compute == "auto":
+            # benchmarks/RESULTS.md, seventh session: faster in the CPU step at every shape.
+            usable = not reason and jax.default_backend() == "cpu" and native_moe.available()
+            return "native" if usable else "routed"
+        if reason:
+            raise ValueError(f"model.moe.expert_compute='native': {reason}; use 'routed'")
+        return compute
+
+    def _native(self, weights, x, expert_ids, combine, kept):
+        """The fused C++ experts (moe_lvlm/kernels/native_moe.py) on the kept pairs."""
+        ids = jnp.where(kept, expert_ids, -1)
+        return native_moe.routed_swiglu(
+            x, ids, combine, weights["gate"], weights["up"], weights["down"], self.mesh)
 
     def _noise_rng(self, train: bool) -> Array | None:
         """Key of the second-choice noise, or None without noise. Outside training without a

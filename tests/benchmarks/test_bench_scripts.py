@@ -45,7 +45,8 @@ def test_train_step_both_systems(tmp_path):
 def test_step_ab_interleaves_variants():
     """Two variants in their own workers: one MoE layer routed and dense (the same loss)."""
     text = run("step_ab.py", "--shape", "tiny:1:24:2", "--rounds", "2", "--warmup", "1",
-               "--variant", "routed", "--variant", "dense:moe.expert_compute=dense")
+               "--variant", "routed:moe.expert_compute=routed", "--variant",
+               "dense:moe.expert_compute=dense")
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()
             if line.startswith("| routed") or line.startswith("| dense")}
     assert set(rows) == {"routed", "dense"}, text

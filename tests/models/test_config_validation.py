@@ -57,6 +57,15 @@ BAD = {
         lambda c: c.model.moe.update(expert_compute="sparse"), 1,
         ["model.moe.expert_compute='sparse'", "routed", "dense"],
     ),
+    "native_experts_with_expert_parallelism": (
+        lambda c: (c.model.moe.update(expert_compute="native"), c.mesh.update(data=2, expert=4)),
+        8, ["expert_compute='native'", "expert axis 4", "'auto'"],
+    ),
+    "native_experts_with_vision_moe": (
+        lambda c: (c.model.moe.update(expert_compute="native"),
+                   c.model.vision.update(moe_layers="all")), 1,
+        ["expert_compute='native'", "GELU", "'routed'"],
+    ),
     "unknown_grouped_matmul": (
         lambda c: c.model.moe.update(grouped_matmul="cutlass"), 1,
         ["model.moe.grouped_matmul='cutlass'", "megablox"],
