@@ -19,6 +19,7 @@ CAPACITY_GROUPS = ("sequence", "batch_shard")
 DROP_POLICIES = ("position", "random")
 # moe_lvlm/models/attention.py
 ATTENTIONS = ("auto", "xla", "cudnn", "blockwise", "splash", "native")
+DENSE_FFNS = ("auto", "xla", "native")  # moe_lvlm/models/layers.py:DenseFeedForward
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -172,7 +173,29 @@ def _validate_moe(moe: ml_collections.ConfigDict, expert_axis: int) -> None:
             raise ConfigError(f"model.moe.{name}={moe[name]} must be positive")
 
 
-def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> None:
+def _validate_dense_ffn(model: ml_collections.ConfigDict, tensor_axis: int) -> None:
+    choice = model.get("dense_ffn", "auto")
+    if choice not in DENSE_FFNS:
+        raise ConfigError(f"model.dense_ffn={choice!r}: use one of {DENSE_FFNS}")
+    if choice != "native":
+        return
+    d = model.decoder
+    why = None
+    if d.get("ffn", "swiglu") != "swiglu" or d.get("activation", "silu") != "silu":
+        why = "the decoder's FFN is not SwiGLU (model.decoder.ffn / activation)"
+    elif d.embed_dim % 16 or d.mlp_dim % 16:
+        why = (f"model.decoder.embed_dim={d.embed_dim} and mlp_dim={d.mlp_dim} must be "
+               "multiples of 16")
+    elif tensor_axis > 1:
+        why = f"mesh tensor axis {tensor_axis} (the kernel needs whole weights)"
+    if why:
+        raise ConfigError(f"model.dense_ffn='native' cannot run: {why}; use 'auto' (native where "
+                          "it can run) or 'xla'")
+
+
+def validate_model(
+    model: ml_collections.ConfigDict, expert_axis: int = 1, tensor_axis: int = 1
+) -> None:
     """Raises ConfigError naming the field to change when the model config cannot work."""
     v, d = model.vision, model.decoder
     num_patches(v)
@@ -211,6 +234,7 @@ def validate_model(model: ml_collections.ConfigDict, expert_axis: int = 1) -> No
     moe_layer_indices(d.moe_layers, d.num_layers)
     vision_moe = moe_layer_indices(v.moe_layers, v.depth)
     _validate_moe(model.moe, expert_axis)
+    _validate_dense_ffn(model, tensor_axis)
     if model.moe.get("expert_compute", "auto") == "native":
         # The kernel computes SwiGLU experts only (moe_lvlm/kernels/native_moe.py).
         why = None
@@ -240,7 +264,8 @@ def validate(
             f"mesh.num_slices={slices} must be >= 1 and divide the data axis (size {shape[0]}): "
             "each slice holds whole data-parallel replicas; make mesh.data a multiple of it"
         )
-    validate_model(cfg.model, expert_axis=shape[MESH_AXES.index("expert")])
+    validate_model(cfg.model, expert_axis=shape[MESH_AXES.index("expert")],
+                   tensor_axis=shape[MESH_AXES.index("tensor")])
     if stage_sections(cfg):  # a training config (not a bare model or base config)
         validate_training(cfg, overrides)
     return shape

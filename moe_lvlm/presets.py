@@ -115,6 +115,11 @@ def tiny() -> ml_collections.ConfigDict:
             param_dtype="float32",
             remat="none",
             attention="auto",
+            # The decoder's dense SwiGLU FFN: 'xla' (three dots), 'native' (CPU: the fused C++
+            # expert kernel as one expert, moe_lvlm/kernels/native_moe.py; same parameters) or
+            # 'auto' ('native' on CPU for a SwiGLU without biases, widths multiples of 16 and
+            # mesh.tensor 1, else 'xla').
+            dense_ffn="auto",
         )
     )
 

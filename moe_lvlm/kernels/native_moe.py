@@ -10,6 +10,9 @@ pairs and the custom VJP gives dx, d(combine) and the weight gradients. CPU only
 is built on first use (moe_lvlm/kernels/build.py). Under a mesh the call runs inside
 `jax.shard_map` over the batch axes with the expert weights replicated (expert-parallel meshes
 keep the routed path).
+
+`dense_swiglu(x, gate [d, f], up, down [f, d])` is the same kernel on a dense SwiGLU FFN (one
+expert, every token, weight 1): `model.dense_ffn='native'` for the decoder's dense layers.
 """
 
 import functools
@@ -82,6 +85,50 @@ def routed_swiglu(
                              out_specs=rows, check_vma=False)
     y = body(f32[0], expert_ids.astype(jnp.int32), *f32[1:])
     return y.astype(x.dtype)
+
+
+def dense_ffn_unsupported(
+    activation: str, gated: bool, use_bias: bool, d: int, f: int, d_out: int, mesh: Mesh | None,
+) -> str | None:
+    """Why the kernel cannot compute this dense FFN, or None if it can."""
+    if use_bias:
+        return "the FFN has biases"
+    if d_out != d:
+        return f"output width {d_out} differs from input width {d}"
+    if mesh is not None and mesh.shape["tensor"] > 1:
+        return f"the mesh's tensor axis is {mesh.shape['tensor']} (the kernel needs whole weights)"
+    return unsupported(activation, gated, d, f)
+
+
+def resolve_dense_ffn(
+    choice: str, activation: str, gated: bool, use_bias: bool, d: int, f: int, d_out: int,
+    mesh: Mesh | None = None,
+) -> str:
+    """`model.dense_ffn` with 'auto' resolved: 'native' on CPU where the kernel builds and can
+    compute this FFN, else 'xla'. Raises ValueError for a 'native' that cannot run."""
+    if choice == "xla":
+        return choice
+    reason = dense_ffn_unsupported(activation, gated, use_bias, d, f, d_out, mesh)
+    if not reason and jax.default_backend() != "cpu":
+        reason = f"the backend is {jax.default_backend()} (the kernel is CPU-only)"
+    if choice == "auto":
+        return "native" if not reason and available() else "xla"
+    if choice != "native":
+        raise ValueError(f"model.dense_ffn={choice!r}: use 'auto', 'xla' or 'native'")
+    if reason:
+        raise ValueError(f"model.dense_ffn='native' cannot run: {reason}; use 'auto' or 'xla'")
+    return choice
+
+
+def dense_swiglu(
+    x: Array, gate: Array, up: Array, down: Array, mesh: Mesh | None = None
+) -> Array:
+    """(silu(x Wg) * (x Wu)) Wd of x [..., d] with gate, up [d, f] and down [f, d], through the
+    expert kernel as one expert taken by every token with weight 1."""
+    lead = x.shape[:-1]
+    ids = jnp.zeros((*lead, 1), jnp.int32)
+    combine = jnp.ones((*lead, 1), jnp.float32)  # a constant: its gradient is dropped
+    return routed_swiglu(x, ids, combine, gate[None], up[None], down[None], mesh)
 
 
 def _forward(x, ids, combine, gate, up, down, save: bool):

@@ -115,7 +115,9 @@ class DecoderBlock(nn.Module):
             )(h, valid, train=self.train)
         else:
             h = DenseFeedForward(
-                d.mlp_dim, activation=act, gated=gated, use_bias=not gated, name="mlp", **kw
+                d.mlp_dim, activation=act, gated=gated, use_bias=not gated,
+                implementation=self.config.get("dense_ffn", "auto"), mesh=self.mesh, name="mlp",
+                **kw,
             )(h)
         if variant(d, "parallel_block"):
             h = h + attn

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moe_lvlm.kernels import native_moe
 from moe_lvlm.models import attention, matmul
 
 Array = jax.Array
@@ -99,6 +100,26 @@ def rope(x: Array, positions: Array, theta: float, fraction: float = 1.0) -> Arr
     return out.astype(x.dtype)
 
 
+def projection_kernel(module: nn.Module, in_shape, features, axes, dtype) -> Array:
+    """The 'kernel' parameter of a `Projection` from in_shape onto features."""
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "normal", in_axis=tuple(range(len(in_shape)))
+    )
+    return param_with_axes(module, "kernel", init, (*in_shape, *features), axes, dtype)
+
+
+class ProjectionKernel(nn.Module):
+    """A `Projection`'s kernel (same name, init and axes) for a caller that applies it itself."""
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_shape: tuple[int, ...]) -> Array:
+        return projection_kernel(self, in_shape, self.features, self.kernel_axes, self.param_dtype)
+
+
 class Projection(nn.Module):
     """A dense map over the trailing `in_axes` of x onto `features` (DenseGeneral with axes)."""
 
@@ -111,16 +132,8 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        in_shape = x.shape[-self.in_dims :]
-        kernel = param_with_axes(
-            self,
-            "kernel",
-            nn.initializers.variance_scaling(
-                1.0, "fan_in", "normal", in_axis=tuple(range(self.in_dims))
-            ),
-            (*in_shape, *self.features),
-            self.kernel_axes,
-            self.param_dtype,
+        kernel = projection_kernel(
+            self, x.shape[-self.in_dims :], self.features, self.kernel_axes, self.param_dtype
         )
         y = matmul.dense(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
         if self.use_bias:
@@ -236,19 +249,39 @@ class Attention(nn.Module):
 
 
 class DenseFeedForward(nn.Module):
-    """Dense FFN: SwiGLU (gate/up/down, no bias) or a two-layer MLP (fc1/fc2 with bias)."""
+    """Dense FFN: SwiGLU (gate/up/down, no bias) or a two-layer MLP (fc1/fc2 with bias).
+
+    `implementation` ('auto' | 'xla' | 'native'; `model.dense_ffn`): 'native' runs a SwiGLU
+    through the fused CPU expert kernel (moe_lvlm/kernels/native_moe.py) with the same
+    parameters; 'auto' picks it where it can run.
+    """
 
     hidden_dim: int
     out_dim: int | None = None
     activation: str = "silu"
     gated: bool = True
     use_bias: bool = False
+    implementation: str = "xla"
+    mesh: Any = None
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        out_dim = self.out_dim or x.shape[-1]
+        d, f = x.shape[-1], self.hidden_dim
+        out_dim = self.out_dim or d
+        implementation = native_moe.resolve_dense_ffn(
+            self.implementation, self.activation, self.gated, self.use_bias, d, f, out_dim,
+            self.mesh,
+        )
+        if implementation == "native":
+            gate, up, down = (
+                ProjectionKernel((n,), axes, self.param_dtype, name=name)((m,)).astype(self.dtype)
+                for name, m, n, axes in (("gate", d, f, ("embed", "mlp")),
+                                         ("up", d, f, ("embed", "mlp")),
+                                         ("down", f, d, ("mlp", "embed")))
+            )
+            return native_moe.dense_swiglu(x.astype(self.dtype), gate, up, down, self.mesh)
         kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         act = activation_fn(self.activation)
         if self.gated:
