@@ -3,7 +3,8 @@ in a subprocess: the device count must be fixed before jax is imported).
 
 Batch over (data 2, fsdp 2, tensor 2), capacity dispatch: output and gradients under jit with
 sharded inputs must equal the same layer without a mesh, and the compiled program must hold no
-all-to-all (each device runs the kernel on its own rows). Prints `RESULT {json}`.
+all-to-all (each device runs the kernel on its own rows). Also the native dense SwiGLU FFN
+(`model.dense_ffn='native'`) with the batch over (data 4, fsdp 2). Prints `RESULT {json}`.
 """
 
 import json
@@ -23,6 +24,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from moe_lvlm.models import moe  # noqa: E402
+from moe_lvlm.models.layers import DenseFeedForward  # noqa: E402
 from moe_lvlm.parallel.mesh import BATCH_AXES, make_mesh  # noqa: E402
 from tests.models.test_moe_reference import moe_config, random_moe_params  # noqa: E402
 
@@ -50,7 +52,27 @@ def main():
                 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
     collectives = sorted({op for op in ("all-gather", "all-reduce", "all-to-all",
                                          "collective-permute") if op in hlo})
-    print("RESULT " + json.dumps({"worst": worst, "collectives": collectives}))
+    print("RESULT " + json.dumps({"worst": worst, "collectives": collectives,
+                                  "dense_worst": dense_ffn_worst(x, cot)}))
+
+
+def dense_ffn_worst(x, cot):
+    """The native dense SwiGLU FFN with the batch over (data 4, fsdp 2) against no mesh."""
+    mesh = make_mesh((4, 2, 1, 1))
+
+    def grads(layer, x_):
+        params = layer.init(jax.random.PRNGKey(0), x_)
+
+        def loss(p, xx):
+            return jnp.sum(layer.apply(p, xx) * cot)
+        return jax.grad(loss, argnums=(0, 1))(params, x_)
+
+    want = jax.jit(lambda x_: grads(DenseFeedForward(32, implementation="native"), x_))(x)
+    step = jax.jit(lambda x_: grads(
+        DenseFeedForward(32, implementation="native", mesh=mesh), x_))
+    got = step(jax.device_put(x, NamedSharding(mesh, P(BATCH_AXES))))
+    return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
 
 
 if __name__ == "__main__":

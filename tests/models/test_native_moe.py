@@ -154,8 +154,8 @@ def test_native_rejects_ungated_experts():
 
 
 def test_native_under_8_device_mesh():
-    """Batch split over (data, fsdp): equal to the unsharded native layer (run in a subprocess:
-    the device count is fixed before jax is imported)."""
+    """Batch split over (data, fsdp): equal to the unsharded native layer, and so is the native
+    dense FFN (run in a subprocess: the device count is fixed before jax is imported)."""
     script = os.path.join(os.path.dirname(__file__), "native_moe_sharding_check.py")
     result = subprocess.run([sys.executable, script], capture_output=True, text=True,
                             timeout=300, check=False)
@@ -164,6 +164,7 @@ def test_native_under_8_device_mesh():
     out = json.loads(line[len("RESULT "):])
     assert out["worst"] < 1e-4, out
     assert "all-to-all" not in out["collectives"], out
+    assert out["dense_worst"] < 1e-4, out
 
 
 @pytest.mark.parametrize("gated, activation, native", [(True, "silu", True),
