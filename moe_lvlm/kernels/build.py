@@ -1,10 +1,11 @@
 """Compiles a kernel's C++ source with the system g++ on first use and caches the shared library.
 
 The library lands in `$MOE_LVLM_KERNEL_CACHE` (default `$XDG_CACHE_HOME/moe_lvlm/kernels`, i.e.
-`~/.cache/moe_lvlm/kernels`) under a name keyed by the source, the flags, jaxlib's version and
-the host CPU (it is built with -march=native), so a changed source or a different machine builds
-anew. Concurrent builders (pytest-xdist workers) each compile to a private temporary file and
-rename it into place atomically. `MOE_LVLM_NATIVE_KERNELS=0` turns native kernels off.
+`~/.cache/moe_lvlm/kernels`) under a name keyed by the source and this package's headers, the
+flags, jaxlib's version and the host CPU (it is built with -march=native), so a changed source or
+a different machine builds anew. Concurrent builders (pytest-xdist workers) each compile to a
+private temporary file and rename it into place atomically. `MOE_LVLM_NATIVE_KERNELS=0` turns
+native kernels off.
 """
 
 import ctypes
@@ -48,7 +49,8 @@ def _cpu_key() -> str:
 def library_path(source: str) -> Path:
     """The cached library of `source` (a file name in this package)."""
     key = hashlib.sha256()
-    for part in ((_SOURCES / source).read_bytes(), " ".join(FLAGS).encode(),
+    headers = [h.read_bytes() for h in sorted(_SOURCES.glob("*.h"))]  # what sources include
+    for part in ((_SOURCES / source).read_bytes(), *headers, " ".join(FLAGS).encode(),
                  jaxlib.__version__.encode(), _cpu_key().encode()):
         key.update(part)
     return cache_dir() / f"{Path(source).stem}-{key.hexdigest()[:16]}.so"
@@ -87,3 +89,15 @@ def load(source: str) -> ctypes.CDLL | None:
         warnings.warn(f"native kernel {source} unavailable ({first}); using the JAX kernels",
                       stacklevel=2)
         return None
+
+
+def register(source: str, targets: dict[str, str]) -> bool:
+    """Loads `source`'s library (`load`) and registers each of its handler symbols with XLA:CPU
+    as the FFI target named by `targets` {target: symbol}; False if the library is unavailable."""
+    library = load(source)
+    if library is None:
+        return False
+    for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+    return True

@@ -30,13 +30,8 @@ _BACKWARD = "moe_lvlm_attention_backward"
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built, loaded and registered with XLA:CPU (warns once if not)."""
-    library = build.load("attention.cc")
-    if library is None:
-        return False
-    for name, symbol in ((_FORWARD, library.MoeAttentionForward),
-                         (_BACKWARD, library.MoeAttentionBackward)):
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
-    return True
+    return build.register("attention.cc", {_FORWARD: "MoeAttentionForward",
+                                           _BACKWARD: "MoeAttentionBackward"})
 
 
 def native_attention(

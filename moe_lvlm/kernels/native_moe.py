@@ -36,13 +36,8 @@ MULTIPLE = 16  # d and f must be multiples of this
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built, loaded and registered with XLA:CPU (warns once if not)."""
-    library = build.load("moe.cc")
-    if library is None:
-        return False
-    for name, symbol in ((_FORWARD, library.MoeExpertsForward),
-                         (_BACKWARD, library.MoeExpertsBackward)):
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
-    return True
+    return build.register("moe.cc", {_FORWARD: "MoeExpertsForward",
+                                     _BACKWARD: "MoeExpertsBackward"})
 
 
 def unsupported(activation: str, gated: bool, d: int, f: int) -> str | None:
