@@ -8,6 +8,8 @@ see the same load: their ratios are what to read.
       --variant base --variant dense:moe.expert_compute=dense --rounds 7
   PYTHONPATH=. python benchmarks/step_ab.py --shape tiny:4:256:8 --variant base \
       --variant xla:attention=xla --variant fm:xla_flags=--xla_cpu_enable_fast_math=true
+  PYTHONPATH=. python benchmarks/step_ab.py --shape tiny:8:1024:8 --variant ours \
+      --variant eager:torch=eager --variant compile:torch=compile --rounds 7
 
 Shapes: `demo2` / `demo3` are the demo's stage II (dense model, 32 x 80 tokens) and stage III
 (MoE, 32 x 40, FFNs + projector trained) steps as the demo's loop builds them (configs/demo.py:
@@ -15,7 +17,10 @@ its model, stage optimizer and mesh; synthetic batch); `tiny:LAYERS:SEQ:BATCH` i
 train_step.py's CPU shape (preset tiny with qk-norm, projector + decoder trained), data-parallel
 over the worker's devices (one unless its XLA_FLAGS say `--xla_force_host_platform_device_count`).
 Variant keys:
-dotted fields of the model config (`attention`, `moe.dispatch`, `moe.expert_compute`, ...);
+`torch` (eager | compile | eager_ckpt | compile_ckpt: the PyTorch/HF peer of train_step.py
+instead of ours, `tiny` shapes only: ours against PyTorch timed alternately, which a box whose
+speed drifts minute to minute needs); dotted fields of the model config (`attention`,
+`moe.dispatch`, `moe.expert_compute`, ...);
 for demo shapes `demo.ARG` (an argument of configs/demo.py, e.g. `demo.dispatch`); `xla_flags`
 (the worker's XLA_FLAGS, ';'-separated); `root` (another checkout of the repository, e.g. from
 `git worktree add /tmp/before HEAD~1`, whose model and training code the worker imports: a
@@ -136,12 +141,37 @@ def _set(cfg, dotted: str, value) -> None:
     cfg[leaf] = value
 
 
+def build_torch_step(shape: str, mode: str):
+    """The PyTorch/HF peer of a `tiny:LAYERS:SEQ:BATCH` shape (train_step.py's, fp32) in torch
+    `mode`: (one_step() -> loss, tokens)."""
+    from benchmarks import train_step
+
+    if not shape.startswith("tiny:"):
+        raise SystemExit(f"torch variants need a tiny:LAYERS:SEQ:BATCH shape, not {shape!r}")
+    _, layers, seq, batch_size = shape.split(":")
+    args = argparse.Namespace(preset="tiny", layers=int(layers), seq=int(seq),
+                              batch=int(batch_size), dtype="float32")
+    step, sync, _ = train_step.torch_peer(args, mode)
+    return lambda: float(sync(step()).detach()), args.batch * args.seq
+
+
 def worker(shape: str, fields: dict) -> None:
     """Compiles the variant, then takes one step per 'step' line on stdin, answering each with
     'STEP seconds loss'."""
     import jax
 
     t0 = time.perf_counter()
+    if "torch" in fields:
+        torch_step, tokens = build_torch_step(shape, fields["torch"])
+        torch_step()  # torch.compile compiles here
+        print(f"READY {time.perf_counter() - t0:.1f} {tokens}", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            t0 = time.perf_counter()
+            loss = torch_step()
+            print(f"STEP {time.perf_counter() - t0:.6f} {loss:.6f}", flush=True)
+        return
     compiled, state, batch, tokens = build_step(shape, fields)
     print(f"READY {time.perf_counter() - t0:.1f} {tokens}", flush=True)
     holder = {"state": state}

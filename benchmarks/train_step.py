@@ -128,16 +128,15 @@ def run_jax(args: argparse.Namespace, spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- peer
-def run_torch(args: argparse.Namespace, spec: dict) -> dict:
-    import time
-
+def torch_peer(args: argparse.Namespace, mode: str):
+    """The HF peer's AdamW step on `args`' shape in torch `mode` (TORCH_MODES):
+    (one_step() -> loss tensor, sync(loss) -> loss, model)."""
     import numpy as np
     import torch
     import transformers
 
     from moe_lvlm.interop import hf_export
 
-    mode = spec["name"]
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     cfg = common.model_config(args.preset, args.layers, args.dtype)
@@ -165,10 +164,9 @@ def run_torch(args: argparse.Namespace, spec: dict) -> dict:
     labels[torch.from_numpy(arrays["loss_mask"]).to(device) == 0] = -100
     pixels = torch.from_numpy(np.ascontiguousarray(arrays["images"][:, 0].transpose(0, 3, 1, 2)))
     pixels = pixels.to(device=device, dtype=dtype)
-    last = {}
 
     def one_step():
-        last["loss"] = loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -179,6 +177,24 @@ def run_torch(args: argparse.Namespace, spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         return loss
+
+    return one_step, sync, model
+
+
+def run_torch(args: argparse.Namespace, spec: dict) -> dict:
+    import time
+
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    peer_step, sync, model = torch_peer(args, spec["name"])
+    last = {}
+
+    def one_step():
+        last["loss"] = peer_step()
+        return last["loss"]
 
     t0 = time.perf_counter()
     sync(one_step())
