@@ -20,6 +20,7 @@ from configs import base, demo, models, stages
 from moe_lvlm.config import ConfigError, parse_arg
 
 SCALES = ("demo", "pod")
+ABLATION_STAGE3_STEPS = 1200  # stage III of the demo-scale sweeps (see ablation_config)
 DEFAULTS = dict(num_experts=4, top_k=2, moe_layers="every_other", dispatch="dropless",
                 combine_weights="auto", recipe="full")
 RECIPES = ("full", "no_stage1", "no_stage2")
@@ -56,6 +57,9 @@ def ablation_config(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         raise ConfigError(f"num_experts={args.num_experts} must be >= 1 (1 = dense)")
     if args.scale == "demo":
         cfg = demo.get_config(f"steps={args.steps}")
+        # The recorded sweeps (benchmarks/ablations/) ran stage III for 1200 steps, the demo's
+        # recipe before it moved to 1600 (configs/demo.py); they stay reproducible.
+        cfg.stage3.num_steps = max(1, round(ABLATION_STAGE3_STEPS * args.steps))
     else:
         cfg = pod_config()
         for name in cfg.stages.split(","):

@@ -132,7 +132,7 @@ def test_pod_scale_and_step_scaling():
     assert cfg.model.moe.num_experts == 8
     # MoE-LLaVA's stage steps (2180, 7530, 5200) halved.
     assert [cfg[s].num_steps for s in ("stage1", "stage2", "stage3")] == [1090, 3765, 2600]
-    demo = common.ablation_config("steps=0.1")  # the demo's (50, 800, 1200) x 0.1
+    demo = common.ablation_config("steps=0.1")  # the sweeps: (50, 800, 1200) x 0.1
     assert [demo[s].num_steps for s in ("stage1", "stage2", "stage3")] == [5, 80, 120]
 
 
