@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     # Stage III of 1600 steps: whether a seed learns the yes/no (presence) questions is a
     # threshold a run crosses or not. 800 steps left 2 seeds of 3 at chance; 1200 rescued them
     # on one commit and lost 2 of 3 again when the native CPU kernels changed the float rounding
-    # (yes/no 55.7 / 89.0 / 60.2); 1600 steps from the same stage IIs gave 94.8 / - / 91.6
+    # (yes/no 55.7 / 89.0 / 60.2); 1600 steps from the same stage IIs gave 94.8 / 93.2 / 91.6
     # (docs/training.md).
     for name, lr in (("stage1", 2e-3), ("stage2", 1e-3), ("stage3", 1e-3)):
         cfg[name].lr = lr
