@@ -250,7 +250,7 @@ def init_params(model, cfg, rng):
 # Where an XLA op's time goes, by the model part named in its source path (first match wins);
 # ops outside the model (no 'LVLM' in the path) are the loss, gradient clipping and AdamW.
 CPU_PARTS = (
-    ("attention: q/k/v/o projections", r"/attn/(q|k|v|o)/"),
+    ("attention: q/k/v/o projections", r"/attn/(attn\._proj/)?(q|k|v|o)/"),
     ("attention: scores, softmax, PV", r"/attn/"),
     ("MoE: router", r"/moe/.*(router|softmax|argmax|one_hot|top_k|log)"),
     ("MoE: dispatch, experts, combine", r"/moe/"),

@@ -62,8 +62,9 @@ def data_config() -> ml_collections.ConfigDict:
             # Batches buffered ahead per worker (or by a thread when num_workers=0).
             prefetch=2,
             # Keep every encoded record (token ids, preprocessed image) in memory after its first
-            # use, per process and source: for small datasets trained for several epochs
-            # (the demo); memory grows to the sources' size, with images as float32.
+            # use, per process and source (shared by the stages of a run): for small datasets
+            # trained for several epochs (the demo); memory grows to the sources' size, with
+            # images as float32.
             cache_encoded=False,
             seed=0,
         )

@@ -9,7 +9,8 @@ the vision pre-training's);
 measured with, and on CPU also the faster one at stage III's shape (32 x 40 tokens, 4 experts
 top-2: `dropless` runs 0.86x its step; benchmarks/RESULTS.md); stage II is dense.
 The stages see their 5,000-10,000-record splits for several epochs, so each record is encoded
-once and kept in memory (`data.cache_encoded`, a few hundred MB).
+once and kept in memory (`data.cache_encoded`, a few hundred MB; stage III reuses the records of
+`builtin:stage3` that stage II encoded).
 With no pretrained CLIP to start from, the demo pre-trains its vision tower on the built-in scenes
 (supervised, before stage I; docs/training.md) and keeps it frozen through the stages as MoE-LLaVA
 does, normalising images with the scenes' own pixel statistics.

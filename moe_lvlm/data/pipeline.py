@@ -113,21 +113,48 @@ class Encoder:
         )
 
     def __call__(self, record: dict) -> dict:
-        try:
+        return self.fit(self.full(record))
+
+    def full(self, record: dict) -> dict:
+        """The record encoded whole, whatever `seq_len`: {'ids', 'train', 'image', 'id',
+        'origin'}, or {'skip': reason, ...} (raises if strict). What `data.cache_encoded` keeps:
+        stages that differ only in seq_len share it."""
+        def encode():
             if "bad" in record:
                 raise conversation.BadRecord(record["bad"], record["message"])
-            return self.encode(record)
+            return dict(self.encode(record), id=record["id"], origin=record["origin"])
+
+        return self._guarded(encode, record.get("id"), record.get("origin"))
+
+    def fit(self, encoded: dict) -> dict:
+        """A `full` encoding cut to `seq_len`: {'ids', 'train', 'image', 'truncated'}, or
+        {'skip': reason, ...} (raises if strict)."""
+        if "skip" in encoded:
+            return encoded
+        return self._guarded(lambda: self._fit(encoded), encoded["id"], encoded["origin"])
+
+    def _guarded(self, fn, record_id, origin) -> dict:
+        try:
+            return fn()
         except conversation.BadRecord as e:
             if self.strict:
-                raise DataError(
-                    f"record {record['id']!r} in {record['origin']}: {e.reason}: {e}"
-                ) from None
-            return {"skip": e.reason, "id": str(record.get("id")), "origin": record.get("origin")}
+                raise DataError(f"record {record_id!r} in {origin}: {e.reason}: {e}") from None
+            return {"skip": e.reason, "id": str(record_id), "origin": origin}
 
     def encode(self, record: dict) -> dict:
+        """{'ids', 'train', 'image'} of a good record, untruncated; BadRecord otherwise."""
         enc = conversation.encode(
             record["turns"], self.template, self.tokenizer, self.num_image_tokens, self.system
         )
+        pixels = None
+        if record["image"] is not None:
+            pixels = image.preprocess(
+                self.load_image(record["image"]), self.image_size, self.mean, self.std, self.aspect
+            )
+        return {"ids": enc.ids, "train": enc.train, "image": pixels}
+
+    def _fit(self, encoded: dict) -> dict:
+        enc = conversation.Encoded(encoded["ids"], encoded["train"])
         truncated = len(enc.ids) > self.seq_len
         if truncated:
             if not self.truncate:
@@ -135,12 +162,8 @@ class Encoder:
                     "too_long", f"{len(enc.ids)} tokens > seq_len={self.seq_len}"
                 )
             enc = conversation.truncate(enc, self.seq_len, self.tokenizer.image_token_id)
-        pixels = None
-        if record["image"] is not None:
-            pixels = image.preprocess(
-                self.load_image(record["image"]), self.image_size, self.mean, self.std, self.aspect
-            )
-        return {"ids": enc.ids, "train": enc.train, "image": pixels, "truncated": truncated}
+        return {"ids": enc.ids, "train": enc.train, "image": encoded["image"],
+                "truncated": truncated}
 
     def prompt(self, record: dict) -> np.ndarray:
         """Ids of the record's conversation up to its last question, ready for generation."""
@@ -368,12 +391,12 @@ def skip_counts(iterator: DataIterator) -> dict[str, int]:
 
 
 class MemoisedMap(grain.MapDataset):
-    """`fn` over a finite MapDataset, each element computed once per process and kept in memory
-    (`data.cache_encoded`: a small dataset seen for several epochs is encoded once)."""
+    """`fn` over a finite MapDataset, each element computed once and kept in `memo` (a dict by
+    index; `data.cache_encoded`: a small dataset seen for several epochs is encoded once)."""
 
-    def __init__(self, parent: grain.MapDataset, fn):
+    def __init__(self, parent: grain.MapDataset, fn, memo: dict | None = None):
         super().__init__(parent)
-        self._fn, self._memo = fn, {}
+        self._fn, self._memo = fn, {} if memo is None else memo
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -390,21 +413,36 @@ class MemoisedMap(grain.MapDataset):
         return "MemoisedMap"
 
 
+class EncodedCache:
+    """The `data.cache_encoded` memos of one process, by source and encoding: the stages of one
+    training run that read a source with the same tokenizer, template and image settings share
+    its encoded records (`Encoder.full` does not depend on seq_len)."""
+
+    def __init__(self):
+        self._memos: dict[tuple, dict] = {}
+
+    def memo(self, spec: str, data_dir: str, encoder: Encoder) -> dict:
+        key = (spec, data_dir, dataclasses.replace(encoder, seq_len=0, truncate=False))
+        return self._memos.setdefault(key, {})
+
+
 def record_dataset(
     mixture: str | Sequence, data_dir: str, *, seed: int, shuffle: bool, num_epochs: int | None,
-    process_index: int, process_count: int, start_record: int = 0, encoder=None,
+    process_index: int, process_count: int, start_record: int = 0, encoder: Encoder | None = None,
+    cache: EncodedCache | None = None,
 ) -> grain.MapDataset:
     """The records this process reads: each source shuffled (own seed) and repeated, then mixed
     by weight, then every process_count-th element from `start_record + process_index`.
 
     With `encoder` each source's records are encoded before the shuffle, each once
-    (`MemoisedMap`); without, the records come out raw."""
+    (`MemoisedMap`, its memo from `cache`, else its own); without, the records come out raw."""
     pairs = sources.parse_mixture(mixture)
     parts = []
     for i, (spec, _) in enumerate(pairs):
         ds = grain.MapDataset.source(sources.open_source(spec, data_dir))
         if encoder is not None:
-            ds = MemoisedMap(ds, encoder)
+            memo = None if cache is None else cache.memo(spec, data_dir, encoder)
+            ds = MemoisedMap(ds, encoder.full, memo).map(encoder.fit)
         if shuffle:
             ds = ds.shuffle(seed=(seed * 1_000_003 + i) % 2**32)
         parts.append(ds.repeat(num_epochs))
@@ -425,6 +463,7 @@ def make_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     start_record: int = 0,
+    encoded_cache: EncodedCache | None = None,
 ) -> DataIterator:
     """The batch iterator of `mixture` (default `data.mixture`).
 
@@ -432,6 +471,8 @@ def make_iterator(
     train=False: in order, one epoch, the last batch padded with empty rows.
     process_index/process_count default to JAX's (override them to simulate several hosts).
     start_record: the mixed record stream starts there (a resume onto another process count).
+    encoded_cache: with `data.cache_encoded`, the memos to share with other iterators of this
+    process (the stages of a run); default: this iterator's own.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -450,7 +491,7 @@ def make_iterator(
         seed=data_cfg.seed, shuffle=train and data_cfg.shuffle,
         num_epochs=(None if train else 1) if num_epochs is None else num_epochs,
         process_index=process_index, process_count=process_count, start_record=start_record,
-        encoder=encoder if cache else None,
+        encoder=encoder if cache else None, cache=encoded_cache,
     )
     it_ds = (ds if cache else ds.map(encoder)).to_iter_dataset(
         grain.ReadOptions(num_threads=data_cfg.read_threads, prefetch_buffer_size=64)

@@ -125,8 +125,9 @@ class StageRunner:
     """Everything one stage needs, built once; `run` trains it to the end and returns params."""
 
     def __init__(self, cfg, name: str, names: list[str], workdir: paths.PathLike, mesh,
-                 tokenizer):
+                 tokenizer, encoded_cache: pipeline.EncodedCache | None = None):
         self.cfg, self.name, self.mesh, self.tokenizer = cfg, name, mesh, tokenizer
+        self.encoded_cache = encoded_cache  # shared by the stages of a run (data.cache_encoded)
         self.stage = cfg[name]
         self.dir = paths.path(workdir) / name
         self.model_cfg = stages_lib.stage_model(cfg, names, name)
@@ -203,7 +204,7 @@ class StageRunner:
         return pipeline.make_iterator(
             self.data_cfg, self.model_cfg, tokenizer, self.mesh,
             global_batch_size=self.stage.batch_size, mixture=self.stage.mixture or None,
-            start_record=start_record,
+            start_record=start_record, encoded_cache=self.encoded_cache,
         )
 
     def run(self, init_params: Any | None, data: pipeline.DataIterator, is_main: bool,
@@ -313,13 +314,14 @@ def _run_stages(cfg, workdir, mesh, tokenizer, pretrained, preemption) -> None:
     names = stage_names(cfg)
     is_main = jax.process_index() == 0
     held: dict[str, Any] = {}  # final parameters of the stage just trained, by name
+    encoded = pipeline.EncodedCache()
     for i, name in enumerate(names):
         total_steps = stage_num_steps(cfg, name)
         if consumed(cfg, names, i, workdir) and (
                 latest_step(workdir / name / "checkpoints") or 0) >= total_steps:
             print(f"{name}: already complete ({total_steps} steps), skipping", flush=True)
             continue
-        runner = StageRunner(cfg, name, names, workdir, mesh, tokenizer)
+        runner = StageRunner(cfg, name, names, workdir, mesh, tokenizer, encoded)
         try:
             data = runner.make_data(tokenizer)
             start, state, data = runner.restore(data)

@@ -199,6 +199,37 @@ def test_cache_encoded_same_batches_each_record_encoded_once(tmp_path, cfg, tok,
     assert len(calls) >= 120  # and a few read ahead
 
 
+def test_encoded_cache_shared_by_stages_of_another_seq_len(tmp_path, cfg, tok, monkeypatch):
+    """Two stages of one run share the encoded records of a source; the second, with a shorter
+    seq_len, cuts them itself: no record encoded again, the same batches and counts as alone."""
+    spec, _ = write_corpus(tmp_path)  # 44 tokens with an image, else 28
+    calls = []
+    encode = pipeline.Encoder.encode
+    monkeypatch.setattr(pipeline.Encoder, "encode",
+                        lambda self, record: calls.append(record["id"]) or encode(self, record))
+    cfg.data.update(cache_encoded=True, read_threads=0, truncate=True)  # no read-ahead thread
+    shared = pipeline.EncodedCache()
+
+    def run(seq_len, cache, n):
+        cfg.data.seq_len = seq_len
+        it = pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=4, mixture=spec,
+                                    encoded_cache=cache)
+        batches, counts = take(it, n), pipeline.skip_counts(it)
+        it.close()
+        return batches, counts
+
+    run(48, shared, 12)  # 48 samples: every record once at least
+    assert sorted(set(calls)) == sorted(calls) and len(calls) == N_RECORDS
+    calls.clear()
+    second, counts = run(42, shared, 12)
+    assert calls == []
+    alone, alone_counts = run(42, None, 12)
+    assert len(calls) >= N_RECORDS
+    assert_batches_equal(second, alone)
+    assert counts == alone_counts and counts["truncated"] > 0
+    assert second[0]["input_ids"].shape == (4, 42)
+
+
 def test_packing(tmp_path, cfg, tok):
     spec, records = write_corpus(tmp_path, every_image=2)  # 44 tokens with an image, else 28
     cfg.data.update(packing=True, max_images_per_row=2, seq_len=128)
