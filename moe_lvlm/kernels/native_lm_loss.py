@@ -44,8 +44,10 @@ def unsupported(d: int, tensor_axis: int) -> str | None:
 
 
 def resolve(choice: str, d: int, mesh: Mesh | None = None) -> str:
-    """`model.lm_head_loss` with 'auto' resolved: 'native' on CPU where the kernel builds and can
-    run, else 'xla'. Raises ValueError for a 'native' that cannot run."""
+    """`model.lm_head_loss` with 'auto' resolved: 'native' on one CPU device where the kernel
+    builds and can run, else 'xla' (multi-device CPU meshes, i.e. test meshes, keep 'xla' unless
+    'native' is asked for: it then runs in `jax.shard_map`). Raises ValueError for a 'native'
+    that cannot run."""
     if choice not in CHOICES:
         raise ValueError(f"model.lm_head_loss={choice!r}: use one of {CHOICES}")
     if choice == "xla":
@@ -54,7 +56,8 @@ def resolve(choice: str, d: int, mesh: Mesh | None = None) -> str:
     if not reason and jax.default_backend() != "cpu":
         reason = f"the backend is {jax.default_backend()} (the kernel is CPU-only)"
     if choice == "auto":
-        return "native" if not reason and available() else "xla"
+        one_device = mesh is None or mesh.size == 1
+        return "native" if not reason and one_device and available() else "xla"
     if not reason and not available():
         reason = "the kernel library is unavailable (see the warning above)"
     if reason:
