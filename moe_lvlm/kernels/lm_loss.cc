@@ -32,11 +32,15 @@ constexpr int64_t kTile = 48;    // tokens of a tile (a multiple of kMr)
 constexpr int64_t kChunk = 256;  // vocabulary columns of a logits chunk (a multiple of 16)
 constexpr int64_t kCols = kNv * kW;
 constexpr float kPadBias = -1e30f;
+// Row strides of the copies of W, W^T and the logits chunk get kCols extra columns: a stride of
+// a power of two bytes (4 KB for V = 1024) would map a column panel's rows onto one L1 set.
+constexpr int64_t kLdl = kChunk + kCols;
 
 struct Problem {
   int64_t n, d, v, vp;  // tokens, width, vocabulary, vocabulary padded to a multiple of kCols
+  int64_t ldw;          // row stride of w: vp + kCols
   const float* x;
-  const float* w;     // [d, vp]: the head, or its zero-padded copy
+  const float* w;     // [d, vp]: the head, zero-padded, row stride ldw
   const float* bias;  // [vp]: padded with kPadBias
   const int32_t* targets;
   std::vector<int64_t> rows;  // the active tokens, in order
@@ -79,15 +83,14 @@ ffi::Error Setup(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& w,
   std::memcpy(b, bias.typed_data(), p.v * sizeof(float));
   std::fill(b + p.v, b + p.vp, kPadBias);
   p.bias = b;
-  p.w = w.typed_data();
-  if (p.vp != p.v) {
-    float* padded = Kept(1, p.d * p.vp);
-    for (int64_t r = 0; r < p.d; ++r) {
-      std::memcpy(padded + r * p.vp, p.w + r * p.v, p.v * sizeof(float));
-      std::fill(padded + r * p.vp + p.v, padded + (r + 1) * p.vp, 0.0f);
-    }
-    p.w = padded;
+  p.ldw = p.vp + kCols;
+  float* padded = Kept(1, p.d * p.ldw);
+  const float* src = w.typed_data();
+  for (int64_t r = 0; r < p.d; ++r) {
+    std::memcpy(padded + r * p.ldw, src + r * p.v, p.v * sizeof(float));
+    std::fill(padded + r * p.ldw + p.v, padded + (r + 1) * p.ldw, 0.0f);
   }
+  p.w = padded;
   return ffi::Error::Success();
 }
 
@@ -98,18 +101,18 @@ void GatherRows(const Problem& p, int64_t tile, float* xs) {
   }
 }
 
-// l [n, cw] = xs W[:, c : c + cw] + b[c : c + cw].
+// l [n, cw] (row stride kLdl) = xs W[:, c : c + cw] + b[c : c + cw].
 void Logits(const Problem& p, const float* xs, int64_t n, int64_t c, int64_t cw, float* l) {
-  Gemm(n, cw, p.d, xs, p.d, p.w + c, p.vp, l, cw, false);
+  Gemm(n, cw, p.d, xs, p.d, p.w + c, p.ldw, l, kLdl, false);
   for (int64_t r = 0; r < n; ++r) {
-    for (int64_t j = 0; j < cw; j += kW) Store(l + r * cw + j, Load(l + r * cw + j) +
-                                                               Load(p.bias + c + j));
+    for (int64_t j = 0; j < cw; j += kW) Store(l + r * kLdl + j, Load(l + r * kLdl + j) +
+                                                                 Load(p.bias + c + j));
   }
 }
 
 void ForwardTile(const Problem& p, int64_t tile, float* nll, float* lse) {
   const int64_t n = p.tile_rows(tile);
-  float* xs = Scratch(kTile * (p.d + kChunk));
+  float* xs = Scratch(kTile * (p.d + kLdl));
   float* l = xs + kTile * p.d;
   float m[kTile], s[kTile], picked[kTile];
   std::fill(m, m + n, kPadBias);
@@ -119,7 +122,7 @@ void ForwardTile(const Problem& p, int64_t tile, float* nll, float* lse) {
     const int64_t cw = std::min(kChunk, p.vp - c);
     Logits(p, xs, n, c, cw, l);
     for (int64_t r = 0; r < n; ++r) {
-      const float* lr = l + r * cw;
+      const float* lr = l + r * kLdl;
       V mv = Splat(kPadBias);
       for (int64_t j = 0; j < cw; j += kW) {
         const V a = Load(lr + j);
@@ -146,11 +149,11 @@ struct Grads {
   float *w, *bias;
 };
 
-// wt: W^T [vp, d]; g: the nll's gradient per token.
+// wt: W^T [vp, d] (row stride d + kCols); g: the nll's gradient per token.
 void BackwardTile(const Problem& p, const float* wt, const float* lse, const float* g,
                   int64_t tile, float* dx, Grads& grads) {
   const int64_t n = p.tile_rows(tile), d = p.d;
-  float* xs = Scratch(kTile * (3 * d + kChunk));
+  float* xs = Scratch(kTile * (3 * d + kLdl));
   float *xt = xs + kTile * d, *dxs = xt + kTile * d, *l = dxs + kTile * d;
   GatherRows(p, tile, xs);
   Transpose(xs, n, d, xt);
@@ -160,7 +163,7 @@ void BackwardTile(const Problem& p, const float* wt, const float* lse, const flo
     Logits(p, xs, n, c, cw, l);
     for (int64_t r = 0; r < n; ++r) {  // l <- (softmax - onehot) * g, in place
       const int64_t i = p.rows[tile * kTile + r];
-      float* lr = l + r * cw;
+      float* lr = l + r * kLdl;
       const V gv = Splat(g[i]), lv = Splat(lse[i]);
       for (int64_t j = 0; j < cw; j += kW) Store(lr + j, Exp(Load(lr + j) - lv) * gv);
       const int64_t t = p.targets[i] - c;
@@ -168,8 +171,8 @@ void BackwardTile(const Problem& p, const float* wt, const float* lse, const flo
       float* db = grads.bias + c;
       for (int64_t j = 0; j < cw; j += kW) Store(db + j, Load(db + j) + Load(lr + j));
     }
-    Gemm(n, d, cw, l, cw, wt + c * d, d, dxs, d, true);
-    Gemm(d, cw, n, xt, n, l, cw, grads.w + c, p.vp, true);
+    Gemm(n, d, cw, l, kLdl, wt + c * (d + kCols), d + kCols, dxs, d, true);
+    Gemm(d, cw, n, xt, n, l, kLdl, grads.w + c, p.vp, true);
   }
   for (int64_t r = 0; r < n; ++r) {
     std::memcpy(dx + p.rows[tile * kTile + r] * d, dxs + r * d, d * sizeof(float));
@@ -199,10 +202,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   Problem p;
   if (ffi::Error error = Setup(x, w, bias, targets, g, p); error.failure()) return error;
   const int64_t d = p.d, vp = p.vp, v = p.v;
-  float* wt = Kept(2, vp * d);
+  const int64_t ldt = d + kCols;
+  float* wt = Kept(2, vp * ldt);
   ParallelFor(pool, (vp + kChunk - 1) / kChunk, [&](int64_t b) {  // W^T by column blocks
     for (int64_t c = b * kChunk; c < std::min(vp, (b + 1) * kChunk); ++c) {
-      for (int64_t r = 0; r < d; ++r) wt[c * d + r] = p.w[r * vp + c];
+      for (int64_t r = 0; r < d; ++r) wt[c * ldt + r] = p.w[r * p.ldw + c];
     }
   });
   std::fill(dx->typed_data(), dx->typed_data() + p.n * d, 0.0f);

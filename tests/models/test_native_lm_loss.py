@@ -122,7 +122,7 @@ def test_training_loss_native_matches_xla(decoder):
         cfg.lm_head_loss = choice
         validate_model(cfg)
         model = build_model(cfg)
-        inputs = example_inputs(cfg, 1, batch["input_ids"].shape[1], 1)
+        inputs = example_inputs(cfg, 1, batch["input_ids"].shape[1], 1)[:3]  # no vision tower
         params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *inputs)["params"])
 
         def loss(p, model=model):
