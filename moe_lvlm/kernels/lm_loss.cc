@@ -2,20 +2,22 @@
 // (native_lm_loss.py).
 //
 // float32. Hidden states x [N, d] (d a multiple of 16), head W [d, V] (any V), bias [V],
-// targets [N] int32, and per token a weight [N] (forward) or upstream gradient g [N] (backward);
-// tokens whose weight / g is 0 are skipped (nll, lse, dx rows 0). Forward:
-// lse = logsumexp(x W + b), nll = lse - (x W + b)[target]. Backward, with g the gradient of the
-// nll: dlogits = (softmax - onehot(target)) * g, dx = dlogits W^T, dW = x^T dlogits,
-// dbias = column sums of dlogits.
+// targets [N] int32, weights [N]; tokens of weight 0 are skipped (their nll and dx rows are 0).
+// nll = logsumexp(x W + b) - (x W + b)[target]. `LmLossForward` gives nll [N] only;
+// `LmLossForwardBackward` also the gradients of sum(weights * nll): with
+// dlogits = (softmax - onehot(target)) * weight, dx = dlogits W^T, dW = x^T dlogits,
+// dbias = column sums of dlogits (the training step's custom VJP scales them by the loss's
+// cotangent, so the logits are made once: three GEMMs in all).
 //
-// The logits are never materialised: the active tokens are cut into tiles of kTile rows, and a
-// tile's logits are made kChunk vocabulary columns at a time in cache (a running max and sum
-// give the log-sum-exp); the backward recomputes them and turns each chunk into dlogits, dx
-// and the tile's contribution to dW in place. V is padded to a multiple of 16 with zero columns
-// of W whose bias is -1e30 (their softmax is 0). dW and dbias reduce over tokens: the tiles are
-// split into one contiguous range per worker, each accumulating into its own buffer, summed in
-// worker order at the end (deterministic, no atomics). The dots are register-blocked (dense.h);
-// tasks run on XLA's intra-op thread pool.
+// The [N, V] logits are never materialised: the active tokens are cut into tiles of kTile rows.
+// The forward makes a tile's logits kChunk vocabulary columns at a time in cache (a running max
+// and sum give the log-sum-exp); the fused call keeps a tile's whole [kTile, V] logits in a
+// per-thread buffer, turns them into dlogits in place and runs the two gradient GEMMs on them.
+// V is padded to a multiple of 16 with zero columns of W whose bias is -1e30 (their softmax is
+// 0). dW and dbias reduce over tokens: the tiles are split into one contiguous range per
+// worker, each accumulating into its own buffer, summed in worker order at the end
+// (deterministic, no atomics). The dots are register-blocked (dense.h); tasks run on XLA's
+// intra-op thread pool.
 
 #include <cmath>
 #include <cstring>
@@ -101,16 +103,32 @@ void GatherRows(const Problem& p, int64_t tile, float* xs) {
   }
 }
 
-// l [n, cw] (row stride kLdl) = xs W[:, c : c + cw] + b[c : c + cw].
-void Logits(const Problem& p, const float* xs, int64_t n, int64_t c, int64_t cw, float* l) {
-  Gemm(n, cw, p.d, xs, p.d, p.w + c, p.ldw, l, kLdl, false);
+// l [n, cw] (row stride ldl) = xs W[:, c : c + cw] + b[c : c + cw].
+void Logits(const Problem& p, const float* xs, int64_t n, int64_t c, int64_t cw, float* l,
+            int64_t ldl) {
+  Gemm(n, cw, p.d, xs, p.d, p.w + c, p.ldw, l, ldl, false);
   for (int64_t r = 0; r < n; ++r) {
-    for (int64_t j = 0; j < cw; j += kW) Store(l + r * kLdl + j, Load(l + r * kLdl + j) +
-                                                                 Load(p.bias + c + j));
+    float* lr = l + r * ldl;
+    for (int64_t j = 0; j < cw; j += kW) Store(lr + j, Load(lr + j) + Load(p.bias + c + j));
   }
 }
 
-void ForwardTile(const Problem& p, int64_t tile, float* nll, float* lse) {
+// Running max m and sum s of exp(l - m) over the row's cw logits.
+void OnlineLse(const float* lr, int64_t cw, float& m, float& s) {
+  V mv = Splat(kPadBias);
+  for (int64_t j = 0; j < cw; j += kW) {
+    const V a = Load(lr + j);
+    mv = a > mv ? a : mv;
+  }
+  const float mnew = std::max(m, Max(mv));
+  V acc{};
+  for (int64_t j = 0; j < cw; j += kW) acc += Exp(Load(lr + j) - mnew);
+  s = s * std::exp(m - mnew) + Sum(acc);
+  m = mnew;
+}
+
+// The tile's nll, its logits made kChunk columns at a time.
+void ForwardTile(const Problem& p, int64_t tile, float* nll) {
   const int64_t n = p.tile_rows(tile);
   float* xs = Scratch(kTile * (p.d + kLdl));
   float* l = xs + kTile * p.d;
@@ -120,28 +138,14 @@ void ForwardTile(const Problem& p, int64_t tile, float* nll, float* lse) {
   GatherRows(p, tile, xs);
   for (int64_t c = 0; c < p.vp; c += kChunk) {
     const int64_t cw = std::min(kChunk, p.vp - c);
-    Logits(p, xs, n, c, cw, l);
+    Logits(p, xs, n, c, cw, l, kLdl);
     for (int64_t r = 0; r < n; ++r) {
-      const float* lr = l + r * kLdl;
-      V mv = Splat(kPadBias);
-      for (int64_t j = 0; j < cw; j += kW) {
-        const V a = Load(lr + j);
-        mv = a > mv ? a : mv;
-      }
-      const float mnew = std::max(m[r], Max(mv));
-      V acc{};
-      for (int64_t j = 0; j < cw; j += kW) acc += Exp(Load(lr + j) - mnew);
-      s[r] = s[r] * std::exp(m[r] - mnew) + Sum(acc);
-      m[r] = mnew;
+      OnlineLse(l + r * kLdl, cw, m[r], s[r]);
       const int64_t t = p.targets[p.rows[tile * kTile + r]] - c;
-      if (t >= 0 && t < cw) picked[r] = lr[t];
+      if (t >= 0 && t < cw) picked[r] = l[r * kLdl + t];
     }
   }
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t i = p.rows[tile * kTile + r];
-    lse[i] = m[r] + std::log(s[r]);
-    nll[i] = lse[i] - picked[r];
-  }
+  for (int64_t r = 0; r < n; ++r) nll[p.rows[tile * kTile + r]] = m[r] + std::log(s[r]) - picked[r];
 }
 
 // Per-worker accumulators: dW [d, vp] and dbias [vp].
@@ -149,31 +153,37 @@ struct Grads {
   float *w, *bias;
 };
 
-// wt: W^T [vp, d] (row stride d + kCols); g: the nll's gradient per token.
-void BackwardTile(const Problem& p, const float* wt, const float* lse, const float* g,
-                  int64_t tile, float* dx, Grads& grads) {
-  const int64_t n = p.tile_rows(tile), d = p.d;
-  float* xs = Scratch(kTile * (3 * d + kLdl));
+// The tile's nll and the gradients of sum(g * nll), g the tokens' weights: the tile's whole
+// logits rows [n, vp] stay in scratch (row stride vp + kCols), turned into dlogits in place.
+// wt: W^T [vp, d] (row stride d + kCols).
+void FusedTile(const Problem& p, const float* wt, const float* g, int64_t tile, float* nll,
+               float* dx, Grads& grads) {
+  const int64_t n = p.tile_rows(tile), d = p.d, ldl = p.vp + kCols, ldt = d + kCols;
+  float* xs = Scratch(kTile * (3 * d + ldl));
   float *xt = xs + kTile * d, *dxs = xt + kTile * d, *l = dxs + kTile * d;
   GatherRows(p, tile, xs);
   Transpose(xs, n, d, xt);
-  std::fill(dxs, dxs + n * d, 0.0f);
   for (int64_t c = 0; c < p.vp; c += kChunk) {
-    const int64_t cw = std::min(kChunk, p.vp - c);
-    Logits(p, xs, n, c, cw, l);
-    for (int64_t r = 0; r < n; ++r) {  // l <- (softmax - onehot) * g, in place
-      const int64_t i = p.rows[tile * kTile + r];
-      float* lr = l + r * kLdl;
-      const V gv = Splat(g[i]), lv = Splat(lse[i]);
-      for (int64_t j = 0; j < cw; j += kW) Store(lr + j, Exp(Load(lr + j) - lv) * gv);
-      const int64_t t = p.targets[i] - c;
-      if (t >= 0 && t < cw) lr[t] -= g[i];
-      float* db = grads.bias + c;
-      for (int64_t j = 0; j < cw; j += kW) Store(db + j, Load(db + j) + Load(lr + j));
-    }
-    Gemm(n, d, cw, l, kLdl, wt + c * (d + kCols), d + kCols, dxs, d, true);
-    Gemm(d, cw, n, xt, n, l, kLdl, grads.w + c, p.vp, true);
+    Logits(p, xs, n, c, std::min(kChunk, p.vp - c), l + c, ldl);
   }
+  for (int64_t r = 0; r < n; ++r) {  // l <- (softmax - onehot) * g, in place
+    const int64_t i = p.rows[tile * kTile + r], t = p.targets[i];
+    float* lr = l + r * ldl;
+    float m = kPadBias, s = 0.0f;
+    OnlineLse(lr, p.vp, m, s);
+    const float lse = m + std::log(s);
+    nll[i] = lse - lr[t];
+    const V gv = Splat(g[i]);
+    for (int64_t j = 0; j < p.vp; j += kW) Store(lr + j, Exp(Load(lr + j) - lse) * gv);
+    lr[t] -= g[i];
+    for (int64_t j = 0; j < p.vp; j += kW) {
+      Store(grads.bias + j, Load(grads.bias + j) + Load(lr + j));
+    }
+  }
+  for (int64_t c = 0; c < p.vp; c += kChunk) {  // dx = dlogits W^T, a W^T panel in L1
+    Gemm(n, d, std::min(kChunk, p.vp - c), l + c, ldl, wt + c * ldt, ldt, dxs, d, c > 0);
+  }
+  Gemm(d, p.vp, n, xt, n, l, ldl, grads.w, p.vp, true);  // dW += x^T dlogits
   for (int64_t r = 0; r < n; ++r) {
     std::memcpy(dx + p.rows[tile * kTile + r] * d, dxs + r * d, d * sizeof(float));
   }
@@ -181,34 +191,30 @@ void BackwardTile(const Problem& p, const float* wt, const float* lse, const flo
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> targets,
-                   ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> nll,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+                   ffi::Buffer<ffi::F32> weights, ffi::ResultBuffer<ffi::F32> nll) {
   Problem p;
   if (ffi::Error error = Setup(x, w, bias, targets, weights, p); error.failure()) return error;
   std::fill(nll->typed_data(), nll->typed_data() + p.n, 0.0f);
-  std::fill(lse->typed_data(), lse->typed_data() + p.n, 0.0f);
-  ParallelFor(pool, p.tiles(), [&](int64_t t) {
-    ForwardTile(p, t, nll->typed_data(), lse->typed_data());
-  });
+  ParallelFor(pool, p.tiles(), [&](int64_t t) { ForwardTile(p, t, nll->typed_data()); });
   ReleaseLarge();
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> targets,
-                    ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> lse,
-                    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
-                    ffi::ResultBuffer<ffi::F32> dbias) {
+ffi::Error ForwardBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
+                           ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> weights,
+                           ffi::ResultBuffer<ffi::F32> nll, ffi::ResultBuffer<ffi::F32> dx,
+                           ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> dbias) {
   Problem p;
-  if (ffi::Error error = Setup(x, w, bias, targets, g, p); error.failure()) return error;
-  const int64_t d = p.d, vp = p.vp, v = p.v;
-  const int64_t ldt = d + kCols;
+  if (ffi::Error error = Setup(x, w, bias, targets, weights, p); error.failure()) return error;
+  const int64_t d = p.d, vp = p.vp, v = p.v, ldt = d + kCols;
   float* wt = Kept(2, vp * ldt);
   ParallelFor(pool, (vp + kChunk - 1) / kChunk, [&](int64_t b) {  // W^T by column blocks
     for (int64_t c = b * kChunk; c < std::min(vp, (b + 1) * kChunk); ++c) {
       for (int64_t r = 0; r < d; ++r) wt[c * ldt + r] = p.w[r * p.ldw + c];
     }
   });
+  std::fill(nll->typed_data(), nll->typed_data() + p.n, 0.0f);
   std::fill(dx->typed_data(), dx->typed_data() + p.n * d, 0.0f);
   const int64_t tiles = p.tiles();
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), tiles));
@@ -221,7 +227,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     mine.bias = mine.w + d * vp;
     std::fill(mine.w, mine.w + per, 0.0f);
     for (int64_t t = tiles * k / workers; t < tiles * (k + 1) / workers; ++t) {
-      BackwardTile(p, wt, lse.typed_data(), g.typed_data(), t, dx->typed_data(), mine);
+      FusedTile(p, wt, weights.typed_data(), t, nll->typed_data(), dx->typed_data(), mine);
     }
   });
   // The workers' buffers summed in worker order, row by row of dW (row d: dbias).
@@ -240,26 +246,22 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmLossForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// x, head, bias, targets, weights: the arguments both handlers take.
+static auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmLossBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmLossForward, Forward, BindInputs().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmLossForwardBackward, ForwardBackward,
+                              BindInputs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

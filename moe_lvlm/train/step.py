@@ -117,8 +117,8 @@ def model_loss(
         head, bias = head_weights(params["decoder"], cfg.decoder)
         mask = batch["loss_mask"].astype(jnp.float32)
         with jax.named_scope("cross_entropy"):
-            nll = native_lm_loss.token_nll(out, head, bias, batch["targets"], mask, model.mesh)
-            ce_sum = jnp.sum(nll * mask)
+            ce_sum = native_lm_loss.weighted_nll_sum(out, head, bias, batch["targets"], mask,
+                                                     model.mesh)
     else:
         ce_sum = token_cross_entropy(out, batch["targets"], batch["loss_mask"])
     balance, z = moe_loss_sums(moe_metrics)
