@@ -20,6 +20,7 @@ DROP_POLICIES = ("position", "random")
 # moe_lvlm/models/attention.py
 ATTENTIONS = ("auto", "xla", "cudnn", "blockwise", "splash", "native")
 DENSE_FFNS = ("auto", "xla", "native")  # moe_lvlm/models/layers.py:DenseFeedForward
+LM_HEAD_LOSSES = ("auto", "xla", "native")  # moe_lvlm/kernels/native_lm_loss.py
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -193,6 +194,20 @@ def _validate_dense_ffn(model: ml_collections.ConfigDict, tensor_axis: int) -> N
                           "it can run) or 'xla'")
 
 
+def _validate_lm_head_loss(model: ml_collections.ConfigDict, tensor_axis: int) -> None:
+    choice = model.get("lm_head_loss", "auto")
+    if choice not in LM_HEAD_LOSSES:
+        raise ConfigError(f"model.lm_head_loss={choice!r}: use one of {LM_HEAD_LOSSES}")
+    why = None
+    if choice == "native" and model.decoder.embed_dim % 16:
+        why = f"model.decoder.embed_dim={model.decoder.embed_dim} must be a multiple of 16"
+    elif choice == "native" and tensor_axis > 1:
+        why = f"mesh tensor axis {tensor_axis} (the kernel needs the whole head)"
+    if why:
+        raise ConfigError(f"model.lm_head_loss='native' cannot run: {why}; use 'auto' (native "
+                          "where it can run) or 'xla'")
+
+
 def validate_model(
     model: ml_collections.ConfigDict, expert_axis: int = 1, tensor_axis: int = 1
 ) -> None:
@@ -235,6 +250,7 @@ def validate_model(
     vision_moe = moe_layer_indices(v.moe_layers, v.depth)
     _validate_moe(model.moe, expert_axis)
     _validate_dense_ffn(model, tensor_axis)
+    _validate_lm_head_loss(model, tensor_axis)
     if model.moe.get("expert_compute", "auto") == "native":
         # The kernel computes SwiGLU experts only (moe_lvlm/kernels/native_moe.py).
         why = None

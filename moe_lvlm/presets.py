@@ -120,6 +120,11 @@ def tiny() -> ml_collections.ConfigDict:
             # 'auto' ('native' on CPU for a SwiGLU without biases, widths multiples of 16 and
             # mesh.tensor 1, else 'xla').
             dense_ffn="auto",
+            # The training loss's LM head + cross-entropy: 'xla' (logits, then the loss),
+            # 'native' (CPU: one fused C++ kernel that never materialises the logits,
+            # moe_lvlm/kernels/native_lm_loss.py) or 'auto' ('native' on one CPU device for
+            # embed_dim a multiple of 16, else 'xla'). Evaluation and generation use the logits.
+            lm_head_loss="auto",
         )
     )
 

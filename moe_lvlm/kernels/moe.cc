@@ -9,7 +9,7 @@
 // kTile rows of one expert; a tile's rows are gathered, its [kTile, f] hidden activations stay
 // in cache through the three dots, and each pair's weighted output lands in a per-pair buffer
 // that a last pass sums over the k choices (no two tasks write one row). The dots are
-// register-blocked (6 rows x 16 columns of accumulators). Under differentiation the forward
+// register-blocked (dense.h). Under differentiation the forward
 // also returns x Wg and x Wu of the computed pairs ([T * k, f] each, sorted by expert: what the
 // routed path's backward keeps too, for its padded slots). The backward gives dx, d(combine)
 // (= <dy_t, expert(x_t)>, through which the router trains) and the weight gradients; these
@@ -22,85 +22,15 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "dense.h"
 
 namespace {
 
 using namespace moe_lvlm;  // NOLINT: the shared vector helpers
 
-constexpr int kMr = 6;       // rows of a register block
-constexpr int kNv = 2;       // vectors of columns of a register block
 constexpr int64_t kTile = 48;  // rows of a tile (a multiple of kMr)
 
 inline V Sigmoid(V x) { return 1.0f / (1.0f + Exp(-x)); }
-
-// Buffers owned by the calling thread and kept across calls (contents undefined), so that a
-// call does not fault in fresh pages each time; `Kept(slot, n)` has at least n floats, and
-// `ReleaseLarge()` frees those over kKeepFloats at the end of a call (large models).
-constexpr int64_t kKeepFloats = int64_t{16} << 20;  // 64 MB
-thread_local std::vector<float> kept_buffers[3];
-
-float* Kept(int slot, int64_t n) {
-  std::vector<float>& buffer = kept_buffers[slot];
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
-}
-
-void ReleaseLarge() {
-  for (std::vector<float>& buffer : kept_buffers) {
-    if (static_cast<int64_t>(buffer.size()) > kKeepFloats) std::vector<float>().swap(buffer);
-  }
-}
-
-// C[R rows, kNv * kW columns] (+)= A[R, K] B[K, kNv * kW]; row-major with leading dimensions.
-template <int R>
-inline void Block(int64_t K, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                  int64_t ldc, bool accumulate) {
-  V acc[R][kNv];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < kNv; ++v) acc[r][v] = accumulate ? Load(c + r * ldc + v * kW) : V{};
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    V bv[kNv];
-    for (int v = 0; v < kNv; ++v) bv[v] = Load(b + k * ldb + v * kW);
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const V av = Splat(a[r * lda + k]);
-      for (int v = 0; v < kNv; ++v) acc[r][v] += av * bv[v];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < kNv; ++v) Store(c + r * ldc + v * kW, acc[r][v]);
-  }
-}
-
-// C[M, N] (+)= A[M, K] B[K, N], N a multiple of kNv * kW: column panels of B outermost, so a
-// panel stays in L1 while the row blocks pass over it.
-void Gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
-  for (int64_t j = 0; j < N; j += kNv * kW) {
-    int64_t i = 0;
-    for (; i + kMr <= M; i += kMr) {
-      Block<kMr>(K, a + i * lda, lda, b + j, ldb, c + i * ldc + j, ldc, accumulate);
-    }
-    const float* ai = a + i * lda;
-    float* ci = c + i * ldc + j;
-    switch (M - i) {
-      case 5: Block<5>(K, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 4: Block<4>(K, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 3: Block<3>(K, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 2: Block<2>(K, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      case 1: Block<1>(K, ai, lda, b + j, ldb, ci, ldc, accumulate); break;
-      default: break;
-    }
-  }
-}
-
-// dst [cols, rows] = src [rows, cols]^T.
-void Transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
-  }
-}
 
 struct Problem {
   int64_t t, k, d, f, e;

@@ -138,7 +138,9 @@ class Decoder(nn.Module):
     """Token ids [batch, seq] -> logits [batch, seq, vocab] (float32), MoE metrics.
 
     `image_features` [batch, n, embed], when given, replace the embeddings of the image
-    placeholder tokens in order.
+    placeholder tokens in order. With `return_hidden` the final-normed hidden states
+    [batch, seq, embed] come out instead of the logits (the training loss applies the head itself,
+    `head_weights`; moe_lvlm/train/step.py).
     """
 
     config: Any  # model config
@@ -149,6 +151,7 @@ class Decoder(nn.Module):
     mesh: Any = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    return_hidden: bool = False
 
     @nn.compact
     def __call__(
@@ -188,6 +191,8 @@ class Decoder(nn.Module):
             if m is not None:
                 metrics[f"decoder/layers_{i}"] = m
         x = _norm(d, "final_norm", kw)(x)
+        if self.return_hidden:
+            return x, metrics
         if d.tie_embeddings:
             logits = matmul.dense(x, embedding.astype(self.dtype).T)
         else:
@@ -210,3 +215,10 @@ class Decoder(nn.Module):
             logits, ("activation_batch", "activation_length", "activation_vocab")
         )
         return logits.astype(jnp.float32), metrics
+
+
+def head_weights(params: dict, d: Any) -> tuple[Array, Array | None]:
+    """The LM head of the decoder's `params` as (weight [embed, vocab], bias [vocab] or None):
+    `lm_head`, or the tied embedding transposed, and `lm_head_bias` where the variant has one."""
+    head = params["embedding"].T if d.tie_embeddings else params["lm_head"]
+    return head, params["lm_head_bias"] if variant(d, "head_bias") else None

@@ -22,6 +22,7 @@ class LVLM(nn.Module):
     The j-th `image_token_id` position of row b receives the j-th image feature of row b (image 0's
     tokens first). Rows without placeholders ignore their (zero) images, and images that no
     placeholder uses are left out of the vision and projector MoE losses and metrics.
+    `return_hidden`: the decoder's final-normed hidden states instead of the logits (`Decoder`).
     """
 
     config: Any  # FrozenConfigDict of the model section
@@ -39,6 +40,7 @@ class LVLM(nn.Module):
         packed: bool = False,
         decode: bool = False,
         max_len: int = 0,
+        return_hidden: bool = False,
     ) -> tuple[Array, dict[str, dict[str, Array]]]:
         cfg = self.config
         kw = dict(
@@ -58,7 +60,7 @@ class LVLM(nn.Module):
             features = features.reshape(b, -1, features.shape[-1])
             metrics.update(vision_metrics, **projector_metrics)
         logits, decoder_metrics = Decoder(
-            cfg, train, decode, max_len, packed, name="decoder", **kw
+            cfg, train, decode, max_len, packed, name="decoder", return_hidden=return_hidden, **kw
         )(input_ids, positions, segment_ids, features)
         metrics.update(decoder_metrics)
         return logits, metrics

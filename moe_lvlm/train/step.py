@@ -23,6 +23,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moe_lvlm.kernels import native_lm_loss
+from moe_lvlm.models.decoder import head_weights
 from moe_lvlm.models.lvlm import moe_loss_sums
 from moe_lvlm.parallel.mesh import BATCH_AXES
 from moe_lvlm.train.stages import merge, split_trainable
@@ -92,8 +94,15 @@ def model_loss(
     params, batch: Batch, rng: jax.Array, *, model, moe_cfg, total_tokens, loss_scale: float,
     packed: bool,
 ):
-    """(scaled loss, metrics) of one (micro-)batch."""
-    logits, moe_metrics = model.apply(
+    """(scaled loss, metrics) of one (micro-)batch.
+
+    With `model.lm_head_loss` resolving to 'native' the model returns its final hidden states and
+    the fused kernel applies the LM head and the cross-entropy without materialising the logits
+    (moe_lvlm/kernels/native_lm_loss.py)."""
+    cfg = model.config
+    native = native_lm_loss.resolve(
+        cfg.get("lm_head_loss", "auto"), cfg.decoder.embed_dim, model.mesh) == "native"
+    out, moe_metrics = model.apply(
         {"params": params},
         batch["input_ids"],
         batch["positions"],
@@ -102,8 +111,16 @@ def model_loss(
         train=True,
         packed=packed,
         rngs={"router": rng},
+        return_hidden=native,
     )
-    ce_sum = token_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    if native:
+        head, bias = head_weights(params["decoder"], cfg.decoder)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        with jax.named_scope("cross_entropy"):
+            ce_sum = native_lm_loss.weighted_nll_sum(out, head, bias, batch["targets"], mask,
+                                                     model.mesh)
+    else:
+        ce_sum = token_cross_entropy(out, batch["targets"], batch["loss_mask"])
     balance, z = moe_loss_sums(moe_metrics)
     aux = moe_cfg.balance_loss_coef * balance + moe_cfg.z_loss_coef * z
     loss = ce_sum / total_tokens + loss_scale * aux
