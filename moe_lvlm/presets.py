@@ -120,6 +120,10 @@ def tiny() -> ml_collections.ConfigDict:
             # 'auto' ('native' on CPU for a SwiGLU without biases, widths multiples of 16 and
             # mesh.tensor 1, else 'xla').
             dense_ffn="auto",
+            # The decoder's RMSNorms: 'xla', 'native' (CPU: the C++ kernel of
+            # moe_lvlm/kernels/native_norm.py; same parameter) or 'auto' ('native' on CPU where
+            # it builds, else 'xla').
+            rms_norm="auto",
         )
     )
 
