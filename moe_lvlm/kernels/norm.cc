@@ -4,10 +4,13 @@
 // The forward also returns r [rows] for the backward, which gives
 //   dx = r * (g - xhat * mean(g * xhat)),  g = dy * scale, xhat = x * r,
 //   dscale = sum over rows of dy * xhat.
-// Rows are cut into tasks by the shape alone (at most kMaxTasks of at least kMinRows rows) and
-// run on XLA's intra-op thread pool; each backward task sums its rows' dscale terms into its own
-// buffer and the buffers are added in task order, so dscale does not depend on the thread count
-// or on scheduling. Any d: 8 floats at a time, then a scalar tail.
+// Rows are cut into tasks by the shape alone (one per kTaskFloats elements, at most kMaxTasks)
+// and run on XLA's intra-op thread pool; each backward task sums its rows' dscale terms into its
+// own buffer and the buffers are added in task order, so dscale does not depend on the thread
+// count or on scheduling. A call of less than 2 * kTaskFloats elements (the demo's 2560 x 128)
+// runs on the calling thread: on the shared 2-core box a pool thread that takes a task and is
+// then descheduled made the caller wait, and the demo's stage II norms took twice as long as
+// single-threaded. Any d: 8 floats at a time, then a scalar tail.
 
 #include <cmath>
 #include <vector>
@@ -18,15 +21,15 @@ namespace {
 
 using namespace moe_lvlm;  // NOLINT: the shared vector helpers
 
-constexpr int64_t kMinRows = 32;
+constexpr int64_t kTaskFloats = int64_t{1} << 18;  // 1 MB of x
 constexpr int64_t kMaxTasks = 64;
 
 struct Split {
   int64_t tasks, per_task;
 };
 
-Split SplitRows(int64_t rows) {
-  const int64_t tasks = std::max<int64_t>(1, std::min(kMaxTasks, (rows + kMinRows - 1) / kMinRows));
+Split SplitRows(int64_t rows, int64_t d) {
+  const int64_t tasks = std::clamp<int64_t>(rows * d / kTaskFloats, 1, std::min(kMaxTasks, rows));
   return {tasks, (rows + tasks - 1) / tasks};
 }
 
@@ -109,7 +112,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   int64_t rows, d;
   if (ffi::Error error = CheckShapes(x, scale, rows, d); error.failure()) return error;
   if (rows == 0 || d == 0) return ffi::Error::Success();
-  const Split split = SplitRows(rows);
+  const Split split = SplitRows(rows, d);
   ParallelFor(pool, split.tasks, [&](int64_t t) {
     const int64_t r0 = t * split.per_task, r1 = std::min(rows, r0 + split.per_task);
     ForwardRows(x.typed_data(), scale.typed_data(), eps, d, r0, r1, y->typed_data(),
@@ -126,7 +129,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   float* out = dscale->typed_data();
   std::fill(out, out + d, 0.0f);
   if (rows == 0 || d == 0) return ffi::Error::Success();
-  const Split split = SplitRows(rows);
+  const Split split = SplitRows(rows, d);
   std::vector<float> partial(split.tasks * d, 0.0f);
   ParallelFor(pool, split.tasks, [&](int64_t t) {
     const int64_t r0 = t * split.per_task, r1 = std::min(rows, r0 + split.per_task);
