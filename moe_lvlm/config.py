@@ -21,6 +21,7 @@ DROP_POLICIES = ("position", "random")
 ATTENTIONS = ("auto", "xla", "cudnn", "blockwise", "splash", "native")
 DENSE_FFNS = ("auto", "xla", "native")  # moe_lvlm/models/layers.py:DenseFeedForward
 LM_HEAD_LOSSES = ("auto", "xla", "native")  # moe_lvlm/kernels/native_lm_loss.py
+RMS_NORMS = ("auto", "xla", "native")  # moe_lvlm/kernels/native_norm.py
 PROJECTOR_KINDS = ("mlp2x_gelu", "linear")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -206,6 +207,21 @@ def _validate_lm_head_loss(model: ml_collections.ConfigDict, tensor_axis: int) -
     if why:
         raise ConfigError(f"model.lm_head_loss='native' cannot run: {why}; use 'auto' (native "
                           "where it can run) or 'xla'")
+def _validate_rms_norm(model: ml_collections.ConfigDict) -> None:
+    choice = model.get("rms_norm", "auto")
+    if choice not in RMS_NORMS:
+        raise ConfigError(f"model.rms_norm={choice!r}: use one of {RMS_NORMS}")
+    if choice != "native":
+        return
+    if model.decoder.get("norm", "rms") != "rms":
+        raise ConfigError("model.rms_norm='native' cannot run: the decoder's norm is LayerNorm "
+                          "(model.decoder.norm); use 'auto' or 'xla'")
+    from moe_lvlm.kernels import native_norm  # noqa: PLC0415  (imports jax)
+
+    try:
+        native_norm.resolve(choice)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def validate_model(
@@ -251,6 +267,7 @@ def validate_model(
     _validate_moe(model.moe, expert_axis)
     _validate_dense_ffn(model, tensor_axis)
     _validate_lm_head_loss(model, tensor_axis)
+    _validate_rms_norm(model)
     if model.moe.get("expert_compute", "auto") == "native":
         # The kernel computes SwiGLU experts only (moe_lvlm/kernels/native_moe.py).
         why = None

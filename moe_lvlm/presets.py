@@ -125,6 +125,10 @@ def tiny() -> ml_collections.ConfigDict:
             # moe_lvlm/kernels/native_lm_loss.py) or 'auto' ('native' on one CPU device for
             # embed_dim a multiple of 16, else 'xla'). Evaluation and generation use the logits.
             lm_head_loss="auto",
+            # The decoder's RMSNorms: 'xla', 'native' (CPU: the C++ kernel of
+            # moe_lvlm/kernels/native_norm.py; same parameter) or 'auto' ('native' on CPU where
+            # it builds, else 'xla').
+            rms_norm="auto",
         )
     )
 

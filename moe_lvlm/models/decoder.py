@@ -44,10 +44,12 @@ def variant(d: Any, key: str) -> Any:
     return d.get(key, VARIANT_DEFAULTS[key])
 
 
-def _norm(d: Any, name: str, kw: dict) -> nn.Module:
+def _norm(config: Any, name: str, kw: dict, mesh: Any) -> nn.Module:
+    d = config.decoder
     if variant(d, "norm") == "layer":
         return LayerNorm(d.norm_eps, name=name, **kw)
-    return RMSNorm(d.norm_eps, name=name, **kw)
+    return RMSNorm(d.norm_eps, name=name, implementation=config.get("rms_norm", "auto"),
+                   mesh=mesh, **kw)
 
 
 REMAT_POLICIES = {
@@ -73,7 +75,7 @@ class DecoderBlock(nn.Module):
         d = self.config.decoder
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         valid = segment_ids > 0
-        h = _norm(d, "attn_norm", kw)(x)
+        h = _norm(self.config, "attn_norm", kw, self.mesh)(x)
         attn = Attention(
             d.num_heads,
             d.num_kv_heads,
@@ -99,7 +101,7 @@ class DecoderBlock(nn.Module):
         )
         if not variant(d, "parallel_block"):
             x = x + attn
-            h = _norm(d, "ffn_norm", kw)(x)
+            h = _norm(self.config, "ffn_norm", kw, self.mesh)(x)
         gated = variant(d, "ffn") == "swiglu"
         act = variant(d, "activation")
         metrics = None
@@ -190,7 +192,7 @@ class Decoder(nn.Module):
             )(x, positions, segment_ids)
             if m is not None:
                 metrics[f"decoder/layers_{i}"] = m
-        x = _norm(d, "final_norm", kw)(x)
+        x = _norm(self.config, "final_norm", kw, self.mesh)(x)
         if self.return_hidden:
             return x, metrics
         if d.tie_embeddings:

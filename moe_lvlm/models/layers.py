@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_lvlm.kernels import native_moe
+from moe_lvlm.kernels import native_moe, native_norm
 from moe_lvlm.models import attention, matmul
 
 Array = jax.Array
@@ -40,18 +40,26 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype) -> A
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (LLaMA/Qwen): x / rms(x) * scale."""
+    """RMSNorm computed in float32 (LLaMA/Qwen): x / rms(x) * scale.
+
+    `implementation` ('auto' | 'xla' | 'native'; `model.rms_norm`): 'native' runs the CPU kernel
+    of moe_lvlm/kernels/native_norm.py (same parameter); 'auto' picks it on CPU.
+    """
 
     eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     axis_name: str = "norm"
+    implementation: str = "xla"
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = param_with_axes(
             self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.param_dtype
         )
+        if native_norm.resolve(self.implementation) == "native":
+            return native_norm.rms_norm(x, scale, self.eps, self.mesh).astype(self.dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
