@@ -22,12 +22,15 @@ instead of ours, `tiny` shapes only: ours against PyTorch timed alternately, whi
 speed drifts minute to minute needs); dotted fields of the model config (`attention`,
 `moe.dispatch`, `moe.expert_compute`, ...);
 for demo shapes `demo.ARG` (an argument of configs/demo.py, e.g. `demo.dispatch`); `xla_flags`
-(the worker's XLA_FLAGS, ';'-separated); `root` (another checkout of the repository, e.g. from
-`git worktree add /tmp/before HEAD~1`, whose model and training code the worker imports: a
-before/after comparison of a code change).
+(the worker's XLA_FLAGS, ';'-separated); `malloc` (`tuned`: glibc malloc keeps freed memory,
+moe_lvlm/host_memory.py, as the training command sets it, the default for ours; `default`:
+glibc's defaults, the default for the PyTorch peer); `root` (another checkout of the
+repository, e.g. from `git worktree add /tmp/before HEAD~1`, whose model and training code the
+worker imports: a before/after comparison of a code change).
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -158,6 +161,13 @@ def build_torch_step(shape: str, mode: str):
 def worker(shape: str, fields: dict) -> None:
     """Compiles the variant, then takes one step per 'step' line on stdin, answering each with
     'STEP seconds loss'."""
+    # As `python -m moe_lvlm.train` does; the PyTorch peer runs as stock PyTorch does unless
+    # `malloc=tuned`. (A `root` checkout older than host_memory.py runs glibc's defaults.)
+    if os.environ.get("STEP_AB_MALLOC", "default" if "torch" in fields else "tuned") == "tuned":
+        with contextlib.suppress(ImportError):
+            from moe_lvlm import host_memory
+
+            host_memory.keep_freed_memory()
     import jax
 
     t0 = time.perf_counter()
@@ -221,6 +231,8 @@ def main(argv=None) -> None:
         env = {**os.environ, "PYTHONPATH": f"{common.ROOT}:{os.environ.get('PYTHONPATH', '')}"}
         if "root" in fields:
             env["STEP_AB_ROOT"] = str(Path(fields.pop("root")).resolve())
+        if "malloc" in fields:
+            env["STEP_AB_MALLOC"] = str(fields.pop("malloc"))
         flags = str(fields.pop("xla_flags", "")).replace(";", " ")
         env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags]))
         procs[name] = subprocess.Popen(

@@ -312,6 +312,10 @@ def main(argv=None) -> None:
 
     if args.worker:
         spec = json.loads(args.worker)
+        if spec["system"] == "jax":
+            from moe_lvlm import host_memory  # noqa: PLC0415
+
+            host_memory.keep_freed_memory()  # as `python -m moe_lvlm.train` does
         runner = run_torch if spec["system"] == "torch" else run_jax
         common.emit_result(runner(args, spec))
         return

@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from moe_lvlm import cli, paths
+from moe_lvlm import cli, host_memory, paths
 from moe_lvlm.data import sources
 from moe_lvlm.evaluation import runner, scorers
 from moe_lvlm.evaluation.answers import read_all_answers
@@ -159,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the CLI; returns the summary it prints."""
     args = parse_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
+    host_memory.keep_freed_memory()  # before JAX starts its threads
     distributed.initialize_from_env()
     index, count = jax.process_index(), jax.process_count()
     barrier = None

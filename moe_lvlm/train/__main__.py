@@ -15,7 +15,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from moe_lvlm import cli, exit_codes, paths
+from moe_lvlm import cli, exit_codes, host_memory, paths
 from moe_lvlm.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (file.py:arg).")
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> None:
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
+    host_memory.keep_freed_memory()  # before JAX starts its threads
     distributed.initialize_from_env()
     import jax  # noqa: PLC0415  (after the distributed runtime is up)
 
