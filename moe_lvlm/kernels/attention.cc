@@ -6,6 +6,12 @@
 // that makes them to the dots that consume them; causal tiles above the diagonal are skipped. A
 // query that sees no key outputs 0 and gets log-sum-exp +inf.
 //
+// The *Rope* entry points also take positions [b, s] int32 and inv_freq [r / 2] float32 and
+// apply rotary embedding (HF rotate_half over the first r features) to q and k as their rows are
+// loaded: angle = float(position) * inv_freq[j], cos / sin tabled once per call. Their backward
+// rotates q and k the same way and returns dq / dk with respect to the un-rotated inputs (the
+// transposed rotation: by -angle).
+//
 // Forward: one task per (batch, kv head, query tile), covering the kv head's query heads.
 // Backward (FA2: delta = rowsum(dO * O), P recomputed from the log-sum-exp): one task per
 // (batch, kv head), which owns dq of its query heads and dk / dv of its kv head, so nothing is
@@ -30,6 +36,28 @@ struct Shape {
   int64_t group() const { return h / kh; }
   int64_t tiles(int64_t tile) const { return (s + tile - 1) / tile; }
 };
+
+// Rotary embedding: per token (b * s rows) cos[half] then sin[half]; table null = no rotation.
+struct Rope {
+  const float* table = nullptr;
+  int64_t half = 0;
+  const float* row(const Shape& sh, int64_t bi, int64_t r) const {
+    return table + (bi * sh.s + r) * 2 * half;
+  }
+};
+
+// dst = x rotated by the angles of `cs` (cos[half], sin[half]) over its first 2 * half features,
+// by minus them if `inverse`; the rest copied. dst must not alias x.
+template <int D>
+inline void Rotate(const float* x, const float* cs, int64_t half, bool inverse, float* dst) {
+  const float sign = inverse ? -1.0f : 1.0f;
+  for (int64_t j = 0; j < half; ++j) {
+    const float c = cs[j], sn = sign * cs[half + j], a = x[j], b = x[j + half];
+    dst[j] = a * c - b * sn;
+    dst[j + half] = b * c + a * sn;
+  }
+  for (int64_t j = 2 * half; j < D; ++j) dst[j] = x[j];
+}
 
 // out[i][j] = a[i] . bt[:, j] for rows i < n (n even, a zero-padded) and the kTile columns of
 // bt [D, kTile]; two rows and half a tile of columns at a time, accumulators in registers.
@@ -112,27 +140,52 @@ void MaskTile(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, i
   }
 }
 
-// Rows [r0, r0 + n) of head `head` of x [b, s, heads, D] (batch row bi), scaled, into dst
-// [kTile, D]: zero past n (and dst's rows past n stay zero).
+// Rows [r0, r0 + n) of head `head` of x [b, s, heads, D] (batch row bi), rotated by `rope` (if
+// it has a table), scaled, into dst [kTile, D]: zero past n (and dst's rows past n stay zero).
 template <int D, int64_t kTile>
 void LoadRows(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head, int64_t r0,
-              int64_t n, float scale, float* dst) {
+              int64_t n, float scale, float* dst, const Rope& rope = {}) {
+  alignas(32) float rotated[D];
   for (int64_t r = 0; r < kTile; ++r) {
     const float* src = x + ((bi * sh.s + r0 + r) * heads + head) * D;
+    if (r < n && rope.table) {
+      Rotate<D>(src, rope.row(sh, bi, r0 + r), rope.half, false, rotated);
+      src = rotated;
+    }
     for (int v = 0; v < D / kW; ++v) {
       Store(dst + r * D + v * kW, r < n ? Load(src + v * kW) * scale : V{});
     }
   }
 }
 
-// The same rows transposed: dst [D, kTile].
+// The same rows transposed (unscaled): dst [D, kTile].
 template <int D, int64_t kTile>
 void LoadRowsT(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head,
-               int64_t r0, int64_t n, float* dst) {
+               int64_t r0, int64_t n, float* dst, const Rope& rope = {}) {
+  alignas(32) float rotated[D];
   for (int64_t r = 0; r < kTile; ++r) {
     const float* src = x + ((bi * sh.s + r0 + r) * heads + head) * D;
+    if (r < n && rope.table) {
+      Rotate<D>(src, rope.row(sh, bi, r0 + r), rope.half, false, rotated);
+      src = rotated;
+    }
     for (int c = 0; c < D; ++c) dst[c * kTile + r] = r < n ? src[c] : 0.0f;
   }
+}
+
+// Row `row` of x [b, s, heads, D] (batch row bi) from src [D]: times scale, then rotated back by
+// `rope` (the gradient of a rotated input with respect to the un-rotated one).
+template <int D>
+void StoreRow(const float* src, float scale, const Shape& sh, int64_t heads, int64_t bi,
+              int64_t head, int64_t row, const Rope& rope, float* x) {
+  float* dst = x + ((bi * sh.s + row) * heads + head) * D;
+  if (!rope.table) {
+    for (int w = 0; w < D / kW; ++w) Store(dst + w * kW, Load(src + w * kW) * scale);
+    return;
+  }
+  alignas(32) float scaled[D];
+  for (int w = 0; w < D / kW; ++w) Store(scaled + w * kW, Load(src + w * kW) * scale);
+  Rotate<D>(scaled, rope.row(sh, bi, row), rope.half, true, dst);
 }
 
 template <int64_t kTile>
@@ -158,7 +211,8 @@ bool NeedsMask(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, 
 // tile is transposed and loaded once for the whole group.
 template <int D, int64_t kTile>
 void ForwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
-                 const Shape& sh, bool causal, int64_t task, float* out, float* lse) {
+                 const Shape& sh, const Rope& rope, bool causal, int64_t task, float* out,
+                 float* lse) {
   constexpr int kTileV = kTile / kW;
   const int64_t tiles = sh.tiles(kTile), group = sh.group();
   const int64_t qt = task % tiles, kvh = (task / tiles) % sh.kh, bi = task / tiles / sh.kh;
@@ -175,13 +229,13 @@ void ForwardTask(const float* q, const float* k, const float* v, const int32_t* 
     std::fill(m, m + kTile, kMasked);
     std::fill(l, l + kTile, 0.0f);
     LoadRows<D, kTile>(q, sh, sh.h, bi, kvh * group + g, q0, nq,
-                       1.0f / std::sqrt(static_cast<float>(D)), qs);
+                       1.0f / std::sqrt(static_cast<float>(D)), qs, rope);
   }
   int32_t segk[kTile];
   const int64_t kend = causal ? q0 + nq : sh.s;
   for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
     const int64_t nk = std::min(kTile, sh.s - k0);
-    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, k0, nk, kt);
+    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, k0, nk, kt, rope);
     LoadRows<D, kTile>(v, sh, sh.kh, bi, kvh, k0, nk, 1.0f, vs);
     LoadSegments<kTile>(seg, k0, nk, segk);
     const bool masked = NeedsMask<kTile>(seg, segk, q0, nq, k0, causal);
@@ -233,7 +287,7 @@ void ForwardTask(const float* q, const float* k, const float* v, const int32_t* 
 template <int D, int64_t kTile>
 void BackwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
                   const float* out, const float* lse_all, const float* dout, const Shape& sh,
-                  bool causal, int64_t task, float* dq, float* dk, float* dv) {
+                  const Rope& rope, bool causal, int64_t task, float* dq, float* dk, float* dv) {
   constexpr int kTileV = kTile / kW;
   const int64_t bi = task / sh.kh, kvh = task % sh.kh, tiles = sh.tiles(kTile);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -249,8 +303,8 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
   std::vector<int32_t> seg_tiles(padded);
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n = std::min(kTile, sh.s - t * kTile);
-    LoadRows<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, 1.0f, kc + t * kTile * D);
-    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, kt_all + t * D * kTile);
+    LoadRows<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, 1.0f, kc + t * kTile * D, rope);
+    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, kt_all + t * D * kTile, rope);
     LoadRowsT<D, kTile>(v, sh, sh.kh, bi, kvh, t * kTile, n, vt_all + t * D * kTile);
     LoadSegments<kTile>(seg, t * kTile, n, seg_tiles.data() + t * kTile);
   }
@@ -259,7 +313,7 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
     const int64_t hi = kvh * sh.group() + g;
     for (int64_t qt = 0; qt < tiles; ++qt) {
       const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0), nq2 = nq + (nq & 1);
-      LoadRows<D, kTile>(q, sh, sh.h, bi, hi, q0, nq, scale, qs);
+      LoadRows<D, kTile>(q, sh, sh.h, bi, hi, q0, nq, scale, qs, rope);
       LoadRows<D, kTile>(dout, sh, sh.h, bi, hi, q0, nq, 1.0f, dos);
       LoadRows<D, kTile>(out, sh, sh.h, bi, hi, q0, nq, 1.0f, os);
       for (int64_t i = 0; i < kTile; ++i) {
@@ -293,18 +347,13 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
         Accumulate<D>(ds, 1, kTile, qs, nk, nq, dk_acc + k0 * D);      // dK += dS^T Q
       }
       for (int64_t i = 0; i < nq; ++i) {
-        float* dst = dq + ((bi * sh.s + q0 + i) * sh.h + hi) * D;
-        for (int w = 0; w < D / kW; ++w) Store(dst + w * kW, Load(dqs + i * D + w * kW) * scale);
+        StoreRow<D>(dqs + i * D, scale, sh, sh.h, bi, hi, q0 + i, rope, dq);
       }
     }
   }
   for (int64_t r = 0; r < sh.s; ++r) {
-    float* dkd = dk + ((bi * sh.s + r) * sh.kh + kvh) * D;
-    float* dvd = dv + ((bi * sh.s + r) * sh.kh + kvh) * D;
-    for (int w = 0; w < D / kW; ++w) {
-      Store(dkd + w * kW, Load(dk_acc + r * D + w * kW));
-      Store(dvd + w * kW, Load(dv_acc + r * D + w * kW));
-    }
+    StoreRow<D>(dk_acc + r * D, 1.0f, sh, sh.kh, bi, kvh, r, rope, dk);
+    StoreRow<D>(dv_acc + r * D, 1.0f, sh, sh.kh, bi, kvh, r, {}, dv);
   }
 }
 
@@ -351,19 +400,93 @@ ffi::Error Dispatch(const Shape& sh, F&& fn) {
   }
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, int32_t causal,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+// The rotary table of `rope` for positions [b, s] and inv_freq [half] (rope.half = 0: none),
+// one batch row per task; *table holds it.
+ffi::Error MakeRope(ffi::ThreadPool& pool, const Shape& sh, const ffi::Buffer<ffi::S32>* positions,
+                    const ffi::Buffer<ffi::F32>* inv_freq, std::vector<float>* table, Rope* rope) {
+  if (positions == nullptr) return ffi::Error::Success();
+  const auto pd = positions->dimensions(), fd = inv_freq->dimensions();
+  if (pd.size() != 2 || pd[0] != sh.b || pd[1] != sh.s || fd.size() != 1 || 2 * fd[0] > sh.d) {
+    return ffi::Error::InvalidArgument(
+        "native attention: positions must be [b, s] and inv_freq [r / 2] with r <= head_dim");
+  }
+  const int64_t half = fd[0];
+  table->resize(sh.b * sh.s * 2 * half);
+  const int32_t* pos = positions->typed_data();
+  const float* freq = inv_freq->typed_data();
+  float* out = table->data();
+  ParallelFor(pool, sh.b, [&](int64_t bi) {
+    for (int64_t r = bi * sh.s; r < (bi + 1) * sh.s; ++r) {
+      for (int64_t j = 0; j < half; ++j) {
+        const float angle = static_cast<float>(pos[r]) * freq[j];
+        out[r * 2 * half + j] = std::cos(angle);
+        out[r * 2 * half + half + j] = std::sin(angle);
+      }
+    }
+  });
+  *rope = Rope{table->data(), half};
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+                       const ffi::Buffer<ffi::S32>* positions,
+                       const ffi::Buffer<ffi::F32>* inv_freq, int32_t causal,
+                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   Shape sh;
   if (ffi::Error error = CheckShapes(q, k, v, seg, sh); error.failure()) return error;
+  std::vector<float> table;
+  Rope rope;
+  if (ffi::Error error = MakeRope(pool, sh, positions, inv_freq, &table, &rope); error.failure()) {
+    return error;
+  }
   return Dispatch(sh, [&](auto d, auto tile) {
     constexpr int D = decltype(d)::value;
     constexpr int64_t kTile = decltype(tile)::value;
     ParallelFor(pool, sh.b * sh.kh * sh.tiles(kTile), [&](int64_t t) {
       ForwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), sh,
-                            causal != 0, t, out->typed_data(), lse->typed_data());
+                            rope, causal != 0, t, out->typed_data(), lse->typed_data());
     });
   });
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+                        const ffi::Buffer<ffi::S32>* positions,
+                        const ffi::Buffer<ffi::F32>* inv_freq, ffi::Buffer<ffi::F32> out,
+                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int32_t causal,
+                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv) {
+  Shape sh;
+  if (ffi::Error error = CheckShapes(q, k, v, seg, sh); error.failure()) return error;
+  std::vector<float> table;
+  Rope rope;
+  if (ffi::Error error = MakeRope(pool, sh, positions, inv_freq, &table, &rope); error.failure()) {
+    return error;
+  }
+  return Dispatch(sh, [&](auto d, auto tile) {
+    constexpr int D = decltype(d)::value;
+    constexpr int64_t kTile = decltype(tile)::value;
+    ParallelFor(pool, sh.b * sh.kh, [&](int64_t t) {
+      BackwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
+                             out.typed_data(), lse.typed_data(), dout.typed_data(), sh, rope,
+                             causal != 0, t, dq->typed_data(), dk->typed_data(), dv->typed_data());
+    });
+  });
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, int32_t causal,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  return ForwardImpl(pool, q, k, v, seg, nullptr, nullptr, causal, out, lse);
+}
+
+ffi::Error RopeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+                       ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32> inv_freq,
+                       int32_t causal, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> lse) {
+  return ForwardImpl(pool, q, k, v, seg, &positions, &inv_freq, causal, out, lse);
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -371,17 +494,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int32_t causal,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
-  Shape sh;
-  if (ffi::Error error = CheckShapes(q, k, v, seg, sh); error.failure()) return error;
-  return Dispatch(sh, [&](auto d, auto tile) {
-    constexpr int D = decltype(d)::value;
-    constexpr int64_t kTile = decltype(tile)::value;
-    ParallelFor(pool, sh.b * sh.kh, [&](int64_t t) {
-      BackwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
-                             out.typed_data(), lse.typed_data(), dout.typed_data(), sh,
-                             causal != 0, t, dq->typed_data(), dk->typed_data(), dv->typed_data());
-    });
-  });
+  return BackwardImpl(pool, q, k, v, seg, nullptr, nullptr, out, lse, dout, causal, dq, dk, dv);
+}
+
+ffi::Error RopeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
+                        ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32> inv_freq,
+                        ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                        ffi::Buffer<ffi::F32> dout, int32_t causal,
+                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv) {
+  return BackwardImpl(pool, q, k, v, seg, &positions, &inv_freq, out, lse, dout, causal, dq, dk,
+                      dv);
 }
 
 }  // namespace
@@ -404,6 +528,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeAttentionForward, Forward,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeAttentionBackward, Backward,
                               BindInputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("causal")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// The same with positions [b, s] int32 and inv_freq [r / 2] float32 after the segment ids.
+static auto BindRopeInputs() {
+  return BindInputs().Arg<ffi::Buffer<ffi::S32>>().Arg<ffi::Buffer<ffi::F32>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeAttentionRopeForward, RopeForward,
+                              BindRopeInputs()
+                                  .Attr<int32_t>("causal")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeAttentionRopeBackward, RopeBackward,
+                              BindRopeInputs()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

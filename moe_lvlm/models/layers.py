@@ -80,6 +80,11 @@ class LayerNorm(nn.Module):
         return (y * scale + bias).astype(self.dtype)
 
 
+def rope_frequencies(rotary_dim: int, theta: float) -> Array:
+    """RoPE's inverse frequencies [rotary_dim // 2], float32."""
+    return 1.0 / (theta ** (jnp.arange(rotary_dim // 2, dtype=jnp.float32) * 2.0 / rotary_dim))
+
+
 def rope(x: Array, positions: Array, theta: float, fraction: float = 1.0) -> Array:
     """Rotary embedding, HF 'rotate_half' layout. x: [batch, seq, heads, head_dim].
 
@@ -90,7 +95,7 @@ def rope(x: Array, positions: Array, theta: float, fraction: float = 1.0) -> Arr
     if rotary < x.shape[-1]:
         return jnp.concatenate([rope(x[..., :rotary], positions, theta), x[..., rotary:]], -1)
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    inv_freq = rope_frequencies(x.shape[-1], theta)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, half]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -151,6 +156,7 @@ class Projection(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional RoPE, qkv bias, qk-norm, KV cache.
+    With the 'native' implementation RoPE is applied inside the kernel (not when decoding).
 
     x: [batch, seq, embed]; `segment_ids` [batch, seq] (packing; 0 = padding) confine attention
     to a segment. `implementation`: moe_lvlm/models/attention.py (`splash` is sharded over
@@ -201,11 +207,16 @@ class Attention(nn.Module):
             norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
             q = RMSNorm(**norm, axis_name="head_dim", name="q_norm")(q)
             k = RMSNorm(**norm, axis_name="head_dim", name="k_norm")(k)
-        if self.rope_theta is not None:
+        implementation = attention.resolve(self.implementation, self.dtype, head_dim=q.shape[-1])
+        rotary = int(self.head_dim * self.rotary_fraction)
+        fused_rope = None  # the native kernel rotates q and k as it loads them
+        if self.rope_theta is not None and implementation == "native" and not decode \
+                and rotary % 2 == 0:
+            fused_rope = (positions, rope_frequencies(rotary, self.rope_theta))
+        elif self.rope_theta is not None:
             q = rope(q, positions, self.rope_theta, self.rotary_fraction)
             k = rope(k, positions, self.rope_theta, self.rotary_fraction)
         q = nn.with_logical_constraint(q, BATCH_LENGTH_HEADS)
-        implementation = attention.resolve(self.implementation, self.dtype, head_dim=q.shape[-1])
         if decode:
             k, v, mask = self._update_cache(k, v, kv_valid, max_len)
             out = jax.nn.dot_product_attention(
@@ -214,7 +225,7 @@ class Attention(nn.Module):
         else:
             out = attention.self_attention(
                 q, k, v, segment_ids=segment_ids, causal=self.causal,
-                implementation=implementation, mesh=self.mesh,
+                implementation=implementation, mesh=self.mesh, rope=fused_rope,
             )
         out = nn.with_logical_constraint(out, BATCH_LENGTH_HEADS)
         return Projection(

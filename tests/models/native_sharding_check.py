@@ -2,8 +2,9 @@
 the device count must be fixed before jax is imported).
 
 Batch over (data 2, fsdp 2), heads over tensor 2: output and gradients under jit with sharded
-inputs must equal the numpy reference, and the compiled program must hold no collective (each
-device runs the kernel on its own rows and heads). Prints `RESULT {json}`.
+inputs must equal the numpy reference, with RoPE inside the kernel too (positions sharded like the
+segment ids), and the compiled program must hold no collective (each device runs the kernel on its
+own rows and heads). Prints `RESULT {json}`.
 """
 
 import json
@@ -21,9 +22,16 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from test_attention import allowed_keys, np_attention, random_case  # noqa: E402
+from test_attention import (  # noqa: E402
+    allowed_keys,
+    np_attention,
+    np_rope,
+    packed_positions,
+    random_case,
+)
 
 from moe_lvlm.kernels.native_attention import native_attention  # noqa: E402
+from moe_lvlm.models.layers import rope_frequencies  # noqa: E402
 from moe_lvlm.parallel.mesh import BATCH_AXES, make_mesh  # noqa: E402
 
 
@@ -34,19 +42,31 @@ def main():
     rows = NamedSharding(mesh, P(BATCH_AXES))
     args = [jax.device_put(x, heads) for x in (q, k, v, dout)] + [jax.device_put(segments, rows)]
 
-    def run(q_, k_, v_, do_, seg):
+    def run(q_, k_, v_, do_, seg, rope):
         out, vjp = jax.vjp(
-            lambda a, b, c: native_attention(a, b, c, seg, causal=True, mesh=mesh), q_, k_, v_)
+            lambda a, b, c: native_attention(a, b, c, seg, causal=True, mesh=mesh, rope=rope),
+            q_, k_, v_)
         return out, vjp(do_)
 
     step = jax.jit(run)
-    out, grads = step(*args)
-    hlo = step.lower(*args).compile().as_text()
-    want_out, want_grads = np_attention(q, k, v, dout, allowed_keys(segments, 70, True))
-    errors = [float(np.max(np.abs(np.asarray(g) - w) / (5e-5 + 1e-4 * np.abs(w))))
-              for g, w in zip((out, *grads), (want_out, *want_grads), strict=True)]
-    collectives = sorted({op for op in ("all-gather", "all-reduce", "all-to-all",
-                                         "collective-permute") if op in hlo})
+    allowed = allowed_keys(segments, 70, True)
+    errors, collectives = [], set()
+    positions = packed_positions(segments, 70, 4)
+    for rope in (None, (jax.device_put(positions, rows), rope_frequencies(8, 10000.0))):
+        out, grads = step(*args, rope)
+        hlo = step.lower(*args, rope).compile().as_text()
+        if rope is None:
+            want_out, want_grads = np_attention(q, k, v, dout, allowed)
+        else:
+            qr, kr = (np_rope(x.astype(np.float64), positions, 10000.0, 8) for x in (q, k))
+            want_out, (dq, dk, dv) = np_attention(qr, kr, v.astype(np.float64), dout, allowed)
+            want_grads = (np_rope(dq, positions, 10000.0, 8, inverse=True),
+                          np_rope(dk, positions, 10000.0, 8, inverse=True), dv)
+        errors += [float(np.max(np.abs(np.asarray(g) - w) / (5e-5 + 1e-4 * np.abs(w))))
+                   for g, w in zip((out, *grads), (want_out, *want_grads), strict=True)]
+        collectives |= {op for op in ("all-gather", "all-reduce", "all-to-all",
+                                      "collective-permute") if op in hlo}
+    collectives = sorted(collectives)
     print("RESULT " + json.dumps({"worst_ratio": max(errors), "collectives": collectives,
                                   "out_sharding": str(out.sharding.spec)}))
 
