@@ -5,11 +5,12 @@ ids with 0 = padding, causal or not, any length, a query that sees no key output
 float32 whatever the input dtype. With `rope=(positions, inv_freq)` the kernel also applies rotary
 embedding to q and k as it loads them (HF rotate_half over the first 2 * len(inv_freq) features,
 angle float32(position) * inv_freq, as `moe_lvlm.models.layers.rope`), and its backward returns
-the gradients with respect to the un-rotated q and k: no rotated copy is written. The forward returns the output and the log-sum-exp; the custom
-VJP's backward recomputes the probabilities from it (FlashAttention-2). CPU only; the library is
-built on first use (moe_lvlm/kernels/build.py). Under a mesh the call runs inside `jax.shard_map`
-over the batch axes (and 'tensor' over heads where the key/value heads divide), so XLA never
-partitions the custom call itself.
+the gradients with respect to the un-rotated q and k: no rotated copy is written. The forward
+returns the output and the log-sum-exp; the custom VJP's backward recomputes the probabilities
+from it (FlashAttention-2). CPU only; the library is built on first use
+(moe_lvlm/kernels/build.py). Under a mesh the call runs inside `jax.shard_map` over the batch axes
+(and 'tensor' over heads where the key/value heads divide), so XLA never partitions the custom
+call itself.
 """
 
 import functools
