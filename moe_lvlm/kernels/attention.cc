@@ -37,12 +37,16 @@ struct Shape {
   int64_t tiles(int64_t tile) const { return (s + tile - 1) / tile; }
 };
 
-// Rotary embedding: per token (b * s rows) cos[half] then sin[half]; table null = no rotation.
+// Rotary embedding: rows of cos[half] then sin[half], one per position value (index: the
+// positions [b, s]) or, where the positions are negative or large, one per token (index null);
+// table null = no rotation.
 struct Rope {
   const float* table = nullptr;
+  const int32_t* index = nullptr;
   int64_t half = 0;
   const float* row(const Shape& sh, int64_t bi, int64_t r) const {
-    return table + (bi * sh.s + r) * 2 * half;
+    const int64_t token = bi * sh.s + r;
+    return table + (index ? index[token] : token) * 2 * half;
   }
 };
 
@@ -400,8 +404,9 @@ ffi::Error Dispatch(const Shape& sh, F&& fn) {
   }
 }
 
-// The rotary table of `rope` for positions [b, s] and inv_freq [half] (rope.half = 0: none),
-// one batch row per task; *table holds it.
+// The rotary table of `rope` for positions [b, s] and inv_freq [half] (rope stays empty without
+// positions); *table holds it. One row per position value 0 .. max (packed rows repeat them),
+// unless that is more rows than tokens.
 ffi::Error MakeRope(ffi::ThreadPool& pool, const Shape& sh, const ffi::Buffer<ffi::S32>* positions,
                     const ffi::Buffer<ffi::F32>* inv_freq, std::vector<float>* table, Rope* rope) {
   if (positions == nullptr) return ffi::Error::Success();
@@ -410,21 +415,26 @@ ffi::Error MakeRope(ffi::ThreadPool& pool, const Shape& sh, const ffi::Buffer<ff
     return ffi::Error::InvalidArgument(
         "native attention: positions must be [b, s] and inv_freq [r / 2] with r <= head_dim");
   }
-  const int64_t half = fd[0];
-  table->resize(sh.b * sh.s * 2 * half);
+  const int64_t half = fd[0], tokens = sh.b * sh.s;
   const int32_t* pos = positions->typed_data();
+  const auto [lo, hi] = std::minmax_element(pos, pos + tokens);
+  const bool by_value = tokens > 0 && *lo >= 0 && *hi < tokens;
+  const int64_t rows = by_value ? *hi + 1 : tokens;
+  table->resize(rows * 2 * half);
   const float* freq = inv_freq->typed_data();
   float* out = table->data();
-  ParallelFor(pool, sh.b, [&](int64_t bi) {
-    for (int64_t r = bi * sh.s; r < (bi + 1) * sh.s; ++r) {
+  constexpr int64_t kChunk = 256;
+  ParallelFor(pool, (rows + kChunk - 1) / kChunk, [&](int64_t chunk) {
+    for (int64_t r = chunk * kChunk; r < std::min(rows, (chunk + 1) * kChunk); ++r) {
+      const float p = static_cast<float>(by_value ? r : pos[r]);
       for (int64_t j = 0; j < half; ++j) {
-        const float angle = static_cast<float>(pos[r]) * freq[j];
+        const float angle = p * freq[j];
         out[r * 2 * half + j] = std::cos(angle);
         out[r * 2 * half + half + j] = std::sin(angle);
       }
     }
   });
-  *rope = Rope{table->data(), half};
+  *rope = Rope{table->data(), by_value ? pos : nullptr, half};
   return ffi::Error::Success();
 }
 
