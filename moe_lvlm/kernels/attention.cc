@@ -63,6 +63,39 @@ inline void Rotate(const float* x, const float* cs, int64_t half, bool inverse, 
   for (int64_t j = 2 * half; j < D; ++j) dst[j] = x[j];
 }
 
+// What is done to a q or k row as it is loaded: RMSNorm over the head (x / rms(x) * scale, if
+// scale), then the rotation of `rope`.
+struct Prep {
+  Rope rope;
+  const float* scale = nullptr;
+  float eps = 0.0f;
+  bool any() const { return rope.table || scale; }
+};
+
+// 1 / rms of x [D] (RMSNorm's, with eps).
+template <int D>
+inline float InvRms(const float* x, float eps) {
+  float ss = 0.0f;
+  for (int c = 0; c < D; ++c) ss += x[c] * x[c];
+  return 1.0f / std::sqrt(ss / D + eps);
+}
+
+// Row `row` of batch row bi, x [D], prepared by `prep` in buf [2 D]; returns where it is.
+template <int D>
+inline const float* Prepare(const float* x, const Prep& prep, const Shape& sh, int64_t bi,
+                            int64_t row, float* buf) {
+  if (prep.scale) {
+    const float r = InvRms<D>(x, prep.eps);
+    for (int c = 0; c < D; ++c) buf[c] = x[c] * r * prep.scale[c];
+    x = buf;
+  }
+  if (prep.rope.table) {
+    Rotate<D>(x, prep.rope.row(sh, bi, row), prep.rope.half, false, buf + D);
+    x = buf + D;
+  }
+  return x;
+}
+
 // out[i][j] = a[i] . bt[:, j] for rows i < n (n even, a zero-padded) and the kTile columns of
 // bt [D, kTile]; two rows and half a tile of columns at a time, accumulators in registers.
 template <int D, int64_t kTile>
@@ -148,14 +181,11 @@ void MaskTile(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, i
 // it has a table), scaled, into dst [kTile, D]: zero past n (and dst's rows past n stay zero).
 template <int D, int64_t kTile>
 void LoadRows(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head, int64_t r0,
-              int64_t n, float scale, float* dst, const Rope& rope = {}) {
-  alignas(32) float rotated[D];
+              int64_t n, float scale, float* dst, const Prep& prep = {}) {
+  alignas(32) float buf[2 * D];
   for (int64_t r = 0; r < kTile; ++r) {
     const float* src = x + ((bi * sh.s + r0 + r) * heads + head) * D;
-    if (r < n && rope.table) {
-      Rotate<D>(src, rope.row(sh, bi, r0 + r), rope.half, false, rotated);
-      src = rotated;
-    }
+    if (r < n && prep.any()) src = Prepare<D>(src, prep, sh, bi, r0 + r, buf);
     for (int v = 0; v < D / kW; ++v) {
       Store(dst + r * D + v * kW, r < n ? Load(src + v * kW) * scale : V{});
     }
@@ -165,31 +195,46 @@ void LoadRows(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_
 // The same rows transposed (unscaled): dst [D, kTile].
 template <int D, int64_t kTile>
 void LoadRowsT(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head,
-               int64_t r0, int64_t n, float* dst, const Rope& rope = {}) {
-  alignas(32) float rotated[D];
+               int64_t r0, int64_t n, float* dst, const Prep& prep = {}) {
+  alignas(32) float buf[2 * D];
   for (int64_t r = 0; r < kTile; ++r) {
     const float* src = x + ((bi * sh.s + r0 + r) * heads + head) * D;
-    if (r < n && rope.table) {
-      Rotate<D>(src, rope.row(sh, bi, r0 + r), rope.half, false, rotated);
-      src = rotated;
-    }
+    if (r < n && prep.any()) src = Prepare<D>(src, prep, sh, bi, r0 + r, buf);
     for (int c = 0; c < D; ++c) dst[c * kTile + r] = r < n ? src[c] : 0.0f;
   }
 }
 
-// Row `row` of x [b, s, heads, D] (batch row bi) from src [D]: times scale, then rotated back by
-// `rope` (the gradient of a rotated input with respect to the un-rotated one).
+// Row `row` of dx [b, s, heads, D] (batch row bi) from the gradient src [D] of the prepared row:
+// times scale, back through the rotation (by minus the angle) and the RMSNorm of `prep` (whose
+// input row is read from x); the norm scale's gradient is added to dscale [D].
 template <int D>
 void StoreRow(const float* src, float scale, const Shape& sh, int64_t heads, int64_t bi,
-              int64_t head, int64_t row, const Rope& rope, float* x) {
-  float* dst = x + ((bi * sh.s + row) * heads + head) * D;
-  if (!rope.table) {
+              int64_t head, int64_t row, const Prep& prep, const float* x, float* dscale,
+              float* dx) {
+  const int64_t at = ((bi * sh.s + row) * heads + head) * D;
+  float* dst = dx + at;
+  if (!prep.any()) {
     for (int w = 0; w < D / kW; ++w) Store(dst + w * kW, Load(src + w * kW) * scale);
     return;
   }
-  alignas(32) float scaled[D];
-  for (int w = 0; w < D / kW; ++w) Store(scaled + w * kW, Load(src + w * kW) * scale);
-  Rotate<D>(scaled, rope.row(sh, bi, row), rope.half, true, dst);
+  alignas(32) float g[D], h[D];
+  for (int w = 0; w < D / kW; ++w) Store(g + w * kW, Load(src + w * kW) * scale);
+  const float* dy = g;
+  if (prep.rope.table) {
+    Rotate<D>(g, prep.rope.row(sh, bi, row), prep.rope.half, true, prep.scale ? h : dst);
+    dy = h;
+  }
+  if (!prep.scale) return;
+  // y = x r w, r = 1 / rms(x): dx = r w dy - x r^3 <w dy, x> / D, dw += dy x r.
+  const float* xr = x + at;
+  const float r = InvRms<D>(xr, prep.eps);
+  float dot = 0.0f;
+  for (int c = 0; c < D; ++c) dot += prep.scale[c] * dy[c] * xr[c];
+  const float coef = r * r * r * dot / D;
+  for (int c = 0; c < D; ++c) {
+    dscale[c] += dy[c] * xr[c] * r;
+    dst[c] = r * prep.scale[c] * dy[c] - xr[c] * coef;
+  }
 }
 
 template <int64_t kTile>
@@ -215,7 +260,8 @@ bool NeedsMask(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, 
 // tile is transposed and loaded once for the whole group.
 template <int D, int64_t kTile>
 void ForwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
-                 const Shape& sh, const Rope& rope, bool causal, int64_t task, float* out,
+                 const Shape& sh, const Prep& qp, const Prep& kp, bool causal, int64_t task,
+                 float* out,
                  float* lse) {
   constexpr int kTileV = kTile / kW;
   const int64_t tiles = sh.tiles(kTile), group = sh.group();
@@ -233,13 +279,13 @@ void ForwardTask(const float* q, const float* k, const float* v, const int32_t* 
     std::fill(m, m + kTile, kMasked);
     std::fill(l, l + kTile, 0.0f);
     LoadRows<D, kTile>(q, sh, sh.h, bi, kvh * group + g, q0, nq,
-                       1.0f / std::sqrt(static_cast<float>(D)), qs, rope);
+                       1.0f / std::sqrt(static_cast<float>(D)), qs, qp);
   }
   int32_t segk[kTile];
   const int64_t kend = causal ? q0 + nq : sh.s;
   for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
     const int64_t nk = std::min(kTile, sh.s - k0);
-    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, k0, nk, kt, rope);
+    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, k0, nk, kt, kp);
     LoadRows<D, kTile>(v, sh, sh.kh, bi, kvh, k0, nk, 1.0f, vs);
     LoadSegments<kTile>(seg, k0, nk, segk);
     const bool masked = NeedsMask<kTile>(seg, segk, q0, nq, k0, causal);
@@ -291,7 +337,8 @@ void ForwardTask(const float* q, const float* k, const float* v, const int32_t* 
 template <int D, int64_t kTile>
 void BackwardTask(const float* q, const float* k, const float* v, const int32_t* seg_all,
                   const float* out, const float* lse_all, const float* dout, const Shape& sh,
-                  const Rope& rope, bool causal, int64_t task, float* dq, float* dk, float* dv) {
+                  const Prep& qp, const Prep& kp, bool causal, int64_t task, float* dq, float* dk,
+                  float* dv, float* dscale) {
   constexpr int kTileV = kTile / kW;
   const int64_t bi = task / sh.kh, kvh = task % sh.kh, tiles = sh.tiles(kTile);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -304,11 +351,13 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
   float *dos = qs + kTile * D, *os = dos + kTile * D, *dqs = os + kTile * D;
   float *p = dqs + kTile * D, *dp = p + kTile * kTile, *ds = dp + kTile * kTile;
   std::fill(dk_acc, dk_acc + 2 * padded * D, 0.0f);  // and dv_acc
+  // This task's partial gradients of the q and k norm scales: dscale [b * kh, 2, D].
+  float dsq[D] = {}, dsk[D] = {};
   std::vector<int32_t> seg_tiles(padded);
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n = std::min(kTile, sh.s - t * kTile);
-    LoadRows<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, 1.0f, kc + t * kTile * D, rope);
-    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, kt_all + t * D * kTile, rope);
+    LoadRows<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, 1.0f, kc + t * kTile * D, kp);
+    LoadRowsT<D, kTile>(k, sh, sh.kh, bi, kvh, t * kTile, n, kt_all + t * D * kTile, kp);
     LoadRowsT<D, kTile>(v, sh, sh.kh, bi, kvh, t * kTile, n, vt_all + t * D * kTile);
     LoadSegments<kTile>(seg, t * kTile, n, seg_tiles.data() + t * kTile);
   }
@@ -317,7 +366,7 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
     const int64_t hi = kvh * sh.group() + g;
     for (int64_t qt = 0; qt < tiles; ++qt) {
       const int64_t q0 = qt * kTile, nq = std::min(kTile, sh.s - q0), nq2 = nq + (nq & 1);
-      LoadRows<D, kTile>(q, sh, sh.h, bi, hi, q0, nq, scale, qs, rope);
+      LoadRows<D, kTile>(q, sh, sh.h, bi, hi, q0, nq, scale, qs, qp);
       LoadRows<D, kTile>(dout, sh, sh.h, bi, hi, q0, nq, 1.0f, dos);
       LoadRows<D, kTile>(out, sh, sh.h, bi, hi, q0, nq, 1.0f, os);
       for (int64_t i = 0; i < kTile; ++i) {
@@ -351,13 +400,17 @@ void BackwardTask(const float* q, const float* k, const float* v, const int32_t*
         Accumulate<D>(ds, 1, kTile, qs, nk, nq, dk_acc + k0 * D);      // dK += dS^T Q
       }
       for (int64_t i = 0; i < nq; ++i) {
-        StoreRow<D>(dqs + i * D, scale, sh, sh.h, bi, hi, q0 + i, rope, dq);
+        StoreRow<D>(dqs + i * D, scale, sh, sh.h, bi, hi, q0 + i, qp, q, dsq, dq);
       }
     }
   }
   for (int64_t r = 0; r < sh.s; ++r) {
-    StoreRow<D>(dk_acc + r * D, 1.0f, sh, sh.kh, bi, kvh, r, rope, dk);
-    StoreRow<D>(dv_acc + r * D, 1.0f, sh, sh.kh, bi, kvh, r, {}, dv);
+    StoreRow<D>(dk_acc + r * D, 1.0f, sh, sh.kh, bi, kvh, r, kp, k, dsk, dk);
+    StoreRow<D>(dv_acc + r * D, 1.0f, sh, sh.kh, bi, kvh, r, {}, v, nullptr, dv);
+  }
+  if (dscale) {
+    std::copy(dsq, dsq + D, dscale + task * 2 * D);
+    std::copy(dsk, dsk + D, dscale + task * 2 * D + D);
   }
 }
 
@@ -416,6 +469,7 @@ ffi::Error MakeRope(ffi::ThreadPool& pool, const Shape& sh, const ffi::Buffer<ff
         "native attention: positions must be [b, s] and inv_freq [r / 2] with r <= head_dim");
   }
   const int64_t half = fd[0], tokens = sh.b * sh.s;
+  if (half == 0) return ffi::Error::Success();
   const int32_t* pos = positions->typed_data();
   const auto [lo, hi] = std::minmax_element(pos, pos + tokens);
   const bool by_value = tokens > 0 && *lo >= 0 && *hi < tokens;
@@ -438,16 +492,45 @@ ffi::Error MakeRope(ffi::ThreadPool& pool, const Shape& sh, const ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+// The optional inputs of the entry points: rotary embedding and the q / k RMSNorm scales [D].
+struct Extras {
+  const ffi::Buffer<ffi::S32>* positions = nullptr;
+  const ffi::Buffer<ffi::F32>* inv_freq = nullptr;
+  const ffi::Buffer<ffi::F32>* q_scale = nullptr;
+  const ffi::Buffer<ffi::F32>* k_scale = nullptr;
+  float eps = 0.0f;
+};
+
+// The q and k row preparations of `extras`; *table holds the rotary table.
+ffi::Error MakePreps(ffi::ThreadPool& pool, const Shape& sh, const Extras& extras,
+                     std::vector<float>* table, Prep* qp, Prep* kp) {
+  Rope rope;
+  if (ffi::Error error = MakeRope(pool, sh, extras.positions, extras.inv_freq, table, &rope);
+      error.failure()) {
+    return error;
+  }
+  *qp = Prep{rope};
+  *kp = Prep{rope};
+  if (extras.q_scale) {
+    const auto qd = extras.q_scale->dimensions(), kd = extras.k_scale->dimensions();
+    if (qd.size() != 1 || qd[0] != sh.d || kd.size() != 1 || kd[0] != sh.d) {
+      return ffi::Error::InvalidArgument("native attention: q/k norm scales must be [head_dim]");
+    }
+    *qp = Prep{rope, extras.q_scale->typed_data(), extras.eps};
+    *kp = Prep{rope, extras.k_scale->typed_data(), extras.eps};
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
-                       const ffi::Buffer<ffi::S32>* positions,
-                       const ffi::Buffer<ffi::F32>* inv_freq, int32_t causal,
-                       ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, const Extras& extras,
+                       int32_t causal, ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> lse) {
   Shape sh;
   if (ffi::Error error = CheckShapes(q, k, v, seg, sh); error.failure()) return error;
   std::vector<float> table;
-  Rope rope;
-  if (ffi::Error error = MakeRope(pool, sh, positions, inv_freq, &table, &rope); error.failure()) {
+  Prep qp, kp;
+  if (ffi::Error error = MakePreps(pool, sh, extras, &table, &qp, &kp); error.failure()) {
     return error;
   }
   return Dispatch(sh, [&](auto d, auto tile) {
@@ -455,23 +538,23 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
     constexpr int64_t kTile = decltype(tile)::value;
     ParallelFor(pool, sh.b * sh.kh * sh.tiles(kTile), [&](int64_t t) {
       ForwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), sh,
-                            rope, causal != 0, t, out->typed_data(), lse->typed_data());
+                            qp, kp, causal != 0, t, out->typed_data(), lse->typed_data());
     });
   });
 }
 
+// dscale: null, or [b * kh, 2, D] per-task partial gradients of the q and k norm scales.
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg,
-                        const ffi::Buffer<ffi::S32>* positions,
-                        const ffi::Buffer<ffi::F32>* inv_freq, ffi::Buffer<ffi::F32> out,
-                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int32_t causal,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, const Extras& extras,
+                        ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                        ffi::Buffer<ffi::F32> dout, int32_t causal,
                         ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                        ffi::ResultBuffer<ffi::F32> dv) {
+                        ffi::ResultBuffer<ffi::F32> dv, float* dscale) {
   Shape sh;
   if (ffi::Error error = CheckShapes(q, k, v, seg, sh); error.failure()) return error;
   std::vector<float> table;
-  Rope rope;
-  if (ffi::Error error = MakeRope(pool, sh, positions, inv_freq, &table, &rope); error.failure()) {
+  Prep qp, kp;
+  if (ffi::Error error = MakePreps(pool, sh, extras, &table, &qp, &kp); error.failure()) {
     return error;
   }
   return Dispatch(sh, [&](auto d, auto tile) {
@@ -479,8 +562,9 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     constexpr int64_t kTile = decltype(tile)::value;
     ParallelFor(pool, sh.b * sh.kh, [&](int64_t t) {
       BackwardTask<D, kTile>(q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
-                             out.typed_data(), lse.typed_data(), dout.typed_data(), sh, rope,
-                             causal != 0, t, dq->typed_data(), dk->typed_data(), dv->typed_data());
+                             out.typed_data(), lse.typed_data(), dout.typed_data(), sh, qp, kp,
+                             causal != 0, t, dq->typed_data(), dk->typed_data(), dv->typed_data(),
+                             dscale);
     });
   });
 }
@@ -488,7 +572,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, int32_t causal,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  return ForwardImpl(pool, q, k, v, seg, nullptr, nullptr, causal, out, lse);
+  return ForwardImpl(pool, q, k, v, seg, Extras{}, causal, out, lse);
 }
 
 ffi::Error RopeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -496,7 +580,17 @@ ffi::Error RopeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
                        ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32> inv_freq,
                        int32_t causal, ffi::ResultBuffer<ffi::F32> out,
                        ffi::ResultBuffer<ffi::F32> lse) {
-  return ForwardImpl(pool, q, k, v, seg, &positions, &inv_freq, causal, out, lse);
+  return ForwardImpl(pool, q, k, v, seg, Extras{&positions, &inv_freq}, causal, out, lse);
+}
+
+ffi::Error NormRopeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                           ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> positions,
+                           ffi::Buffer<ffi::F32> inv_freq, ffi::Buffer<ffi::F32> q_scale,
+                           ffi::Buffer<ffi::F32> k_scale, int32_t causal, float eps,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  const Extras extras{&positions, &inv_freq, &q_scale, &k_scale, eps};
+  return ForwardImpl(pool, q, k, v, seg, extras, causal, out, lse);
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -504,7 +598,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, int32_t causal,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv) {
-  return BackwardImpl(pool, q, k, v, seg, nullptr, nullptr, out, lse, dout, causal, dq, dk, dv);
+  return BackwardImpl(pool, q, k, v, seg, Extras{}, out, lse, dout, causal, dq, dk, dv, nullptr);
 }
 
 ffi::Error RopeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -514,8 +608,27 @@ ffi::Error RopeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
                         ffi::Buffer<ffi::F32> dout, int32_t causal,
                         ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                         ffi::ResultBuffer<ffi::F32> dv) {
-  return BackwardImpl(pool, q, k, v, seg, &positions, &inv_freq, out, lse, dout, causal, dq, dk,
-                      dv);
+  return BackwardImpl(pool, q, k, v, seg, Extras{&positions, &inv_freq}, out, lse, dout, causal,
+                      dq, dk, dv, nullptr);
+}
+
+ffi::Error NormRopeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> positions,
+                            ffi::Buffer<ffi::F32> inv_freq, ffi::Buffer<ffi::F32> q_scale,
+                            ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> out,
+                            ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                            int32_t causal, float eps, ffi::ResultBuffer<ffi::F32> dq,
+                            ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                            ffi::ResultBuffer<ffi::F32> dscale) {
+  const auto dd = dscale->dimensions();
+  if (dd.size() != 3 || dd[0] != q.dimensions()[0] * k.dimensions()[2] || dd[1] != 2 ||
+      dd[2] != q.dimensions()[3]) {
+    return ffi::Error::InvalidArgument("native attention: dscale must be [b * kv_heads, 2, d]");
+  }
+  const Extras extras{&positions, &inv_freq, &q_scale, &k_scale, eps};
+  return BackwardImpl(pool, q, k, v, seg, extras, out, lse, dout, causal, dq, dk, dv,
+                      dscale->typed_data());
 }
 
 }  // namespace
@@ -563,6 +676,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeAttentionRopeBackward, RopeBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("causal")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// The same with the q and k RMSNorm scales [d] after inv_freq (applied before the rotation), and
+// the scales' per-task partial gradients [b * kv_heads, 2, d] as a fourth result of the backward.
+static auto BindNormRopeInputs() {
+  return BindRopeInputs().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeAttentionNormRopeForward, NormRopeForward,
+                              BindNormRopeInputs()
+                                  .Attr<int32_t>("causal")
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoeAttentionNormRopeBackward, NormRopeBackward,
+                              BindNormRopeInputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("causal")
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

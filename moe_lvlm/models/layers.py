@@ -57,6 +57,18 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+class RMSNormScale(nn.Module):
+    """An `RMSNorm`'s scale (same name, init and axes) for a caller that applies the norm itself."""
+
+    axis_name: str = "norm"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: int) -> Array:
+        return param_with_axes(self, "scale", nn.initializers.ones, (features,),
+                               (self.axis_name,), self.param_dtype)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with bias, statistics in float32 (CLIP/SigLIP, StableLM-2, Phi-2)."""
 
@@ -156,7 +168,8 @@ class Projection(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional RoPE, qkv bias, qk-norm, KV cache.
-    With the 'native' implementation RoPE is applied inside the kernel (not when decoding).
+    With the 'native' implementation qk-norm and RoPE are applied inside the kernel (not when
+    decoding).
 
     x: [batch, seq, embed]; `segment_ids` [batch, seq] (packing; 0 = padding) confine attention
     to a segment. `implementation`: moe_lvlm/models/attention.py (`splash` is sharded over
@@ -203,15 +216,20 @@ class Attention(nn.Module):
         q = self._proj("q", self.num_heads, x)
         k = self._proj("k", self.num_kv_heads, x)
         v = self._proj("v", self.num_kv_heads, x)
-        if self.qk_norm:
+        implementation = attention.resolve(self.implementation, self.dtype, head_dim=q.shape[-1])
+        rotary = int(self.head_dim * self.rotary_fraction)
+        # The native kernel normalises and rotates q and k as it loads them.
+        fused = implementation == "native" and not decode and rotary % 2 == 0
+        fused_norm = fused_rope = None
+        if self.qk_norm and fused:
+            scales = (RMSNormScale("head_dim", self.param_dtype, name=name)(self.head_dim)
+                      for name in ("q_norm", "k_norm"))
+            fused_norm = (*scales, self.norm_eps)
+        elif self.qk_norm:
             norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
             q = RMSNorm(**norm, axis_name="head_dim", name="q_norm")(q)
             k = RMSNorm(**norm, axis_name="head_dim", name="k_norm")(k)
-        implementation = attention.resolve(self.implementation, self.dtype, head_dim=q.shape[-1])
-        rotary = int(self.head_dim * self.rotary_fraction)
-        fused_rope = None  # the native kernel rotates q and k as it loads them
-        if self.rope_theta is not None and implementation == "native" and not decode \
-                and rotary % 2 == 0:
+        if self.rope_theta is not None and fused:
             fused_rope = (positions, rope_frequencies(rotary, self.rope_theta))
         elif self.rope_theta is not None:
             q = rope(q, positions, self.rope_theta, self.rotary_fraction)
@@ -226,6 +244,7 @@ class Attention(nn.Module):
             out = attention.self_attention(
                 q, k, v, segment_ids=segment_ids, causal=self.causal,
                 implementation=implementation, mesh=self.mesh, rope=fused_rope,
+                qk_norm=fused_norm,
             )
         out = nn.with_logical_constraint(out, BATCH_LENGTH_HEADS)
         return Projection(

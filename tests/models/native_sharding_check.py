@@ -4,9 +4,11 @@ the device count must be fixed before jax is imported).
 Batch over (data 2, fsdp 2), heads over tensor 2: output and gradients under jit with sharded
 inputs must equal the numpy reference, with RoPE inside the kernel too (positions sharded like the
 segment ids), and the compiled program must hold no collective (each device runs the kernel on its
-own rows and heads). Prints `RESULT {json}`.
+own rows and heads). With qk-norm in the kernel as well, output and gradients (the replicated
+scales' summed over the devices) equal the same call on one device. Prints `RESULT {json}`.
 """
 
+import functools
 import json
 import os
 import sys
@@ -66,6 +68,22 @@ def main():
                    for g, w in zip((out, *grads), (want_out, *want_grads), strict=True)]
         collectives |= {op for op in ("all-gather", "all-reduce", "all-to-all",
                                       "collective-permute") if op in hlo}
+    # qk-norm too: the scales are replicated, their gradients summed over the devices' rows;
+    # against the same call on one device (test_attention.py checks that one).
+    scales = [np.linspace(a, b, 8, dtype=np.float32) for a, b in ((0.5, 1.5), (1.2, 0.8))]
+    rope = (positions, rope_frequencies(8, 10000.0))
+
+    def normed(q_, k_, v_, qs, ks, do_, seg, rope_, mesh_):
+        out, vjp = jax.vjp(lambda *a: native_attention(*a[:3], seg, causal=True, mesh=mesh_,
+                                                        rope=rope_, qk_norm=(*a[3:], 1e-6)),
+                           q_, k_, v_, qs, ks)
+        return out, vjp(do_)
+
+    sharded = jax.jit(functools.partial(normed, mesh_=mesh))
+    got = sharded(*args[:3], *scales, args[3], args[4], (jax.device_put(positions, rows), rope[1]))
+    want = jax.jit(functools.partial(normed, mesh_=None))(q, k, v, *scales, dout, segments, rope)
+    errors += [float(np.max(np.abs(np.asarray(g) - w) / (5e-5 + 1e-4 * np.abs(w))))
+               for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)]
     collectives = sorted(collectives)
     print("RESULT " + json.dumps({"worst_ratio": max(errors), "collectives": collectives,
                                   "out_sharding": str(out.sharding.spec)}))

@@ -186,11 +186,11 @@ def test_native_rope_matches_numpy(seq, causal, packed, d, fraction, offset):
         np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fraction", [1.0, 0.25])
-def test_attention_layer_native_rope_matches_blockwise(fraction):
-    """`Attention` with native (RoPE in the kernel) against blockwise (RoPE in XLA): same
-    parameters, same output and gradients (inputs and every parameter), packed rows; the
-    native call gets `rope`."""
+@pytest.mark.parametrize("fraction, qk_norm", [(1.0, True), (0.25, False)])
+def test_attention_layer_native_rope_matches_blockwise(fraction, qk_norm):
+    """`Attention` with native (qk-norm and RoPE in the kernel) against blockwise (both in XLA):
+    same parameters, same output and gradients (inputs and every parameter, the norm scales
+    too), packed rows; no norm or rotation is left in XLA."""
     b, s, embed = 2, 24, 32
     x = jax.random.normal(jax.random.PRNGKey(0), (b, s, embed))
     segments = np.ones((b, s), np.int32)
@@ -201,7 +201,7 @@ def test_attention_layer_native_rope_matches_blockwise(fraction):
 
     def layer(implementation):
         return layers.Attention(num_heads=4, num_kv_heads=2, head_dim=16, causal=True,
-                                rope_theta=500.0, rotary_fraction=fraction, qk_norm=True,
+                                rope_theta=500.0, rotary_fraction=fraction, qk_norm=qk_norm,
                                 implementation=implementation)
 
     params = layer("blockwise").init(jax.random.PRNGKey(1), x, positions, segments)
@@ -219,8 +219,55 @@ def test_attention_layer_native_rope_matches_blockwise(fraction):
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=5e-5, rtol=2e-4)
     jaxpr = str(jax.make_jaxpr(functools.partial(loss, "native"))(params, x))
-    assert "moe_lvlm_attention_rope_forward" in jaxpr
-    assert not re.search(r"\b(cos|sin)\b", jaxpr)  # no rotation left in XLA
+    target = "norm_rope_forward" if qk_norm else "rope_forward"
+    assert f"moe_lvlm_attention_{target}" in jaxpr
+    assert not re.search(r"\b(cos|sin|rsqrt)\b", jaxpr)  # no norm or rotation left in XLA
+
+
+@pytest.mark.parametrize("seq, causal, packed, d, rope", [(19, True, True, 8, True),
+                                                          (70, False, False, 32, False)])
+def test_native_qk_norm_matches_references(seq, causal, packed, d, rope):
+    """qk-norm (RMSNorm over the head with learned scales) inside the kernel, with or without
+    RoPE: output against float64 numpy; gradients of q, k, v and both scales against jax.grad of
+    the same written in JAX (norm, `layers.rope`, 'xla' attention)."""
+    q, k, v, dout, segments = random_case(seq, packed, d=d)
+    rng = np.random.default_rng(1)
+    q_scale, k_scale = (1 + 0.3 * rng.standard_normal(d).astype(np.float32) for _ in range(2))
+    positions = packed_positions(segments, seq, q.shape[0])
+    eps, theta = 1e-6, 10000.0
+    seg = None if segments is None else jnp.asarray(segments)
+    fused_rope = (jnp.asarray(positions), layers.rope_frequencies(d, theta)) if rope else None
+
+    def fused(q_, k_, v_, qs, ks):
+        return native_attention.native_attention(q_, k_, v_, seg, causal=causal, rope=fused_rope,
+                                                 qk_norm=(qs, ks, eps))
+
+    def reference(q_, k_, v_, qs, ks):
+        def norm(x, w):
+            return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+        q_, k_ = norm(q_, qs), norm(k_, ks)
+        if rope:
+            q_, k_ = (layers.rope(x, jnp.asarray(positions), theta) for x in (q_, k_))
+        return attention.self_attention(q_, k_, v_, segment_ids=seg, causal=causal,
+                                        implementation="xla")
+
+    def np_norm(x, w):
+        x = x.astype(np.float64)
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+    qn, kn = np_norm(q, q_scale), np_norm(k, k_scale)
+    if rope:
+        qn, kn = (np_rope(x, positions, theta, d) for x in (qn, kn))
+    want_out, _ = np_attention(qn, kn, v.astype(np.float64), dout.astype(np.float64),
+                               allowed_keys(segments, seq, causal))
+    inputs = [jnp.asarray(x) for x in (q, k, v, q_scale, k_scale)]
+    out, vjp = jax.vjp(fused, *inputs)
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5, rtol=1e-4)
+    _, ref_vjp = jax.vjp(reference, *inputs)
+    # 'xla' gives queries that see no key a uniform average (not 0): no cotangent for them.
+    seen = allowed_keys(segments, seq, causal).any(-1)[..., None, None]
+    dout = jnp.asarray(np.where(seen, dout, 0.0))
+    for got, want in zip(vjp(dout), ref_vjp(dout), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=2e-4)
 
 
 def test_native_bfloat16_inputs_cast_in_and_out():
