@@ -10,7 +10,9 @@
 // apply rotary embedding (HF rotate_half over the first r features) to q and k as their rows are
 // loaded: angle = float(position) * inv_freq[j], cos / sin tabled once per call. Their backward
 // rotates q and k the same way and returns dq / dk with respect to the un-rotated inputs (the
-// transposed rotation: by -angle).
+// transposed rotation: by -angle). The *NormRope* ones also take the q and k scales [d] of an
+// RMSNorm over the head (qk-norm) applied before the rotation, and their backward adds the
+// scales' per-task partial gradients [b * kh, 2, d] (summed by the caller).
 //
 // Forward: one task per (batch, kv head, query tile), covering the kv head's query heads.
 // Backward (FA2: delta = rowsum(dO * O), P recomputed from the log-sum-exp): one task per
