@@ -179,8 +179,8 @@ void MaskTile(const int32_t* seg, const int32_t* segk, int64_t q0, int64_t nq, i
   }
 }
 
-// Rows [r0, r0 + n) of head `head` of x [b, s, heads, D] (batch row bi), rotated by `rope` (if
-// it has a table), scaled, into dst [kTile, D]: zero past n (and dst's rows past n stay zero).
+// Rows [r0, r0 + n) of head `head` of x [b, s, heads, D] (batch row bi), prepared by `prep`
+// (qk-norm, rotation), scaled, into dst [kTile, D]: zero past n (and dst's rows past n stay zero).
 template <int D, int64_t kTile>
 void LoadRows(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head, int64_t r0,
               int64_t n, float scale, float* dst, const Prep& prep = {}) {
@@ -194,7 +194,7 @@ void LoadRows(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_
   }
 }
 
-// The same rows transposed (unscaled): dst [D, kTile].
+// The same rows prepared and transposed (unscaled): dst [D, kTile].
 template <int D, int64_t kTile>
 void LoadRowsT(const float* x, const Shape& sh, int64_t heads, int64_t bi, int64_t head,
                int64_t r0, int64_t n, float* dst, const Prep& prep = {}) {
