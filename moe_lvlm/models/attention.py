@@ -17,7 +17,9 @@
   native     CPU: a fused C++ flash-attention kernel (forward and backward, float32) called
              through `jax.ffi` (moe_lvlm/kernels/native_attention.py), built with g++ on first
              use (moe_lvlm/kernels/build.py; MOE_LVLM_NATIVE_KERNELS=0 turns it off); sharded
-             over the mesh's batch axes.
+             over the mesh's batch axes. It also applies the decoder's qk-norm and RoPE to q
+             and k as it loads them (`qk_norm=`, `rope=`), so no normalised or rotated copy is
+             written in XLA.
 
 Queries that may see no key (padding of packed rows) get a zero output in 'blockwise', as in
 the numpy reference; the XLA path gives them a uniform average. Either way nothing reads them.
@@ -81,17 +83,23 @@ def segment_mask(segment_ids: Array, causal: bool) -> Array:
 
 def self_attention(
     q: Array, k: Array, v: Array, *, segment_ids: Array | None, causal: bool,
-    implementation: str, mesh: Mesh | None = None,
+    implementation: str, mesh: Mesh | None = None, rope: tuple[Array, Array] | None = None,
+    qk_norm: tuple[Array, Array, float] | None = None,
 ) -> Array:
     """q [b, s, heads, d], k/v [b, s, kv_heads, d] -> [b, s, heads, d] with the concrete
     `implementation` (see `resolve`). `segment_ids` [b, s] (0 = padding) confine attention to
-    a segment; None: every position of the row is one segment. `mesh`: splash's shard_map."""
+    a segment; None: every position of the row is one segment. `mesh`: splash's shard_map.
+    `rope` (positions, inv_freq) and `qk_norm` (q_scale, k_scale, eps): 'native' only, q and k
+    normalised and rotated inside the kernel."""
+    if (rope is not None or qk_norm is not None) and implementation != "native":
+        raise ValueError(f"rope / qk-norm inside attention need 'native', not {implementation!r}")
     if implementation == "blockwise":
         return blockwise_attention(q, k, v, segment_ids, causal=causal)
     if implementation == "splash":
         return splash_attention(q, k, v, segment_ids, causal, mesh)
     if implementation == "native":
-        return native.native_attention(q, k, v, segment_ids, causal=causal, mesh=mesh)
+        return native.native_attention(q, k, v, segment_ids, causal=causal, mesh=mesh, rope=rope,
+                                       qk_norm=qk_norm)
     mask = None if segment_ids is None else segment_mask(segment_ids, causal)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=causal and mask is None,

@@ -65,6 +65,18 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
+class RMSNormScale(nn.Module):
+    """An `RMSNorm`'s scale (same name, init and axes) for a caller that applies the norm itself."""
+
+    axis_name: str = "norm"
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: int) -> Array:
+        return param_with_axes(self, "scale", nn.initializers.ones, (features,),
+                               (self.axis_name,), self.param_dtype)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with bias, statistics in float32 (CLIP/SigLIP, StableLM-2, Phi-2)."""
 
@@ -88,6 +100,11 @@ class LayerNorm(nn.Module):
         return (y * scale + bias).astype(self.dtype)
 
 
+def rope_frequencies(rotary_dim: int, theta: float) -> Array:
+    """RoPE's inverse frequencies [rotary_dim // 2], float32."""
+    return 1.0 / (theta ** (jnp.arange(rotary_dim // 2, dtype=jnp.float32) * 2.0 / rotary_dim))
+
+
 def rope(x: Array, positions: Array, theta: float, fraction: float = 1.0) -> Array:
     """Rotary embedding, HF 'rotate_half' layout. x: [batch, seq, heads, head_dim].
 
@@ -98,7 +115,7 @@ def rope(x: Array, positions: Array, theta: float, fraction: float = 1.0) -> Arr
     if rotary < x.shape[-1]:
         return jnp.concatenate([rope(x[..., :rotary], positions, theta), x[..., rotary:]], -1)
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    inv_freq = rope_frequencies(x.shape[-1], theta)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, seq, half]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -159,6 +176,8 @@ class Projection(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional RoPE, qkv bias, qk-norm, KV cache.
+    With the 'native' implementation qk-norm and RoPE are applied inside the kernel (not when
+    decoding).
 
     x: [batch, seq, embed]; `segment_ids` [batch, seq] (packing; 0 = padding) confine attention
     to a segment. `implementation`: moe_lvlm/models/attention.py (`splash` is sharded over
@@ -205,15 +224,25 @@ class Attention(nn.Module):
         q = self._proj("q", self.num_heads, x)
         k = self._proj("k", self.num_kv_heads, x)
         v = self._proj("v", self.num_kv_heads, x)
-        if self.qk_norm:
+        implementation = attention.resolve(self.implementation, self.dtype, head_dim=q.shape[-1])
+        rotary = int(self.head_dim * self.rotary_fraction)
+        # The native kernel normalises and rotates q and k as it loads them.
+        fused = implementation == "native" and not decode and rotary % 2 == 0
+        fused_norm = fused_rope = None
+        if self.qk_norm and fused:
+            scales = (RMSNormScale("head_dim", self.param_dtype, name=name)(self.head_dim)
+                      for name in ("q_norm", "k_norm"))
+            fused_norm = (*scales, self.norm_eps)
+        elif self.qk_norm:
             norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
             q = RMSNorm(**norm, axis_name="head_dim", name="q_norm")(q)
             k = RMSNorm(**norm, axis_name="head_dim", name="k_norm")(k)
-        if self.rope_theta is not None:
+        if self.rope_theta is not None and fused:
+            fused_rope = (positions, rope_frequencies(rotary, self.rope_theta))
+        elif self.rope_theta is not None:
             q = rope(q, positions, self.rope_theta, self.rotary_fraction)
             k = rope(k, positions, self.rope_theta, self.rotary_fraction)
         q = nn.with_logical_constraint(q, BATCH_LENGTH_HEADS)
-        implementation = attention.resolve(self.implementation, self.dtype, head_dim=q.shape[-1])
         if decode:
             k, v, mask = self._update_cache(k, v, kv_valid, max_len)
             out = jax.nn.dot_product_attention(
@@ -222,7 +251,8 @@ class Attention(nn.Module):
         else:
             out = attention.self_attention(
                 q, k, v, segment_ids=segment_ids, causal=self.causal,
-                implementation=implementation, mesh=self.mesh,
+                implementation=implementation, mesh=self.mesh, rope=fused_rope,
+                qk_norm=fused_norm,
             )
         out = nn.with_logical_constraint(out, BATCH_LENGTH_HEADS)
         return Projection(

@@ -6,6 +6,7 @@ not a multiple of the block or tile; and the per-platform choice of `model.atten
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 
 from configs import models
 from moe_lvlm.kernels import build, native_attention
-from moe_lvlm.models import attention
+from moe_lvlm.models import attention, layers
 from moe_lvlm.models.lvlm import build_model
 
 
@@ -122,6 +123,151 @@ def test_native_matches_numpy(seq, causal, packed, d):
         return native_attention.native_attention(q_, k_, v_, seg, causal=causal)
 
     check_against_numpy(run, q, k, v, dout, segments, causal)
+
+
+def np_rope(x, positions, theta, rotary, inverse=False):
+    """x [b, s, heads, d] float64 rotated (HF rotate_half) over its first `rotary` features by
+    float32(position) * inv_freq (float32, as the model computes them); by minus it if inverse."""
+    half = rotary // 2
+    inv_freq = (1.0 / theta ** (np.arange(half) * 2.0 / rotary)).astype(np.float32)
+    angles = (positions.astype(np.float32)[..., None] * inv_freq).astype(np.float64)
+    cos, sin = np.cos(angles)[:, :, None], np.sin(angles)[:, :, None]
+    sin = -sin if inverse else sin
+    x1, x2 = x[..., :half], x[..., half:rotary]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary:]], -1)
+
+
+def packed_positions(segments, seq, b):
+    """Positions restarting at 0 with every segment (as packed rows get them), 0 on padding."""
+    if segments is None:
+        return np.broadcast_to(np.arange(seq, dtype=np.int32), (b, seq)).copy()
+    positions = np.zeros((b, seq), np.int32)
+    for bi in range(b):
+        start = 0
+        for i in range(1, seq + 1):
+            if i == seq or segments[bi, i] != segments[bi, start]:
+                positions[bi, start:i] = np.arange(i - start) if segments[bi, start] else 0
+                start = i
+    return positions
+
+
+@pytest.mark.parametrize(
+    "seq, causal, packed, d, fraction, offset",
+    [
+        (19, True, True, 8, 1.0, 0),  # packed rows: positions restart per segment, padding
+        (150, True, True, 32, 1.0, 0),  # three 64-token tiles, the last partial
+        (40, False, False, 16, 0.5, 1000),  # bidirectional, half the features rotated, far angles
+        (100, True, False, 64, 1.0, 7),  # 32-token tiles, d 64
+    ],
+)
+def test_native_rope_matches_numpy(seq, causal, packed, d, fraction, offset):
+    """RoPE applied inside the kernel: output and gradients with respect to the un-rotated q and
+    k equal rope + attention written out in float64 numpy."""
+    q, k, v, dout, segments = random_case(seq, packed, d=d)
+    positions = packed_positions(segments, seq, q.shape[0]) + offset
+    theta, rotary = 10000.0, int(d * fraction)
+    inv_freq = layers.rope_frequencies(rotary, theta)
+
+    def run(q_, k_, v_):
+        seg = None if segments is None else jnp.asarray(segments)
+        return native_attention.native_attention(
+            q_, k_, v_, seg, causal=causal, rope=(jnp.asarray(positions), inv_freq))
+
+    out, vjp = jax.vjp(run, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    dq, dk, dv = vjp(jnp.asarray(dout))
+    q64, k64 = (np_rope(x.astype(np.float64), positions, theta, rotary) for x in (q, k))
+    want_out, (dq_rot, dk_rot, want_dv) = np_attention(
+        q64, k64, v.astype(np.float64), dout.astype(np.float64),
+        allowed_keys(segments, seq, causal))
+    want_dq, want_dk = (np_rope(g, positions, theta, rotary, inverse=True)
+                        for g in (dq_rot, dk_rot))
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5, rtol=1e-4)
+    for got, want in ((dq, want_dq), (dk, want_dk), (dv, want_dv)):
+        np.testing.assert_allclose(np.asarray(got), want, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fraction, qk_norm", [(1.0, True), (0.25, False)])
+def test_attention_layer_native_rope_matches_blockwise(fraction, qk_norm):
+    """`Attention` with native (qk-norm and RoPE in the kernel) against blockwise (both in XLA):
+    same parameters, same output and gradients (inputs and every parameter, the norm scales
+    too), packed rows; no norm or rotation is left in XLA."""
+    b, s, embed = 2, 24, 32
+    x = jax.random.normal(jax.random.PRNGKey(0), (b, s, embed))
+    segments = np.ones((b, s), np.int32)
+    segments[0, 10:] = 2
+    segments[1, 20:] = 0
+    positions = jnp.asarray(packed_positions(segments, s, b))
+    segments = jnp.asarray(segments)
+
+    def layer(implementation):
+        return layers.Attention(num_heads=4, num_kv_heads=2, head_dim=16, causal=True,
+                                rope_theta=500.0, rotary_fraction=fraction, qk_norm=qk_norm,
+                                implementation=implementation)
+
+    params = layer("blockwise").init(jax.random.PRNGKey(1), x, positions, segments)
+
+    weight = jax.random.normal(jax.random.PRNGKey(2), (embed,))
+
+    def loss(implementation, params_, x_):
+        out = layer(implementation).apply(params_, x_, positions, segments)
+        return jnp.sum(out * weight), out
+
+    want_grads, want = jax.grad(functools.partial(loss, "blockwise"), (0, 1), has_aux=True)(
+        params, x)
+    got_grads, got = jax.grad(functools.partial(loss, "native"), (0, 1), has_aux=True)(params, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=5e-5, rtol=2e-4)
+    jaxpr = str(jax.make_jaxpr(functools.partial(loss, "native"))(params, x))
+    target = "norm_rope_forward" if qk_norm else "rope_forward"
+    assert f"moe_lvlm_attention_{target}" in jaxpr
+    assert not re.search(r"\b(cos|sin|rsqrt)\b", jaxpr)  # no norm or rotation left in XLA
+
+
+@pytest.mark.parametrize("seq, causal, packed, d, rope", [(19, True, True, 8, True),
+                                                          (70, False, False, 32, False)])
+def test_native_qk_norm_matches_references(seq, causal, packed, d, rope):
+    """qk-norm (RMSNorm over the head with learned scales) inside the kernel, with or without
+    RoPE: output against float64 numpy; gradients of q, k, v and both scales against jax.grad of
+    the same written in JAX (norm, `layers.rope`, 'xla' attention)."""
+    q, k, v, dout, segments = random_case(seq, packed, d=d)
+    rng = np.random.default_rng(1)
+    q_scale, k_scale = (1 + 0.3 * rng.standard_normal(d).astype(np.float32) for _ in range(2))
+    positions = packed_positions(segments, seq, q.shape[0])
+    eps, theta = 1e-6, 10000.0
+    seg = None if segments is None else jnp.asarray(segments)
+    fused_rope = (jnp.asarray(positions), layers.rope_frequencies(d, theta)) if rope else None
+
+    def fused(q_, k_, v_, qs, ks):
+        return native_attention.native_attention(q_, k_, v_, seg, causal=causal, rope=fused_rope,
+                                                 qk_norm=(qs, ks, eps))
+
+    def reference(q_, k_, v_, qs, ks):
+        def norm(x, w):
+            return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+        q_, k_ = norm(q_, qs), norm(k_, ks)
+        if rope:
+            q_, k_ = (layers.rope(x, jnp.asarray(positions), theta) for x in (q_, k_))
+        return attention.self_attention(q_, k_, v_, segment_ids=seg, causal=causal,
+                                        implementation="xla")
+
+    def np_norm(x, w):
+        x = x.astype(np.float64)
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+    qn, kn = np_norm(q, q_scale), np_norm(k, k_scale)
+    if rope:
+        qn, kn = (np_rope(x, positions, theta, d) for x in (qn, kn))
+    want_out, _ = np_attention(qn, kn, v.astype(np.float64), dout.astype(np.float64),
+                               allowed_keys(segments, seq, causal))
+    inputs = [jnp.asarray(x) for x in (q, k, v, q_scale, k_scale)]
+    out, vjp = jax.vjp(fused, *inputs)
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=2e-5, rtol=1e-4)
+    _, ref_vjp = jax.vjp(reference, *inputs)
+    # 'xla' gives queries that see no key a uniform average (not 0): no cotangent for them.
+    seen = allowed_keys(segments, seq, causal).any(-1)[..., None, None]
+    dout = jnp.asarray(np.where(seen, dout, 0.0))
+    for got, want in zip(vjp(dout), ref_vjp(dout), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=2e-4)
 
 
 def test_native_bfloat16_inputs_cast_in_and_out():
