@@ -33,16 +33,19 @@ def available() -> bool:
                                       _BACKWARD: "MoeRmsNormBackward"})
 
 
-def resolve(choice: str) -> str:
-    """`model.rms_norm` with 'auto' resolved: 'native' on CPU where the kernel builds, else
-    'xla'. Raises ValueError for an unknown choice or a 'native' that cannot run."""
+def resolve(choice: str, mesh: Mesh | None = None) -> str:
+    """`model.rms_norm` with 'auto' resolved: 'native' on one CPU device where the kernel builds,
+    else 'xla' (multi-device CPU meshes, i.e. test meshes, keep XLA's norm and its sharding unless
+    'native' is asked for: it then runs in `jax.shard_map`). Raises ValueError for an unknown
+    choice or a 'native' that cannot run."""
     if choice not in RMS_NORMS:
         raise ValueError(f"model.rms_norm={choice!r}: use one of {RMS_NORMS}")
     if choice == "xla":
         return choice
     backend = jax.default_backend()
     if choice == "auto":
-        return "native" if backend == "cpu" and available() else "xla"
+        one_device = mesh is None or mesh.size == 1
+        return "native" if backend == "cpu" and one_device and available() else "xla"
     if backend != "cpu":
         raise ValueError(f"model.rms_norm='native' cannot run: the backend is {backend} (the "
                          "kernel is CPU-only); use 'auto' or 'xla'")

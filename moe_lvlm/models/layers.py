@@ -58,7 +58,7 @@ class RMSNorm(nn.Module):
         scale = param_with_axes(
             self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,), self.param_dtype
         )
-        if native_norm.resolve(self.implementation) == "native":
+        if native_norm.resolve(self.implementation, self.mesh) == "native":
             return native_norm.rms_norm(x, scale, self.eps, self.mesh).astype(self.dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -143,6 +144,10 @@ def test_mesh_matches_no_mesh():
 def test_auto_resolution(monkeypatch):
     assert native_norm.resolve("auto") == "native"
     assert native_norm.resolve("xla") == "xla"
+    one, eight = types.SimpleNamespace(size=1), types.SimpleNamespace(size=8)
+    assert native_norm.resolve("auto", one) == "native"
+    assert native_norm.resolve("auto", eight) == "xla"  # test meshes keep XLA's sharded norm
+    assert native_norm.resolve("native", eight) == "native"
     with pytest.raises(ValueError, match="model.rms_norm='fused'"):
         native_norm.resolve("fused")
     monkeypatch.setattr(native_norm, "available", lambda: False)
