@@ -38,11 +38,14 @@ def test_shellcheck_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def recorder(bin_dir, name: str, extra: str = "") -> None:
-    """A stand-in program NAME that appends its argv (and env of interest) to $RECORD."""
+def recorder(bin_dir, name: str, extra: str = "", prelude: str = "") -> None:
+    """A stand-in program NAME that appends its argv (and env of interest) to $RECORD.
+
+    `prelude` runs before the record is written (a signal handler is in place once the test sees
+    the record); `extra` runs after it."""
     path = bin_dir / name
     path.write_text(
-        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"#!{sys.executable}\nimport json, os, sys\n{prelude}"
         "with open(os.environ['RECORD'], 'a') as f:\n"
         "    f.write(json.dumps({'argv': [os.path.basename(sys.argv[0])] + sys.argv[1:],"
         " 'ids': os.environ.get('JAX_LOCAL_DEVICE_IDS')}) + '\\n')\n" + extra)
@@ -330,11 +333,12 @@ if sys.argv[1:3] == ["sh", "-c"] and "lsof" in sys.argv[3]:
 
 FAKE_TRAIN = """
 import json, os, signal, sys, time
+if os.environ.get("FAKE_WAIT_FOR_TERM"):  # before the record: the test stops us once it sees it
+    signal.signal(signal.SIGTERM, lambda *a: (print("saved", flush=True), sys.exit(75)))
 with open(os.environ["RECORD"], "a") as f:
     f.write(json.dumps({"argv": ["python"] + sys.argv[1:], "cwd": os.getcwd()}) + "\\n")
 print("training output", flush=True)
 if os.environ.get("FAKE_WAIT_FOR_TERM"):
-    signal.signal(signal.SIGTERM, lambda *a: (print("saved", flush=True), sys.exit(75)))
     time.sleep(60)
 sys.exit(int(os.environ.get("FAKE_RC", "0")))
 """
@@ -489,8 +493,7 @@ def test_sbatch_requeues_and_forwards_sigterm_to_srun(tmp_path):
     while not recorded(tmp_path):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
-    time.sleep(0.5)  # srun's TERM handler is set up
-    proc.send_signal(15)
+    proc.send_signal(15)  # srun's TERM handler is in place: it was set before the record
     assert proc.wait(timeout=30) == 75
     assert [r["argv"] for r in recorded(tmp_path)] == [
         ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=16", "python", "-m", "moe_lvlm.train",
