@@ -162,17 +162,22 @@ def latest_step(directory: paths.PathLike) -> int | None:
 def restore_params(directory: paths.PathLike, step: int) -> Any:
     """The parameters of checkpoint `step` (not the optimizer state), every array whole on this
     process's first device, whatever mesh and process count wrote them: the target shapes and
-    dtypes come from the checkpoint's metadata."""
+    dtypes come from the checkpoint's metadata. The item is read with its handler: a
+    Checkpointer would look for step metadata inside the item folder and warn that it is missing
+    (it lives one level up, in the step folder the CheckpointManager wrote)."""
     path = paths.path(directory) / str(step) / "state"
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata.tree
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        tree = handler.metadata(path).tree
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = {"params": jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree["params"])}
         args = ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)
-        return checkpointer.restore(path, args=args)["params"]
+        return handler.restore(path, args=args)["params"]
+    finally:
+        handler.close()
 
 
 def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:

@@ -2,6 +2,7 @@
 then the CLI on a tiny workdir for a held-out split and for a fixture POPE benchmark."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -118,10 +119,13 @@ def _llava_split(root):
     return f"llava:{root / 'test.jsonl'}?image_root={root}"
 
 
-def test_evaluate_cli_split(workdir, tmp_path, capsys):
+def test_evaluate_cli_split(workdir, tmp_path, capsys, caplog):
     split = _llava_split(tmp_path / "data")
-    summary = evaluate.main(["--workdir", str(workdir), f"--split={split}", "--limit=4",
-                             "--batch_size=3", "--max_new_tokens=4"])
+    with caplog.at_level(logging.WARNING):
+        summary = evaluate.main(["--workdir", str(workdir), f"--split={split}", "--limit=4",
+                                 "--batch_size=3", "--max_new_tokens=4"])
+    # Loading the checkpoint logs no warning (orbax's "Metadata file does not exist" had been).
+    assert not [r.getMessage() for r in caplog.records if "checkpoint" in r.pathname], caplog.text
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and json.loads(lines[0]) == summary
     assert summary["stage"] == "stage3" and summary["step"] == 7
