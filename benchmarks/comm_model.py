@@ -485,10 +485,12 @@ def compiled_train_step_hlo(setup: Setup, stage) -> str:
     # Shapes and logical axes from a model without the mesh (its shard_maps need whole shards).
     init = loop.state_initializer(build_model(model_cfg), optimizer, setup.trainable, model_cfg,
                                   setup.seq, setup.images_per_row)
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # as moe_lvlm.train.loop does
+    # As moe_lvlm.train.loop does: shapes under the mesh, unboxed outside it.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-        shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
-        state = abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+    shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
+    state = abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         step = functools.partial(
             train_step, model=build_model(model_cfg, mesh), moe_cfg=model_cfg.moe,
             optimizer=optimizer, schedule=make_schedule(stage, 10), trainable=setup.trainable,

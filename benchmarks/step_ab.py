@@ -120,7 +120,7 @@ def build_step(shape: str, fields: dict):
     optimizer, schedule = make_optimizer(stage, 1000), make_schedule(stage, 1000)
     init = loop.state_initializer(model, optimizer, stage.trainable, model_cfg, seq, 1,
                                   loop.batch_divisor(mesh))
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # as the demo's loop
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # as the demo's loop
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
         state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(

@@ -142,10 +142,11 @@ class StageRunner:
             self.model, self.optimizer, self.stage.trainable, self.model_cfg, self.data_cfg.seq_len,
             self.images_per_row, batch_divisor(mesh),
         )
-        with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-            self.shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
-            self.abstract = abstract_with_shardings(nn.meta.unbox(boxed), self.shardings)
+        # Unboxed outside the mesh: under it flax would constrain the abstract values' shardings.
+        self.shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
+        self.abstract = abstract_with_shardings(nn.meta.unbox(boxed), self.shardings)
         stages_lib.check_patterns(self.abstract["params"], self.stage.trainable, name)
         self._init = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=self.shardings)
         self.ckpt = StageCheckpoints(self.dir / "checkpoints", cfg.checkpoint.max_to_keep,
@@ -184,7 +185,7 @@ class StageRunner:
         parameter they hold is taken from them and dense FFNs become experts (upcycling)."""
         stage_key = zlib.crc32(self.name.encode())  # the same whichever stages are selected
         rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), stage_key)
-        with self.mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             state = self._init(rng)
         if init_params is not None:
             unused = stages_lib.unused_paths(init_params, state["params"])
@@ -229,7 +230,7 @@ class StageRunner:
         trace = StepTrace(self.cfg.profile, self.dir.parent / "profile" / self.name)
         tokens, nonfinite, since = 0, jnp.zeros((), jnp.int32), start
         t0 = time.perf_counter()
-        with self.mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             for step in range(start + 1, self.total_steps + 1):
                 batch = next(data)
                 tokens += int(np.prod(batch["input_ids"].shape))
