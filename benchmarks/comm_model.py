@@ -473,7 +473,7 @@ def compiled_train_step_hlo(setup: Setup, stage) -> str:
     from jax.sharding import PartitionSpec as P
 
     from moe_lvlm.models.lvlm import build_model
-    from moe_lvlm.parallel.mesh import BATCH_AXES, LOGICAL_AXIS_RULES, logical_shardings, make_mesh
+    from moe_lvlm.parallel.mesh import BATCH_AXES, logical_shardings, make_mesh, sharding_context
     from moe_lvlm.train import loop
     from moe_lvlm.train.checkpoint import abstract_with_shardings
     from moe_lvlm.train.step import jit_train_step, make_optimizer, make_schedule, train_step
@@ -486,11 +486,11 @@ def compiled_train_step_hlo(setup: Setup, stage) -> str:
     init = loop.state_initializer(build_model(model_cfg), optimizer, setup.trainable, model_cfg,
                                   setup.seq, setup.images_per_row)
     # As moe_lvlm.train.loop does: shapes under the mesh, unboxed outside it.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with sharding_context(mesh):
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
     state = abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with sharding_context(mesh):
         step = functools.partial(
             train_step, model=build_model(model_cfg, mesh), moe_cfg=model_cfg.moe,
             optimizer=optimizer, schedule=make_schedule(stage, 10), trainable=setup.trainable,

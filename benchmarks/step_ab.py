@@ -82,10 +82,10 @@ def build_step(shape: str, fields: dict):
     from moe_lvlm.models.lvlm import build_model
     from moe_lvlm.parallel.mesh import (
         BATCH_AXES,
-        LOGICAL_AXIS_RULES,
         MESH_AXES,
         logical_shardings,
         make_mesh,
+        sharding_context,
     )
     from moe_lvlm.train import loop
     from moe_lvlm.train import stages as stages_lib
@@ -120,7 +120,7 @@ def build_step(shape: str, fields: dict):
     optimizer, schedule = make_optimizer(stage, 1000), make_schedule(stage, 1000)
     init = loop.state_initializer(model, optimizer, stage.trainable, model_cfg, seq, 1,
                                   loop.batch_divisor(mesh))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):  # as the demo's loop
+    with sharding_context(mesh):  # as the demo's loop
         boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
         state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(

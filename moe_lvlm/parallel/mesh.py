@@ -6,7 +6,8 @@ multislice job the data axis spans the slices (DCN): each slice holds whole repl
 data-parallel gradient reduction crosses the slower network.
 """
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -97,3 +98,12 @@ def batch_divisor(mesh: Mesh) -> int:
 def logical_shardings(logical_specs, mesh: Mesh):
     """Maps a pytree of logical PartitionSpecs (from `nn.get_partition_spec`) onto `mesh`."""
     return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh) -> Iterator[None]:
+    """The mesh and the rule table, for tracing the model: `jax.set_mesh`, not `with mesh:`,
+    whose abstract mesh is empty, so flax's `with_logical_constraint` would drop every
+    activation constraint."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield

@@ -28,7 +28,7 @@ from moe_lvlm import paths
 from moe_lvlm.cli import UserError
 from moe_lvlm.data import pipeline, sources
 from moe_lvlm.models.lvlm import build_model
-from moe_lvlm.parallel.mesh import LOGICAL_AXIS_RULES, batch_divisor, logical_shardings
+from moe_lvlm.parallel.mesh import batch_divisor, logical_shardings, sharding_context
 from moe_lvlm.train import stages as stages_lib
 from moe_lvlm.train.checkpoint import StageCheckpoints, abstract_with_shardings, latest_step
 from moe_lvlm.train.preemption import Preempted, PreemptionWatch
@@ -142,7 +142,7 @@ class StageRunner:
             self.model, self.optimizer, self.stage.trainable, self.model_cfg, self.data_cfg.seq_len,
             self.images_per_row, batch_divisor(mesh),
         )
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with sharding_context(mesh):
             boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
         # Unboxed outside the mesh: under it flax would constrain the abstract values' shardings.
         self.shardings = logical_shardings(nn.get_partition_spec(boxed), mesh)
@@ -185,7 +185,7 @@ class StageRunner:
         parameter they hold is taken from them and dense FFNs become experts (upcycling)."""
         stage_key = zlib.crc32(self.name.encode())  # the same whichever stages are selected
         rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), stage_key)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with sharding_context(self.mesh):
             state = self._init(rng)
         if init_params is not None:
             unused = stages_lib.unused_paths(init_params, state["params"])
@@ -230,7 +230,7 @@ class StageRunner:
         trace = StepTrace(self.cfg.profile, self.dir.parent / "profile" / self.name)
         tokens, nonfinite, since = 0, jnp.zeros((), jnp.int32), start
         t0 = time.perf_counter()
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with sharding_context(self.mesh):
             for step in range(start + 1, self.total_steps + 1):
                 batch = next(data)
                 tokens += int(np.prod(batch["input_ids"].shape))

@@ -36,11 +36,11 @@ from configs import models  # noqa: E402
 from moe_lvlm.models.lvlm import build_model, moe_loss_sums  # noqa: E402
 from moe_lvlm.models.moe import MoeFeedForward  # noqa: E402
 from moe_lvlm.parallel.mesh import (  # noqa: E402
-    LOGICAL_AXIS_RULES,
     batch_divisor,
     batch_sharding,
     logical_shardings,
     make_mesh,
+    sharding_context,
 )
 
 MESHES = {  # sizes over (data, fsdp, expert, tensor)
@@ -158,7 +158,7 @@ def check(mode: str) -> dict:
     for name, shape in meshes.items():
         mesh = make_mesh(shape)
         model = build_model(cfg, mesh)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with sharding_context(mesh):  # the training loop's
             p = jax.device_put(params, logical_shardings(specs, mesh))
             b = jax.device_put(batch, batch_sharding(mesh))
             lowered = jax.jit(functools.partial(grad_fn, model=model)).lower(p, b)
@@ -169,6 +169,7 @@ def check(mode: str) -> dict:
                     "all_gather": "all_gather" in text,
                 }
                 continue
+            constraints = lowered.as_text().count("sdy.sharding_constraint")
             compiled = lowered.compile()
             (loss, _), grads = compiled(p, b)
         hlo = compiled.as_text()
@@ -179,6 +180,7 @@ def check(mode: str) -> dict:
             "all_to_all": "all-to-all" in hlo,
             "all_gather": "all-gather" in hlo,
             "all_gather_shapes": all_gather_shapes(hlo),
+            "sharding_constraints": constraints,
             "expert_kernel_sharding": str(gate.sharding.spec),
             "expert_kernel_shard_shape": list(gate.addressable_shards[0].data.shape),
         }
@@ -205,7 +207,7 @@ def check_batch_shard() -> dict:
         parts = [apply(params, x[i:i + rows], valid[i:i + rows]) for i in range(0, BATCH, rows)]
         want = np.concatenate([np.asarray(y) for y, _ in parts])
         layer = MoeFeedForward(cfg, 32, mesh=mesh)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with sharding_context(mesh):  # the training loop's
             got, _ = jax.jit(lambda p, x_, v, m=layer: m.apply(p, x_, v, train=True))(
                 params, jax.device_put(x, batch_sharding(mesh)),
                 jax.device_put(valid, batch_sharding(mesh)))

@@ -46,6 +46,8 @@ def test_sharded_loss_and_gradients_equal_single_device():
             assert r[mesh]["grad_ratio"] <= 1, (dispatch, mesh, r[mesh])
             assert r[mesh]["expert_kernel_sharding"] == "P('expert', 'fsdp', 'tensor')"
             assert r[mesh]["expert_kernel_shard_shape"] == shard_shape, (dispatch, mesh)
+            # The activations' logical constraints reach the program (none under `with mesh:`).
+            assert r[mesh]["sharding_constraints"] >= 10, (dispatch, mesh, r[mesh])
     # Capacity mode drops tokens here (factor 1.0, skewed routers): sharding must not change which.
     assert max(result["capacity"]["dropped_fraction"]) > 0
     assert result["dropless"]["dropped_fraction"] == [0.0] * 2
