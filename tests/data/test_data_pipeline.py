@@ -170,14 +170,26 @@ def test_worker_process_matches_inline_and_restores(tmp_path, cfg, tok):
     assert_batches_equal(_save_restore(tmp_path, make, n_before=3, n_after=3), inline)
 
 
+def count_encodes(monkeypatch, tok) -> list:
+    """The ids of the records this test's encoders (those of tokenizer `tok`) encode, in order.
+    An earlier test's iterator may still read ahead in a thread of its own: not counted."""
+    calls = []
+    encode = pipeline.Encoder.encode
+
+    def counted(self, record):
+        if self.tokenizer is tok:
+            calls.append(record["id"])
+        return encode(self, record)
+
+    monkeypatch.setattr(pipeline.Encoder, "encode", counted)
+    return calls
+
+
 def test_cache_encoded_same_batches_each_record_encoded_once(tmp_path, cfg, tok, monkeypatch):
     spec_a, _ = write_corpus(tmp_path)
     spec_b, _ = write_corpus(tmp_path, n=10, name="other.json", prefix="thing")
     mixture = f"{spec_a}@0.7;{spec_b}@0.3"
-    calls = []
-    encode = pipeline.Encoder.encode
-    monkeypatch.setattr(pipeline.Encoder, "encode",
-                        lambda self, record: calls.append(record["id"]) or encode(self, record))
+    calls = count_encodes(monkeypatch, tok)
 
     def make():
         return pipeline.make_iterator(cfg.data, cfg.model, tok, global_batch_size=4,
@@ -203,10 +215,7 @@ def test_encoded_cache_shared_by_stages_of_another_seq_len(tmp_path, cfg, tok, m
     """Two stages of one run share the encoded records of a source; the second, with a shorter
     seq_len, cuts them itself: no record encoded again, the same batches and counts as alone."""
     spec, _ = write_corpus(tmp_path)  # 44 tokens with an image, else 28
-    calls = []
-    encode = pipeline.Encoder.encode
-    monkeypatch.setattr(pipeline.Encoder, "encode",
-                        lambda self, record: calls.append(record["id"]) or encode(self, record))
+    calls = count_encodes(monkeypatch, tok)
     cfg.data.update(cache_encoded=True, read_threads=0, truncate=True)  # no read-ahead thread
     shared = pipeline.EncodedCache()
 
