@@ -16,8 +16,12 @@
 // V is padded to a multiple of 16 with zero columns of W whose bias is -1e30 (their softmax is
 // 0). dW and dbias reduce over tokens: the tiles are split into one contiguous range per
 // worker, each accumulating into its own buffer, summed in worker order at the end
-// (deterministic, no atomics). The dots are register-blocked (dense.h); tasks run on XLA's
-// intra-op thread pool.
+// (deterministic, no atomics). Where those buffers (workers x [d, V]) would exceed the call's
+// `grad_buffer_bytes`, the fused pass gives nll, dx and each token's log-sum-exp only, and a
+// second pass owns kChunk vocabulary columns per task: it makes each tile's logits of its
+// columns again and accumulates dW and dbias there (one more GEMM, no buffer per worker; still
+// deterministic). The dots are register-blocked (dense.h); tasks run on XLA's intra-op thread
+// pool.
 
 #include <cmath>
 #include <cstring>
@@ -148,6 +152,14 @@ void ForwardTile(const Problem& p, int64_t tile, float* nll) {
   for (int64_t r = 0; r < n; ++r) nll[p.rows[tile * kTile + r]] = m[r] + std::log(s[r]) - picked[r];
 }
 
+// A row's cw logits lr (columns c.. of the vocabulary) -> (softmax - onehot(t - c)) * g in place,
+// from the row's log-sum-exp; t - c outside [0, cw): the target is not among these columns.
+void ToDlogits(float* lr, int64_t cw, float lse, float g, int64_t t) {
+  const V gv = Splat(g);
+  for (int64_t j = 0; j < cw; j += kW) Store(lr + j, Exp(Load(lr + j) - lse) * gv);
+  if (t >= 0 && t < cw) lr[t] -= g;
+}
+
 // Per-worker accumulators: dW [d, vp] and dbias [vp].
 struct Grads {
   float *w, *bias;
@@ -155,9 +167,10 @@ struct Grads {
 
 // The tile's nll and the gradients of sum(g * nll), g the tokens' weights: the tile's whole
 // logits rows [n, vp] stay in scratch (row stride vp + kCols), turned into dlogits in place.
-// wt: W^T [vp, d] (row stride d + kCols).
+// wt: W^T [vp, d] (row stride d + kCols). Without `grads` (the split pass), dW and dbias are
+// left to HeadGradChunk and each token's log-sum-exp goes to `lse`.
 void FusedTile(const Problem& p, const float* wt, const float* g, int64_t tile, float* nll,
-               float* dx, Grads& grads) {
+               float* dx, Grads* grads, float* lse_out) {
   const int64_t n = p.tile_rows(tile), d = p.d, ldl = p.vp + kCols, ldt = d + kCols;
   float* xs = Scratch(kTile * (3 * d + ldl));
   float *xt = xs + kTile * d, *dxs = xt + kTile * d, *l = dxs + kTile * d;
@@ -173,20 +186,48 @@ void FusedTile(const Problem& p, const float* wt, const float* g, int64_t tile, 
     OnlineLse(lr, p.vp, m, s);
     const float lse = m + std::log(s);
     nll[i] = lse - lr[t];
-    const V gv = Splat(g[i]);
-    for (int64_t j = 0; j < p.vp; j += kW) Store(lr + j, Exp(Load(lr + j) - lse) * gv);
-    lr[t] -= g[i];
+    if (lse_out != nullptr) lse_out[i] = lse;
+    ToDlogits(lr, p.vp, lse, g[i], t);
+    if (grads == nullptr) continue;
     for (int64_t j = 0; j < p.vp; j += kW) {
-      Store(grads.bias + j, Load(grads.bias + j) + Load(lr + j));
+      Store(grads->bias + j, Load(grads->bias + j) + Load(lr + j));
     }
   }
   for (int64_t c = 0; c < p.vp; c += kChunk) {  // dx = dlogits W^T, a W^T panel in L1
     Gemm(n, d, std::min(kChunk, p.vp - c), l + c, ldl, wt + c * ldt, ldt, dxs, d, c > 0);
   }
-  Gemm(d, p.vp, n, xt, n, l, ldl, grads.w, p.vp, true);  // dW += x^T dlogits
+  if (grads != nullptr) Gemm(d, p.vp, n, xt, n, l, ldl, grads->w, p.vp, true);  // dW += x^T dl
   for (int64_t r = 0; r < n; ++r) {
     std::memcpy(dx + p.rows[tile * kTile + r] * d, dxs + r * d, d * sizeof(float));
   }
+}
+
+// The split pass: dW[:, c : c + cw] and dbias[c : c + cw] (dw's row stride v) over every tile
+// in order, each tile's logits of these columns made again and turned into dlogits with the
+// tokens' log-sum-exp from the fused pass.
+void HeadGradChunk(const Problem& p, const float* g, const float* lse, int64_t c, float* dw,
+                   float* dbias) {
+  const int64_t d = p.d, cw = std::min(kChunk, p.vp - c), valid = std::min(cw, p.v - c);
+  float* xs = Scratch(kTile * (2 * d + kLdl) + d * kLdl + kLdl);
+  float *xt = xs + kTile * d, *l = xt + kTile * d, *acc = l + kTile * kLdl, *bacc = acc + d * kLdl;
+  std::fill(acc, acc + d * kLdl, 0.0f);
+  std::fill(bacc, bacc + kLdl, 0.0f);
+  for (int64_t tile = 0; tile < p.tiles(); ++tile) {
+    const int64_t n = p.tile_rows(tile);
+    GatherRows(p, tile, xs);
+    Transpose(xs, n, d, xt);
+    Logits(p, xs, n, c, cw, l, kLdl);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t i = p.rows[tile * kTile + r];
+      float* lr = l + r * kLdl;
+      ToDlogits(lr, cw, lse[i], g[i], p.targets[i] - c);
+      for (int64_t j = 0; j < cw; j += kW) Store(bacc + j, Load(bacc + j) + Load(lr + j));
+    }
+    Gemm(d, cw, n, xt, n, l, kLdl, acc, kLdl, true);  // acc += x^T dlogits
+  }
+  const size_t bytes = valid * sizeof(float);
+  for (int64_t r = 0; r < d; ++r) std::memcpy(dw + r * p.v + c, acc + r * kLdl, bytes);
+  std::memcpy(dbias + c, bacc, bytes);
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -204,7 +245,8 @@ ffi::Error ForwardBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> bias,
                            ffi::Buffer<ffi::S32> targets, ffi::Buffer<ffi::F32> weights,
                            ffi::ResultBuffer<ffi::F32> nll, ffi::ResultBuffer<ffi::F32> dx,
-                           ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> dbias) {
+                           ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> dbias,
+                           int64_t grad_buffer_bytes) {
   Problem p;
   if (ffi::Error error = Setup(x, w, bias, targets, weights, p); error.failure()) return error;
   const int64_t d = p.d, vp = p.vp, v = p.v, ldt = d + kCols;
@@ -219,6 +261,21 @@ ffi::Error ForwardBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t tiles = p.tiles();
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), tiles));
   const int64_t per = d * vp + vp;
+  if (workers * per * static_cast<int64_t>(sizeof(float)) > grad_buffer_bytes) {
+    float* lse = Kept(3, p.n);
+    ParallelFor(pool, workers, [&](int64_t k) {
+      for (int64_t t = tiles * k / workers; t < tiles * (k + 1) / workers; ++t) {
+        FusedTile(p, wt, weights.typed_data(), t, nll->typed_data(), dx->typed_data(), nullptr,
+                  lse);
+      }
+    });
+    ParallelFor(pool, (vp + kChunk - 1) / kChunk, [&](int64_t b) {
+      HeadGradChunk(p, weights.typed_data(), lse, b * kChunk, dw->typed_data(),
+                    dbias->typed_data());
+    });
+    ReleaseLarge();
+    return ffi::Error::Success();
+  }
   float* buffers = Kept(3, workers * per);
   std::vector<Grads> grads(workers);
   ParallelFor(pool, workers, [&](int64_t k) {
@@ -227,7 +284,8 @@ ffi::Error ForwardBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     mine.bias = mine.w + d * vp;
     std::fill(mine.w, mine.w + per, 0.0f);
     for (int64_t t = tiles * k / workers; t < tiles * (k + 1) / workers; ++t) {
-      FusedTile(p, wt, weights.typed_data(), t, nll->typed_data(), dx->typed_data(), mine);
+      FusedTile(p, wt, weights.typed_data(), t, nll->typed_data(), dx->typed_data(), &mine,
+                nullptr);
     }
   });
   // The workers' buffers summed in worker order, row by row of dW (row d: dbias).
@@ -264,4 +322,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmLossForwardBackward, ForwardBackward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("grad_buffer_bytes"));

@@ -6,7 +6,10 @@ computed. The kernel makes a tile of tokens' logits in cache and never writes th
 differentiation one kernel call gives the loss and, from the same logits, the gradients of x,
 the head and the bias (the backward scales them by the loss's cotangent: three GEMMs in all, no
 recomputation); the weights get no gradient. float32 math whatever the input dtype. CPU only;
-the library is built on first use (moe_lvlm/kernels/build.py). Under a mesh the call runs inside
+the library is built on first use (moe_lvlm/kernels/build.py). The backward's per-thread dW
+buffers are capped at `grad_buffer_bytes` (default GRAD_BUFFER_BYTES): above it the kernel makes
+the logits once more and splits dW by vocabulary columns instead (a large head on a many-core
+host). Under a mesh the call runs inside
 `jax.shard_map` over the batch axes with the head replicated and its gradient summed over the
 shards. The training loss uses it with `model.lm_head_loss='native'` (moe_lvlm/train/step.py).
 """
@@ -15,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -27,6 +31,10 @@ _FORWARD = "moe_lvlm_lm_loss_forward"
 _FUSED = "moe_lvlm_lm_loss_forward_backward"
 CHOICES = ("auto", "xla", "native")
 MULTIPLE = 16  # the model width must be a multiple of this
+# Above this the backward's per-thread dW buffers (threads x d x V floats) give way to a pass
+# that splits dW by vocabulary columns (as fast at d=1024, V=32000 on 2 threads, 250 MB less;
+# benchmarks/RESULTS.md); below it, e.g. the demo's 1 MB, the buffers save the extra GEMM.
+GRAD_BUFFER_BYTES = 256 << 20
 
 
 @functools.cache
@@ -69,10 +77,11 @@ def resolve(choice: str, d: int, mesh: Mesh | None = None) -> str:
 
 def weighted_nll_sum(
     x: Array, head: Array, bias: Array | None, targets: Array, weights: Array,
-    mesh: Mesh | None = None,
+    mesh: Mesh | None = None, grad_buffer_bytes: int = GRAD_BUFFER_BYTES,
 ) -> Array:
     """x [..., d], head [d, V], bias [V] or None, targets / weights [...] -> the float32 scalar
-    sum(weights * nll). Under `mesh` the leading axis is split over the batch axes."""
+    sum(weights * nll). Under `mesh` the leading axis is split over the batch axes.
+    `grad_buffer_bytes`: the cap on the backward's per-thread dW buffers (module docstring)."""
     resolve("native", x.shape[-1], mesh)  # raises ValueError with the reason if it cannot run
     has_bias = bias is not None
     if not has_bias:
@@ -80,10 +89,11 @@ def weighted_nll_sum(
     args = [a.astype(jnp.float32) for a in (x, head, bias)]
     if not has_bias:
         args[2] = jax.lax.stop_gradient(args[2])
-    return _loss(mesh)(*args, targets.astype(jnp.int32), weights.astype(jnp.float32))
+    return _loss(mesh, grad_buffer_bytes)(*args, targets.astype(jnp.int32),
+                                          weights.astype(jnp.float32))
 
 
-def _call(with_grads: bool, mesh, x, head, bias, targets, weights):
+def _call(with_grads: bool, mesh, budget, x, head, bias, targets, weights):
     """Per-token nll [...], and with `with_grads` the gradients of sum(weights * nll) (dx [..., d],
     dhead, dbias: summed over the mesh's batch shards)."""
 
@@ -96,7 +106,8 @@ def _call(with_grads: bool, mesh, x, head, bias, targets, weights):
             nll = jax.ffi.ffi_call(_FORWARD, f32(flat[3]), vmap_method="sequential")(*flat)
             return nll.reshape(lead)
         shapes = (f32(flat[3]), f32(flat[0]), f32(head_), f32(bias_))
-        nll, dx, dhead, dbias = jax.ffi.ffi_call(_FUSED, shapes, vmap_method="sequential")(*flat)
+        nll, dx, dhead, dbias = jax.ffi.ffi_call(_FUSED, shapes, vmap_method="sequential")(
+            *flat, grad_buffer_bytes=np.int64(budget))
         if mesh is not None:
             dhead, dbias = jax.lax.psum((dhead, dbias), BATCH_AXES)
         return nll.reshape(lead), dx.reshape(x_.shape), dhead, dbias
@@ -110,15 +121,15 @@ def _call(with_grads: bool, mesh, x, head, bias, targets, weights):
 
 
 @functools.cache
-def _loss(mesh: Mesh | None):
-    """sum(weights * nll) with its custom VJP, for one mesh."""
+def _loss(mesh: Mesh | None, budget: int):
+    """sum(weights * nll) with its custom VJP, for one mesh and dW buffer cap."""
 
     @jax.custom_vjp
     def loss(x, head, bias, targets, weights):
-        return jnp.sum(_call(False, mesh, x, head, bias, targets, weights) * weights)
+        return jnp.sum(_call(False, mesh, budget, x, head, bias, targets, weights) * weights)
 
     def fwd(x, head, bias, targets, weights):
-        nll, dx, dhead, dbias = _call(True, mesh, x, head, bias, targets, weights)
+        nll, dx, dhead, dbias = _call(True, mesh, budget, x, head, bias, targets, weights)
         return jnp.sum(nll * weights), (dx, dhead, dbias)
 
     def bwd(grads, g):

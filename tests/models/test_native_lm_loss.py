@@ -51,15 +51,19 @@ def problem(rng, n, d, v):
     return x, head, bias, targets, weights
 
 
+@pytest.mark.parametrize("budget", [native_lm_loss.GRAD_BUFFER_BYTES, 0],
+                         ids=["per_thread_dw", "dw_split_by_vocab"])
 @pytest.mark.parametrize("n, d, v", [(101, 32, 300), (7, 16, 16), (50, 48, 600)])
-def test_kernel_matches_numpy(n, d, v):
+def test_kernel_matches_numpy(n, d, v, budget):
     """101 tokens (not a multiple of the 48-token tile), V=300 / 600 (not multiples of 16 or the
-    256-column chunk), weights 0 (skipped), fractional and 1-ish; a cotangent of 2."""
+    256-column chunk), weights 0 (skipped), fractional and 1-ish; a cotangent of 2. Both ways of
+    reducing dW: per-thread buffers, and (buffer cap 0) the pass split by vocabulary columns."""
     x, head, bias, targets, weights = problem(np.random.default_rng(n), n, d, v)
     want, (want_dx, want_dhead, want_dbias) = np_loss(x, head, bias, targets, weights)
 
     def loss(x_, head_, bias_):
-        return 2.0 * native_lm_loss.weighted_nll_sum(x_, head_, bias_, targets, weights)
+        return 2.0 * native_lm_loss.weighted_nll_sum(x_, head_, bias_, targets, weights,
+                                                     grad_buffer_bytes=budget)
 
     value, (dx, dhead, dbias) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
         x, head, bias)
@@ -72,21 +76,24 @@ def test_kernel_matches_numpy(n, d, v):
     np.testing.assert_allclose(dbias, 2 * want_dbias, **tol)
 
 
-def test_without_bias_and_extreme_logits():
-    """No bias; logits of +-60 (the log-sum-exp must not overflow); all weights 0 gives 0."""
+@pytest.mark.parametrize("budget", [native_lm_loss.GRAD_BUFFER_BYTES, 0])
+def test_without_bias_and_extreme_logits(budget):
+    """No bias; logits of +-60 (the log-sum-exp must not overflow); all weights 0 gives 0 and
+    zero gradients."""
     x, head, _, targets, weights = problem(np.random.default_rng(1), 30, 16, 40)
     x = x * 40.0
     want, (want_dx, want_dhead, _) = np_loss(x, head, np.zeros(40), targets, weights)
 
-    def loss(x_, head_):
-        return native_lm_loss.weighted_nll_sum(x_, head_, None, targets, weights)
+    def loss(x_, head_, w=weights):
+        return native_lm_loss.weighted_nll_sum(x_, head_, None, targets, w,
+                                               grad_buffer_bytes=budget)
 
     value, (dx, dhead) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, head)
     np.testing.assert_allclose(value, want, rtol=1e-5)
     np.testing.assert_allclose(dx, want_dx, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(dhead, want_dhead, atol=1e-4, rtol=1e-4)
-    none = native_lm_loss.weighted_nll_sum(x, head, None, targets, np.zeros_like(weights))
-    assert float(none) == 0.0
+    none, (dx, dhead) = jax.value_and_grad(loss, argnums=(0, 1))(x, head, np.zeros_like(weights))
+    assert float(none) == 0.0 and not np.any(dx) and not np.any(dhead)
 
 
 def test_weighted_target_out_of_range_is_an_error():
