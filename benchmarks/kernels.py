@@ -14,6 +14,9 @@ difference from the first (reference) implementation relative to its largest val
 - dropless MoE layer (SwiGLU experts, expert axis = min(E, devices), the rest data) with
   `moe.ep_dispatch` `all_gather` against `ragged_a2a` (GPU/TPU) and `a2a_buffer`; needs > 1
   device.
+- LM head + cross-entropy, [lm_tokens, d] x [d, vocab]: `xla` (logits, then the loss) against,
+  on CPU, `native` (the fused kernel, per-thread dW buffers) and `native_split` (its dW split by
+  vocabulary columns, as above `native_lm_loss.GRAD_BUFFER_BYTES`).
 
 On CPU the Pallas kernels run in interpret mode: the smoke run checks that everything runs and
 agrees, its times mean nothing.
@@ -200,12 +203,43 @@ def dispatch_rows(a, platform: str, dtype) -> list[dict]:
                    {m: layer(m) for m in modes}, (x, w), a.steps, flops)
 
 
+def lm_loss_rows(a, platform: str, dtype) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from moe_lvlm.kernels import native_lm_loss
+
+    keys = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(keys[0], (a.lm_tokens, a.d), jnp.float32)
+    head = jax.random.normal(keys[1], (a.d, a.vocab), jnp.float32) * a.d**-0.5
+    bias = jnp.zeros(a.vocab, jnp.float32)
+    targets = jax.random.randint(keys[2], (a.lm_tokens,), 0, a.vocab)
+    weights = jnp.ones(a.lm_tokens, jnp.float32)
+
+    def xla(x_, head_, bias_):
+        logits = x_ @ head_ + bias_
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]
+        return jnp.sum(nll * weights)
+
+    def native(budget):
+        return lambda x_, head_, bias_: native_lm_loss.weighted_nll_sum(
+            x_, head_, bias_, targets, weights, grad_buffer_bytes=budget)
+
+    impls = {"xla": xla}
+    if platform == "cpu":
+        impls.update(native=native(native_lm_loss.GRAD_BUFFER_BYTES), native_split=native(0))
+    grads = {name: jax.value_and_grad(fn, argnums=(0, 1, 2))
+             for name, fn in impls.items()}
+    return compare("lm loss", f"n{a.lm_tokens} d{a.d} V{a.vocab}", grads, (x, head, bias),
+                   a.steps, 3 * 2 * a.lm_tokens * a.d * a.vocab)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--smoke", action="store_true", help="tiny shapes (CPU check that everything runs)")
     add("--cpu_devices", type=int, default=0, help="fake CPU devices (dispatch rows on CPU)")
-    add("--sections", default="attention,grouped_matmul,dispatch")
+    add("--sections", default="attention,grouped_matmul,dispatch,lm_loss")
     add("--batch", type=int, default=4)
     add("--seq", type=int, default=4096)
     add("--heads", type=int, default=32)
@@ -217,12 +251,15 @@ def main(argv=None) -> int:
     add("--top_k", type=int, default=2)
     add("--d", type=int, default=4096)
     add("--f", type=int, default=14336)
+    add("--lm_tokens", type=int, default=8192, help="tokens of the lm_loss section")
+    add("--vocab", type=int, default=32000)
     add("--steps", type=int, default=10)
     add("--json_out", default="")
     a = parser.parse_args(argv)
     if a.smoke:
         a.batch, a.seq, a.heads, a.kv_heads, a.head_dim = 1, 256, 2, 1, 32
         a.tokens, a.experts, a.d, a.f, a.steps = 64, 4, 32, 64, 1
+        a.lm_tokens, a.vocab = 101, 300
 
     import jax
 
@@ -235,7 +272,7 @@ def main(argv=None) -> int:
     platform = jax.default_backend()
     dtype = jnp.float32 if platform == "cpu" else jnp.bfloat16
     sections = {"attention": attention_rows, "grouped_matmul": grouped_matmul_rows,
-                "dispatch": dispatch_rows}
+                "dispatch": dispatch_rows, "lm_loss": lm_loss_rows}
     rows = []
     for name in a.sections.split(","):
         rows += sections[name](a, platform, dtype)

@@ -35,6 +35,10 @@ MULTIPLE = 16  # the model width must be a multiple of this
 # that splits dW by vocabulary columns (as fast at d=1024, V=32000 on 2 threads, 250 MB less;
 # benchmarks/RESULTS.md); below it, e.g. the demo's 1 MB, the buffers save the extra GEMM.
 GRAD_BUFFER_BYTES = 256 << 20
+# 'auto' keeps XLA for wider models: at embed_dim 1024 and 2048 XLA's GEMMs run the head 1.7-2x
+# faster than the kernel's (benchmarks/RESULTS.md, ninth session); up to 512 the kernel is as
+# fast or faster, and it skips the tokens of weight 0.
+AUTO_MAX_WIDTH = 512
 
 
 @functools.cache
@@ -55,9 +59,9 @@ def unsupported(d: int, tensor_axis: int) -> str | None:
 
 def resolve(choice: str, d: int, mesh: Mesh | None = None) -> str:
     """`model.lm_head_loss` with 'auto' resolved: 'native' on one CPU device where the kernel
-    builds and can run, else 'xla' (multi-device CPU meshes, i.e. test meshes, keep 'xla' unless
-    'native' is asked for: it then runs in `jax.shard_map`). Raises ValueError for a 'native'
-    that cannot run."""
+    builds and can run and d <= AUTO_MAX_WIDTH, else 'xla' (multi-device CPU meshes, i.e. test
+    meshes, keep 'xla' unless 'native' is asked for: it then runs in `jax.shard_map`). Raises
+    ValueError for a 'native' that cannot run."""
     if choice not in CHOICES:
         raise ValueError(f"model.lm_head_loss={choice!r}: use one of {CHOICES}")
     if choice == "xla":
@@ -67,7 +71,8 @@ def resolve(choice: str, d: int, mesh: Mesh | None = None) -> str:
         reason = f"the backend is {jax.default_backend()} (the kernel is CPU-only)"
     if choice == "auto":
         one_device = mesh is None or mesh.size == 1
-        return "native" if not reason and one_device and available() else "xla"
+        narrow = d <= AUTO_MAX_WIDTH
+        return "native" if not reason and one_device and narrow and available() else "xla"
     if not reason and not available():
         reason = "the kernel library is unavailable (see the warning above)"
     if reason:

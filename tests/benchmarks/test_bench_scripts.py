@@ -88,8 +88,8 @@ def test_generation_random_and_workdir(tmp_path):
 
 def test_kernels_smoke(tmp_path):
     """benchmarks/kernels.py on 4 fake CPU devices: blockwise and native attention, the tiled
-    grouped matmul, splash and megablox in interpret mode and the buffered expert-parallel
-    dispatch agree with XLA (its own reference column)."""
+    grouped matmul, splash and megablox in interpret mode, the buffered expert-parallel
+    dispatch and both ways of the fused LM loss agree with XLA (its own reference column)."""
     out = tmp_path / "rows.json"
     run("kernels.py", "--smoke", "--cpu_devices", "4", "--json_out", str(out))
     rows = json.loads(out.read_text())
@@ -98,6 +98,7 @@ def test_kernels_smoke(tmp_path):
         ("attention", "splash"),
         ("grouped matmul", "xla"), ("grouped matmul", "tiled"), ("grouped matmul", "megablox"),
         ("dropless dispatch", "all_gather"), ("dropless dispatch", "a2a_buffer"),
+        ("lm loss", "xla"), ("lm loss", "native"), ("lm loss", "native_split"),
     ]
     for r in rows:
         assert "error" not in r and r["ms"] > 0 and r["rel_err"] < 1e-4, r

@@ -153,6 +153,9 @@ def test_auto_picks_native_where_it_can_run():
     assert resolve("auto", 128, mesh(8)) == "xla"  # multi-device CPU meshes keep XLA...
     assert resolve("native", 128, mesh(8)) == "native"  # ...unless asked (shard_map)
     assert resolve("auto", 24) == "xla"
+    assert resolve("auto", 512) == "native"
+    assert resolve("auto", 1024) == "xla"  # XLA's GEMMs are faster for wide heads...
+    assert resolve("native", 1024) == "native"  # ...but the kernel runs when asked
     assert resolve("auto", 128, mesh(2, tensor=2)) == "xla"
     assert resolve("xla", 24) == "xla"
     with pytest.raises(ValueError, match="lm_head_loss='native' cannot run: .*multiple of 16"):
